@@ -1,0 +1,35 @@
+# The two commands: `make run` (the listener on the embedded default) and `make test` (the whole suite).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test demo bench status migrate bootstrap bootstrap-test soak clean
+
+bootstrap:
+	@scripts/bootstrap.sh run
+
+bootstrap-test:
+	@scripts/bootstrap.sh test
+
+run: bootstrap
+	$(VENV)/bin/zerfaux run
+
+demo: bootstrap
+	$(VENV)/bin/zerfaux demo
+
+status: bootstrap
+	$(VENV)/bin/zerfaux status
+
+migrate: bootstrap
+	$(VENV)/bin/zerfaux migrate
+
+test: bootstrap-test
+	scripts/test.sh
+
+bench: bootstrap-test
+	$(PY) bench/dispatch.py
+	$(PY) bench/inventory.py
+	$(PY) bench/replication.py
+
+clean:
+	rm -rf .zerfaux

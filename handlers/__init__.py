@@ -1,0 +1,104 @@
+"""Operation handlers, one module per kind; backends are chosen once, here, at start.
+
+``handlers`` never imports ``listener``: the engine hands in what the backends need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from handlers.context import OperationContext
+from handlers.dr_shell import DRShellHandler
+from handlers.errors import HandlerError, OperationCancelled, PermanentError, TransientError
+from handlers.replication import ReplicationHandler
+from handlers.secrets import SecretResolver
+from handlers.storage_vmotion import StorageVMotionHandler
+from handlers.types import Row
+from handlers.vcenter_sync import VCenterSyncHandler
+
+__all__ = [
+    "BackendSettings",
+    "Handler",
+    "HandlerError",
+    "HandlerSet",
+    "OperationCancelled",
+    "OperationContext",
+    "PermanentError",
+    "TransientError",
+    "build_handlers",
+]
+
+
+class Handler(Protocol):
+    kind: str
+
+    async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    use_stubs: bool = True
+    stub_seconds: float = 0.0
+    stub_vms: int = 50
+    progress_interval: float = 1.0
+    vcenter_ca_bundle: str | None = None
+    ssh_cipher: str = "aes128-gcm@openssh.com"
+
+
+@dataclass
+class HandlerSet:
+    by_kind: dict[str, Handler]
+    mode: str  # "stub" | "real"
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+class BackendUnavailable(RuntimeError):
+    """Real backends were asked for and cannot be built here; the message says what is missing."""
+
+
+def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> HandlerSet:
+    if settings.use_stubs:
+        from handlers.backends import stubs
+
+        seconds = settings.stub_seconds
+        handlers: list[Handler] = [
+            VCenterSyncHandler(stubs.VCenterInventoryStub(settings.stub_vms, seconds=0.0)),
+            ReplicationHandler(stubs.ZFSReplicationStub(seconds), settings.progress_interval),
+            StorageVMotionHandler(stubs.StorageMoverStub(seconds)),
+            DRShellHandler(stubs.DRShellBuilderStub(seconds)),
+        ]
+        return HandlerSet({h.kind: h for h in handlers}, "stub")
+    return _build_real(settings, secrets)
+
+
+def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSet:
+    try:
+        from handlers.backends import vcenter_real, zfs_real
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"ZERFAUX_USE_STUBS=false needs the real backends, but {exc.name or exc} cannot be "
+            "imported: install the project with its dependencies (pip install .) or set "
+            "ZERFAUX_USE_STUBS=true"
+        ) from exc
+    missing = zfs_real.missing_tools()
+    if missing:
+        raise BackendUnavailable(
+            "ZERFAUX_USE_STUBS=false needs these programs on PATH for ZFS replication: "
+            + ", ".join(missing)
+            + " (apt-get install openssh-client sanoid; zfs where datasets are local)"
+        )
+    sessions = vcenter_real.VCenterSessions(secrets, ca_bundle=settings.vcenter_ca_bundle)
+    zfs = zfs_real.ZFSReplicationReal(secrets, cipher=settings.ssh_cipher)
+    handlers: list[Handler] = [
+        VCenterSyncHandler(vcenter_real.VCenterInventoryReal(sessions)),
+        ReplicationHandler(zfs, settings.progress_interval),
+        StorageVMotionHandler(vcenter_real.StorageMoverReal(sessions)),
+        DRShellHandler(vcenter_real.DRShellBuilderReal(sessions)),
+    ]
+    return HandlerSet({h.kind: h for h in handlers}, "real", [sessions.close, zfs.close])

@@ -1,0 +1,123 @@
+"""``vm.dr_shell``: a powered-off VM at the DR vCenter whose disks are the replicated VMDKs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from handlers.context import OperationContext
+from handlers.errors import PermanentError
+from handlers.types import Row, VCenterEndpoint
+
+_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.+)$")
+
+
+@dataclass(frozen=True)
+class ShellDisk:
+    file: str  # "[dr_datastore] dir/disk.vmdk", an existing descriptor
+    capacity: int
+
+
+@dataclass(frozen=True)
+class ShellSpec:
+    protected_vm_id: str  # written into the VM's extraConfig so a second run adopts it
+    name: str
+    datastore: str
+    num_cpu: int
+    memory_mb: int
+    guest_id: str
+    firmware: str
+    controller: str
+    disks: tuple[ShellDisk, ...]
+    cluster: str | None = None  # where the resource pool is looked up
+    resource_pool: str | None = None
+    folder: str | None = None
+    network: str | None = None
+
+
+@dataclass(frozen=True)
+class ShellResult:
+    moref: str
+    adopted: bool
+
+
+class DRShellBuilder(Protocol):
+    def ensure_shell(self, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
+        """Make sure exactly one VM marked with ``spec.protected_vm_id`` exists. Blocking.
+
+        Adopts (``adopted=True``) a VM that already carries the mark instead of creating a
+        twin. Never creates or deletes disk files: the disks must already exist. Raises
+        ``PermanentError`` for a missing datastore, pool, folder, network or disk file
+        (naming what exists) and ``TransientError`` when the vCenter cannot be reached.
+        """
+        ...
+
+
+def map_disk_path(path: str, protection_datastore: str, dr_datastore: str) -> str:
+    """``[protection_datastore] dir/disk.vmdk`` becomes ``[dr_datastore] dir/disk.vmdk``."""
+    match = _DS_PATH.match(path)
+    if not match:
+        raise PermanentError(f"disk file {path!r} is not a datastore path like '[ds] dir/disk.vmdk'")
+    if match["ds"] != protection_datastore:
+        raise PermanentError(
+            f"disk {path!r} is on datastore {match['ds']!r}, not on the protection datastore "
+            f"{protection_datastore!r}, so it is not replicated: set needs_storage_vmotion first"
+        )
+    return f"[{dr_datastore}] {match['path']}"
+
+
+def build_spec(payload: Mapping[str, Row]) -> ShellSpec:
+    protected, vm, group = payload["protected_vm"], payload.get("vm"), payload["group"]
+    target = payload.get("target")
+    if not vm:
+        raise PermanentError("protected_vms.vm_id does not name a VM in vcenter_vms: sync and fix vm_id")
+    if not target or not target.get("dr_datastore"):
+        raise PermanentError(
+            f"protection group {group['name']!r} has no replication target with a dr_datastore: "
+            "set protection_groups.replication_target_id and replication_targets.dr_datastore"
+        )
+    if not payload.get("dr_vcenter"):
+        raise PermanentError(
+            f"protection group {group['name']!r} has no DR vCenter: set protection_groups.dr_vcenter_id"
+        )
+    disks_raw = vm.get("disks") or []
+    controllers = {d.get("controller") or "lsilogic" for d in disks_raw}
+    protection_ds = group.get("protection_datastore") or ""
+    disks = tuple(
+        ShellDisk(
+            file=map_disk_path(d["file"], protection_ds, target["dr_datastore"]),
+            capacity=int(d.get("capacity") or 0),
+        )
+        for d in disks_raw
+    )
+    return ShellSpec(
+        protected_vm_id=str(protected["id"]),
+        name=f"{vm['name']}{group.get('dr_vm_suffix') or '-dr'}",
+        datastore=target["dr_datastore"],
+        num_cpu=int(vm.get("num_cpu") or 1),
+        memory_mb=int(vm.get("memory_mb") or 1024),
+        guest_id=vm.get("guest_id") or "otherGuest64",
+        firmware=vm.get("firmware") or "bios",
+        controller=sorted(controllers)[0] if controllers else "lsilogic",
+        disks=disks,
+        cluster=group.get("dr_cluster"),
+        resource_pool=group.get("dr_resource_pool"),
+        folder=group.get("dr_folder"),
+        network=group.get("dr_network"),
+    )
+
+
+class DRShellHandler:
+    kind = "vm.dr_shell"
+
+    def __init__(self, backend: DRShellBuilder) -> None:
+        self._backend = backend
+
+    async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
+        spec = build_spec(payload)
+        vcenter = VCenterEndpoint.from_row(payload["dr_vcenter"])
+        result = await asyncio.to_thread(self._backend.ensure_shell, vcenter, spec)
+        return {"dr_shell_vm_id": result.moref, "adopted": result.adopted, "name": spec.name}

@@ -1,0 +1,137 @@
+"""``replication.run``: snapshot the group's dataset and send it to the DR target."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from handlers.context import OperationContext
+from handlers.errors import PermanentError
+from handlers.types import Row, SSHEndpoint
+
+SNAPSHOT_PREFIX = "zerfaux_"
+
+
+@dataclass(frozen=True)
+class ReplicationRequest:
+    job_id: str
+    source_dataset: str
+    target_dataset: str
+    transport: str  # ssh | paramiko | syncoid
+    target: SSHEndpoint
+    source: SSHEndpoint | None  # None: the dataset is on the listener's own machine
+    retention_snapshots: int | None
+    last_snapshot: str | None  # snapshot of the newest completed job of this pair, a hint only
+
+
+@dataclass(frozen=True)
+class ReplicationProgress:
+    snapshot_name: str
+    base_snapshot: str | None
+    bytes_transferred: int
+    bytes_estimated: int | None
+
+
+@dataclass(frozen=True)
+class ReplicationOutcome:
+    snapshot_name: str
+    base_snapshot: str | None
+    bytes_transferred: int
+    bytes_estimated: int | None
+    notes: tuple[str, ...] = ()  # what this ZFS could not do, e.g. "resume not supported"
+
+
+ProgressSink = Callable[[ReplicationProgress], None]
+
+
+class ZFSReplication(Protocol):
+    def replicate(
+        self, request: ReplicationRequest, progress: ProgressSink, cancel: threading.Event
+    ) -> ReplicationOutcome:
+        """Snapshot the source and bring the target up to that snapshot. Blocking.
+
+        Idempotent: a retry reuses this job's snapshot if an earlier attempt made it, resumes
+        a partial receive where the ZFS allows, and succeeds at once if the target already
+        has the snapshot. Never rolls back or destroys the target: a diverged target or one
+        with no common snapshot raises ``PermanentError`` saying what the operator can do.
+        ``progress`` may be called often, from this thread. When ``cancel`` is set it stops
+        its processes, cleans partial receive state and raises ``OperationCancelled``.
+        """
+        ...
+
+
+def snapshot_name(job_id: str, now: datetime | None = None) -> str:
+    """``zerfaux_<job>_<UTC time>``: the job's identity, so only our snapshots are ever pruned."""
+    moment = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return f"{SNAPSHOT_PREFIX}{job_id.replace('-', '')[:12]}_{moment:%Y%m%dT%H%M%SZ}"
+
+
+def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
+    job, group, target = payload["job"], payload["group"], payload.get("target")
+    if not target:
+        raise PermanentError(
+            f"protection group {group['name']!r} has no replication target: "
+            "set protection_groups.replication_target_id"
+        )
+    source_dataset = job.get("source_dataset") or group.get("source_dataset")
+    if not source_dataset:
+        raise PermanentError(
+            f"protection group {group['name']!r} has no source_dataset: set protection_groups.source_dataset"
+        )
+    target_dataset = job.get("target_dataset")
+    if not target_dataset:
+        raise PermanentError(
+            "replication_jobs.target_dataset is empty and the target has no target_root: "
+            "set replication_targets.target_root"
+        )
+    retention = group.get("retention_snapshots")
+    return ReplicationRequest(
+        job_id=str(job["id"]),
+        source_dataset=source_dataset,
+        target_dataset=target_dataset,
+        transport=target.get("transport") or "ssh",
+        target=SSHEndpoint.target_from_row(target),
+        source=SSHEndpoint.source_from_group(group),
+        retention_snapshots=int(retention) if retention is not None else None,
+        last_snapshot=payload.get("last_snapshot"),  # type: ignore[arg-type]
+    )
+
+
+class ReplicationHandler:
+    kind = "replication.run"
+
+    def __init__(self, backend: ZFSReplication, progress_interval: float = 1.0) -> None:
+        self._backend = backend
+        self._interval = progress_interval
+
+    async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
+        request = build_request(payload)
+        lock = threading.Lock()
+        latest: list[ReplicationProgress] = []
+
+        def sink(progress: ReplicationProgress) -> None:
+            with lock:
+                latest[:] = [progress]
+
+        async def flush_forever() -> None:
+            sent: ReplicationProgress | None = None
+            while True:
+                await asyncio.sleep(self._interval)
+                with lock:
+                    current = latest[0] if latest else None
+                if current is not None and current != sent:
+                    await ctx.report(asdict(current))
+                    sent = current
+
+        flusher = asyncio.create_task(flush_forever())
+        try:
+            outcome = await asyncio.to_thread(self._backend.replicate, request, sink, ctx.cancel)
+        finally:
+            flusher.cancel()
+        result = asdict(outcome)
+        result["notes"] = list(outcome.notes)
+        return result

@@ -1,0 +1,51 @@
+"""``vm.storage_vmotion``: move a protected VM onto its group's protection datastore."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from handlers.context import OperationContext
+from handlers.errors import PermanentError
+from handlers.types import Row, VCenterEndpoint
+
+
+class StorageMover(Protocol):
+    def relocate(
+        self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
+    ) -> bool:
+        """Move the VM's configuration and every disk to ``datastore``. Blocking.
+
+        Idempotent: returns False, starting no task, when the VM is already entirely on
+        ``datastore``; True after a completed relocation. Raises ``PermanentError`` when the
+        VM or the datastore does not exist (naming what does) and ``TransientError`` when
+        the vCenter cannot be reached.
+        """
+        ...
+
+
+class StorageVMotionHandler:
+    kind = "vm.storage_vmotion"
+
+    def __init__(self, backend: StorageMover) -> None:
+        self._backend = backend
+
+    async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
+        vm, group = payload.get("vm"), payload["group"]
+        if not vm:
+            raise PermanentError(
+                "protected_vms.vm_id does not name a VM in vcenter_vms: sync the vCenter and fix vm_id"
+            )
+        datastore = group.get("protection_datastore")
+        if not datastore:
+            raise PermanentError(
+                f"protection group {group['name']!r} has no protection_datastore: set "
+                "protection_groups.protection_datastore to the datastore backed by source_dataset"
+            )
+        vcenter = VCenterEndpoint.from_row(payload["vcenter"])
+        moved = await asyncio.to_thread(
+            self._backend.relocate, vcenter, vm["moref"], datastore, ctx.cancel
+        )
+        return {"relocated": moved, "datastore": datastore}

@@ -1,0 +1,1 @@
+"""Fixtures for openzfs tests (filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""Fixtures for vcsim tests (filled in by its issue)."""

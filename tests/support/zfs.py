@@ -1,0 +1,1 @@
+"""Fixtures for zfs tests (filled in by its issue)."""
