@@ -1,0 +1,1 @@
+"""The Zerfaux listener: notices work in the control plane and runs it."""

@@ -1,0 +1,132 @@
+"""``zerfaux``: migrate · run [--until-idle] · demo · status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from handlers import BackendUnavailable
+from listener.config import ConfigError, Settings, redact_url
+from listener.migrate import MigrationError, migrate, seed
+from listener.store import StoreUnavailable
+
+log = logging.getLogger("zerfaux")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    for noisy in ("pgserver", "psycopg.pool", "httpx", "websockets", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _prepare(settings: Settings, apply_seed: bool) -> str | None:
+    """Apply migrations (and the seed on the embedded default); return the Postgres URL."""
+    from listener.service import database_url
+
+    url = database_url(settings)
+    if url is None:
+        return None
+    import psycopg
+
+    try:
+        applied = migrate(url)
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise StoreUnavailable(f"cannot connect to {redact_url(url)}: {reason}") from exc
+    if applied:
+        log.info("applied %d migration(s)", len(applied))
+    if apply_seed:
+        seed(url)
+    return url
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.service import database_url
+
+    url = database_url(settings)
+    if url is None:
+        print("zerfaux migrate needs DATABASE_URL (or the embedded default); with only "
+              "SUPABASE_URL, apply supabase/migrations with `supabase db push`", file=sys.stderr)
+        return 2
+    applied = migrate(url)
+    if args.seed:
+        seed(url)
+    print(f"{len(applied)} migration(s) applied" + (": " + ", ".join(m.path.name for m in applied) if applied else "; up to date"))
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.service import build_listener, serve
+
+    url = _prepare(settings, apply_seed=settings.embedded or os.environ.get("ZERFAUX_SEED") == "true")
+    listener = build_listener(settings)
+    if settings.embedded and url and not args.until_idle:
+        from listener.demo import print_try_it
+
+        print_try_it(url, settings.use_stubs)
+    asyncio.run(serve(listener, until_idle=args.until_idle))
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.demo import run_demo
+
+    url = _prepare(settings, apply_seed=True)
+    if url is None:
+        print("zerfaux demo needs DATABASE_URL or the embedded default", file=sys.stderr)
+        return 2
+    return run_demo(settings, url, timeout=args.timeout)
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.status import print_status
+
+    url = _prepare(settings, apply_seed=False)
+    if url is None:
+        print("zerfaux status needs DATABASE_URL or the embedded default", file=sys.stderr)
+        return 2
+    return print_status(url)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zerfaux", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("migrate", help="apply pending supabase/migrations")
+    p.add_argument("--seed", action="store_true", help="also load supabase/seed.sql")
+    p = sub.add_parser("run", help="run the listener until SIGTERM")
+    p.add_argument("--until-idle", action="store_true", help="drain what is runnable, then exit 0")
+    p = sub.add_parser("demo", help="ask for each kind of work and watch it converge")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each step")
+    sub.add_parser("status", help="queue depth, workers, recent operations")
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status}
+    try:
+        settings = Settings.from_environ()
+        return commands[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"zerfaux: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(f"zerfaux: {exc}", file=sys.stderr)
+        return 3
+    except MigrationError as exc:
+        print(f"zerfaux: {exc}", file=sys.stderr)
+        return 4
+    except BackendUnavailable as exc:
+        print(f"zerfaux: {exc}", file=sys.stderr)
+        return 5
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

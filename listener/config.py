@@ -1,0 +1,119 @@
+"""Settings, read once from an environment mapping; a bad value stops start-up with its name."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable and the fix."""
+
+
+def _bool(environ: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key} must be true or false, got {raw!r}")
+
+
+def _number(environ: Mapping[str, str], key: str, default: float, minimum: float) -> float:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{key} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _int(environ: Mapping[str, str], key: str, default: int, minimum: int) -> int:
+    value = _number(environ, key, default, minimum)
+    if value != int(value):
+        raise ConfigError(f"{key} must be a whole number, got {environ.get(key)!r}")
+    return int(value)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    supabase_url: str | None
+    supabase_key: str | None
+    use_stubs: bool
+    webhook_secret: str | None
+    worker_id: str
+    concurrency: int
+    lease_seconds: float
+    sweep_seconds: float
+    stub_seconds: float
+    stub_vms: int
+    http_port: int | None
+    retention_days: float
+    retry_base_seconds: float
+    retry_max_seconds: float
+    secrets_dir: str | None
+    vcenter_ca_bundle: str | None
+    home: Path  # where the embedded Postgres lives
+
+    @property
+    def embedded(self) -> bool:
+        return not self.database_url and not self.supabase_url
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        supabase_url = env.get("SUPABASE_URL") or None
+        supabase_key = env.get("SUPABASE_SERVICE_ROLE_KEY") or None
+        if supabase_url and not supabase_key and not env.get("DATABASE_URL"):
+            raise ConfigError(
+                "SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not: set the project's "
+                "service-role key (Settings > API in the Supabase dashboard)"
+            )
+        port = env.get("ZERFAUX_HTTP_PORT")
+        return cls(
+            database_url=env.get("DATABASE_URL") or None,
+            supabase_url=supabase_url.rstrip("/") if supabase_url else None,
+            supabase_key=supabase_key,
+            use_stubs=_bool(env, "ZERFAUX_USE_STUBS", True),
+            webhook_secret=env.get("ZERFAUX_WEBHOOK_SECRET") or None,
+            worker_id=env.get("ZERFAUX_WORKER_ID")
+            or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+            concurrency=_int(env, "ZERFAUX_CONCURRENCY", 8, 1),
+            lease_seconds=_number(env, "ZERFAUX_LEASE_SECONDS", 30.0, 1.0),
+            sweep_seconds=_number(env, "ZERFAUX_SWEEP_SECONDS", 10.0, 0.1),
+            stub_seconds=_number(env, "ZERFAUX_STUB_SECONDS", 2.0, 0.0),
+            stub_vms=_int(env, "ZERFAUX_STUB_VMS", 50, 0),
+            http_port=_int(env, "ZERFAUX_HTTP_PORT", 0, 0) if port else None,
+            retention_days=_number(env, "ZERFAUX_OPERATIONS_RETENTION_DAYS", 30.0, 0.0),
+            retry_base_seconds=_number(env, "ZERFAUX_RETRY_BASE_SECONDS", 2.0, 0.0),
+            retry_max_seconds=_number(env, "ZERFAUX_RETRY_MAX_SECONDS", 300.0, 0.0),
+            secrets_dir=env.get("ZERFAUX_SECRETS_DIR") or None,
+            vcenter_ca_bundle=env.get("ZERFAUX_VCENTER_CA_BUNDLE") or None,
+            home=Path(env.get("ZERFAUX_HOME") or ".zerfaux"),
+        )

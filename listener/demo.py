@@ -1,0 +1,140 @@
+"""``zerfaux demo``: ask for each kind of work as a frontend would and watch it converge.
+
+A listener runs in the same process, so the demo works alone; a ``make run`` listener running
+beside it simply shares the work (the claim decides who does what).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from listener import sqlfile
+from listener.config import Settings
+
+DEMO = sqlfile.load(Path(__file__).with_name("demo.sql"))
+
+Row = dict[str, Any]
+
+
+def print_try_it(url: str, stubs: bool) -> None:
+    psql = f'psql "{url}"'
+    mode = "stub backends (ZERFAUX_USE_STUBS=true)" if stubs else "REAL backends"
+    print(f"""
+Zerfaux is listening on the embedded Postgres with {mode}.
+In another terminal, ask for work as a frontend would:
+
+  # 1. inventory sync of the primary vCenter
+  {psql} -c "update vcenters set sync_requested_at = now() where name = 'vc-primary'"
+  # 2. protect a VM and move it onto the protection datastore (Storage vMotion)
+  {psql} -c "insert into protected_vms (protection_group_id, vm_id, needs_storage_vmotion) select g.id, v.id, true from protection_groups g, vcenter_vms v where g.name = 'gold' and v.name = 'vc-primary-vm-0001'"
+  # 3. replicate the group's dataset (watch bytes_transferred grow)
+  {psql} -c "insert into replication_jobs (protection_group_id) select id from protection_groups where name = 'gold'"
+  {psql} -c "select status, bytes_transferred, bytes_estimated, snapshot_name, error from replication_jobs order by created_at"
+  # 4. create the DR shell VM at the DR vCenter
+  {psql} -c "update protected_vms set needs_dr_shell = true"
+  {psql} -c "select needs_storage_vmotion, dr_shell_vm_created, dr_shell_vm_id, last_error from protected_vms"
+  # cancel a running replication job
+  {psql} -c "update replication_jobs set cancel_requested = true where status in ('pending', 'running')"
+  # what happened
+  .venv/bin/zerfaux status
+""", flush=True)
+
+
+async def _wait_for(
+    label: str, poll: Callable[[], Awaitable[Row | None]], done: Callable[[Row], bool],
+    describe: Callable[[Row], str], timeout: float,
+) -> Row | None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        row = await poll()
+        if row is not None:
+            line = describe(row)
+            if line != last:
+                print(f"  {label}: {line}", flush=True)
+                last = line
+            if done(row):
+                return row
+        await asyncio.sleep(0.25)
+    print(f"  {label}: did not converge within {timeout:.0f}s", flush=True)
+    return None
+
+
+async def _demo(settings: Settings, url: str, timeout: float) -> int:
+    from listener.service import build_listener, serve
+
+    listener = build_listener(replace(settings, sweep_seconds=min(settings.sweep_seconds, 2.0)))
+    engine = asyncio.create_task(serve(listener))
+    failures = 0
+    try:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as db:
+
+            async def one(name: str, **params: Any) -> Row | None:
+                cur = await db.execute(DEMO[name], params)  # type: ignore[arg-type]
+                return await cur.fetchone()
+
+            print("1. inventory sync of vc-primary", flush=True)
+            await db.execute(DEMO["request_sync"])  # type: ignore[arg-type]
+            row = await _wait_for(
+                "vcenters", lambda: one("sync_state"),
+                lambda r: bool(r["done"]) or bool(r["last_sync_error"]),
+                lambda r: f"{r['vms']} VMs" + (f", error: {r['last_sync_error']}" if r["last_sync_error"] else ""),
+                timeout,
+            )
+            failures += row is None or bool(row["last_sync_error"])
+
+            print("2. protect vc-primary-vm-0001 and Storage vMotion it", flush=True)
+            protected = await one("protect_vm")
+            if protected is None:
+                print("  no VM named vc-primary-vm-0001: the sync did not bring it", flush=True)
+                return 1
+            pid = protected["id"]
+            row = await _wait_for(
+                "protected_vms", lambda: one("vmotion_state", id=pid),
+                lambda r: not r["needs_storage_vmotion"] or bool(r["last_error"]),
+                lambda r: f"needs_storage_vmotion={r['needs_storage_vmotion']} datastore={r['datastore']}"
+                + (f" error: {r['last_error']}" if r["last_error"] else ""),
+                timeout,
+            )
+            failures += row is None or bool(row["last_error"])
+
+            print("3. replicate the gold group's dataset", flush=True)
+            job = await one("insert_job")
+            assert job is not None
+            row = await _wait_for(
+                "replication_jobs", lambda: one("job_state", id=job["id"]),
+                lambda r: r["status"] in ("completed", "failed", "cancelled"),
+                lambda r: f"{r['status']} {r['bytes_transferred']}/{r['bytes_estimated'] or '?'} bytes"
+                + (f" snapshot {r['snapshot_name']}" if r["snapshot_name"] else "")
+                + (f" error: {r['error']}" if r["error"] else ""),
+                timeout,
+            )
+            failures += row is None or row["status"] != "completed"
+
+            print("4. create the DR shell VM", flush=True)
+            await db.execute(DEMO["request_dr_shell"], {"id": pid})  # type: ignore[arg-type]
+            row = await _wait_for(
+                "protected_vms", lambda: one("dr_shell_state", id=pid),
+                lambda r: bool(r["dr_shell_vm_created"]) or bool(r["last_error"]),
+                lambda r: f"dr_shell_vm_created={r['dr_shell_vm_created']} dr_shell_vm_id={r['dr_shell_vm_id']}"
+                + (f" error: {r['last_error']}" if r["last_error"] else ""),
+                timeout,
+            )
+            failures += row is None or not row["dr_shell_vm_created"]
+    finally:
+        listener.dispatcher.stop()
+        await engine
+    print("demo: everything converged" if not failures else f"demo: {failures} step(s) did not converge")
+    return 0 if not failures else 1
+
+
+def run_demo(settings: Settings, url: str, timeout: float) -> int:
+    return asyncio.run(_demo(settings, url, timeout))

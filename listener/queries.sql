@@ -1,0 +1,52 @@
+-- Named queries of the Postgres store (listener/store_pg.py), loaded once at import.
+-- Every state change is a SQL function of the migrations; these only call them.
+
+-- name: claim
+select id, kind, subject_id, attempts, max_attempts, cancel_requested, waited_seconds, payload
+  from zerfaux.claim(%(worker)s, %(limit)s, %(lease)s);
+
+-- name: heartbeat
+select id, cancel_requested from zerfaux.heartbeat(%(worker)s, %(ids)s::uuid[], %(lease)s);
+
+-- name: progress
+select zerfaux.progress(%(id)s, %(worker)s, %(progress)s) as state;
+
+-- name: complete
+select zerfaux.complete(%(id)s, %(worker)s, %(result)s) as done;
+
+-- name: fail
+select zerfaux.fail(%(id)s, %(worker)s, %(error)s, %(permanent)s, %(retry)s) as outcome;
+
+-- name: finish_cancelled
+select zerfaux.finish_cancelled(%(id)s, %(worker)s, %(message)s) as done;
+
+-- name: release
+select zerfaux.release(%(worker)s, %(ids)s::uuid[]) as released;
+
+-- name: prune
+select zerfaux.prune(%(days)s) as pruned;
+
+-- name: queue_state
+select queued, runnable, running, expired, next_run_after from zerfaux.queue_state();
+
+-- name: has_vault
+select exists (select 1 from pg_views where schemaname = 'vault' and viewname = 'decrypted_secrets') as present;
+
+-- name: vault_secret
+select decrypted_secret from vault.decrypted_secrets where name = %(name)s limit 1;
+
+-- name: status_by_kind
+select kind, status, count(*) as n from zerfaux.operations group by kind, status order by kind, status;
+
+-- name: status_recent
+select o.id, o.kind, o.subject_id, o.status, o.attempts, o.max_attempts, o.worker_id,
+       o.last_error, o.created_at, o.finished_at
+  from zerfaux.operations o order by o.created_at desc limit %(limit)s;
+
+-- name: status_workers
+select worker_id, started_at, last_seen_at, running from zerfaux.workers
+ where last_seen_at > now() - make_interval(secs => %(seconds)s) order by worker_id;
+
+-- name: status_oldest_queued
+select extract(epoch from now() - min(created_at)) as age_seconds
+  from zerfaux.operations where status = 'queued';

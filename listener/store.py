@@ -1,0 +1,98 @@
+"""What the engine needs from a database, whichever way it is reached.
+
+Two stores implement it: ``store_pg.PostgresStore`` (psycopg, a direct or session-pooler
+connection) and the PostgREST store (RPC calls with the service-role key). Both call the same
+SQL functions of the migrations, so the behaviour is the same; only the wire differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be reached; the message names it (password hidden) and why."""
+
+
+@dataclass(frozen=True)
+class ClaimedOperation:
+    id: UUID
+    kind: str
+    subject_id: UUID
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    waited_seconds: float  # from run_after (the enqueue, for a first attempt) to this claim
+    payload: Mapping[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ClaimedOperation:
+        return cls(
+            id=UUID(str(row["id"])),
+            kind=row["kind"],
+            subject_id=UUID(str(row["subject_id"])),
+            attempts=int(row["attempts"]),
+            max_attempts=int(row["max_attempts"]),
+            cancel_requested=bool(row["cancel_requested"]),
+            waited_seconds=float(row.get("waited_seconds") or 0.0),
+            payload=row["payload"],
+        )
+
+
+@dataclass(frozen=True)
+class QueueState:
+    queued: int
+    runnable: int
+    running: int
+    expired: int
+    next_run_after: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> QueueState:
+        return cls(
+            queued=int(row["queued"]),
+            runnable=int(row["runnable"]),
+            running=int(row["running"]),
+            expired=int(row["expired"]),
+            next_run_after=row["next_run_after"],
+        )
+
+
+class Store(Protocol):
+    description: str  # where it points, password hidden
+
+    async def open(self) -> None:
+        """Connect; raise ``StoreUnavailable`` naming the database and the reason."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` when the database does not answer."""
+
+    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedOperation]: ...
+
+    async def heartbeat(self, worker: str, ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
+        """Renew leases; answer {id: cancel_requested} for every id still held."""
+
+    async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str: ...
+
+    async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool: ...
+
+    async def fail(
+        self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float
+    ) -> str: ...
+
+    async def finish_cancelled(self, op_id: UUID, worker: str, message: str) -> bool: ...
+
+    async def release(self, worker: str, ids: Sequence[UUID]) -> int: ...
+
+    async def prune(self, days: float) -> int: ...
+
+    async def queue_state(self) -> QueueState: ...
+
+    async def vault_secret(self, name: str) -> str | None:
+        """A secret from Supabase Vault, or None where there is no Vault or no such secret."""

@@ -1,0 +1,135 @@
+"""The Postgres store: psycopg 3, async, pooled. The only module that runs SQL on a connection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from listener import sqlfile
+from listener.config import redact_url
+from listener.store import ClaimedOperation, QueueState, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+QUERIES = sqlfile.load(Path(__file__).with_name("queries.sql"))
+_RETRYABLE = (psycopg.OperationalError, PoolTimeout)
+
+
+class PostgresStore:
+    def __init__(self, conninfo: str, pool_size: int = 10, retry_seconds: float = 60.0) -> None:
+        self._conninfo = conninfo
+        self.description = redact_url(conninfo)
+        self._retry_seconds = retry_seconds
+        self._has_vault: bool | None = None
+        self._pool = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            check=AsyncConnectionPool.check_connection,
+            timeout=10.0,
+        )
+
+    async def open(self) -> None:
+        try:
+            probe = await psycopg.AsyncConnection.connect(self._conninfo, connect_timeout=10)
+            await probe.close()
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise StoreUnavailable(f"cannot connect to {self.description}: {reason}") from exc
+        await self._pool.open(wait=True, timeout=15.0)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a named query, riding out a database restart for up to ``retry_seconds``."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(_RETRYABLE),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            stop=stop_after_delay(self._retry_seconds),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "database unreachable (%s); retrying %s", state.outcome.exception() if state.outcome else "?", name
+            ),
+        ):
+            with attempt:
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute(QUERIES[name], params or {})  # type: ignore[arg-type]
+                    return await cur.fetchall() if cur.description else []
+        raise AssertionError("unreachable")
+
+    async def _one(self, name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        rows = await self._rows(name, params)
+        return rows[0]
+
+    async def ping(self) -> None:
+        try:
+            async with self._pool.connection(timeout=5.0) as conn:
+                await conn.execute("select 1")
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise StoreUnavailable(f"{self.description} does not answer: {exc}") from exc
+
+    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedOperation]:
+        rows = await self._rows("claim", {"worker": worker, "limit": limit, "lease": lease_seconds})
+        return [ClaimedOperation.from_row(row) for row in rows]
+
+    async def heartbeat(self, worker: str, ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
+        rows = await self._rows("heartbeat", {"worker": worker, "ids": list(ids), "lease": lease_seconds})
+        return {UUID(str(row["id"])): bool(row["cancel_requested"]) for row in rows}
+
+    async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str:
+        row = await self._one("progress", {"id": op_id, "worker": worker, "progress": Jsonb(dict(progress))})
+        return str(row["state"])
+
+    async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool:
+        row = await self._one("complete", {"id": op_id, "worker": worker, "result": Jsonb(dict(result))})
+        return bool(row["done"])
+
+    async def fail(self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float) -> str:
+        row = await self._one(
+            "fail",
+            {"id": op_id, "worker": worker, "error": error, "permanent": permanent, "retry": retry_seconds},
+        )
+        return str(row["outcome"])
+
+    async def finish_cancelled(self, op_id: UUID, worker: str, message: str) -> bool:
+        row = await self._one("finish_cancelled", {"id": op_id, "worker": worker, "message": message})
+        return bool(row["done"])
+
+    async def release(self, worker: str, ids: Sequence[UUID]) -> int:
+        row = await self._one("release", {"worker": worker, "ids": list(ids)})
+        return int(row["released"])
+
+    async def prune(self, days: float) -> int:
+        row = await self._one("prune", {"days": days})
+        return int(row["pruned"])
+
+    async def queue_state(self) -> QueueState:
+        return QueueState.from_row(await self._one("queue_state"))
+
+    async def vault_secret(self, name: str) -> str | None:
+        if self._has_vault is None:
+            self._has_vault = bool((await self._one("has_vault"))["present"])
+        if not self._has_vault:
+            return None
+        rows = await self._rows("vault_secret", {"name": name})
+        return str(rows[0]["decrypted_secret"]) if rows else None
+
+    async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
+        return {
+            "by_kind": await self._rows("status_by_kind"),
+            "recent": await self._rows("status_recent", {"limit": recent}),
+            "workers": await self._rows("status_workers", {"seconds": worker_seconds}),
+            "oldest_queued_seconds": (await self._one("status_oldest_queued"))["age_seconds"],
+        }
