@@ -1,0 +1,15 @@
+"""Real vCenter backends (pyVmomi): the names ``handlers/__init__.py`` builds when stubs are off.
+
+The work lives in small modules beside this one:
+``vcenter_session`` (logins, TLS, fault translation), ``vcenter_query`` (bulk reads, task waits),
+``vcenter_inventory``, ``vcenter_vmotion`` and ``vcenter_shell``.
+"""
+
+from __future__ import annotations
+
+from handlers.backends.vcenter_inventory import VCenterInventoryReal
+from handlers.backends.vcenter_session import VCenterSessions
+from handlers.backends.vcenter_shell import DRShellBuilderReal
+from handlers.backends.vcenter_vmotion import StorageMoverReal
+
+__all__ = ["DRShellBuilderReal", "StorageMoverReal", "VCenterInventoryReal", "VCenterSessions"]
