@@ -1,5 +1,6 @@
 pytest_plugins = [
     "tests.support.pg",
+    "tests.support.stores",
     "tests.support.vcsim",
     "tests.support.zfs",
     "tests.support.openzfs",
