@@ -20,7 +20,7 @@ from uuid import UUID
 
 from tenacity import RetryCallState, wait_exponential_jitter
 
-from handlers import Handler, OperationCancelled, PermanentError
+from handlers import Handler, HandlerError, OperationCancelled, PermanentError
 from listener.metrics import Metrics
 from listener.store import ClaimedOperation, Store
 
@@ -42,7 +42,7 @@ class Backoff:
     """Delay before retry n (1-based), from tenacity's exponential-with-jitter wait."""
 
     def __init__(self, base: float, maximum: float) -> None:
-        self._wait = wait_exponential_jitter(initial=base, max=maximum, jitter=max(base, 0.0))
+        self._wait = wait_exponential_jitter(multiplier=base, max=maximum, jitter=max(base, 0.0))
         self._max = maximum
 
     def __call__(self, attempt: int) -> float:
@@ -224,6 +224,9 @@ class Dispatcher:
             return
         except PermanentError as exc:
             await self._fail(run, str(exc), permanent=True)
+            return
+        except HandlerError as exc:  # our own words: a TransientError says what happened
+            await self._fail(run, str(exc) or type(exc).__name__, permanent=False)
             return
         except Exception as exc:
             await self._fail(run, _describe(exc), permanent=False)

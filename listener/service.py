@@ -93,6 +93,7 @@ def build_listener(settings: Settings, store: Store | None = None) -> Listener:
             idle_seconds=settings.sweep_seconds,
             retry_base_seconds=settings.retry_base_seconds,
             retry_max_seconds=settings.retry_max_seconds,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
         ),
         metrics,
     )

@@ -56,7 +56,7 @@ class PostgresStore:
         """Run a named query, riding out a database restart for up to ``retry_seconds``."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(_RETRYABLE),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             stop=stop_after_delay(self._retry_seconds),
             reraise=True,
             before_sleep=lambda state: log.warning(

@@ -28,7 +28,7 @@ class NotifySource:
         self._conninfo = conninfo
         self._wake = wake
         self._poke = poke
-        self._wait = wait_exponential_jitter(initial=0.5, max=max_backoff, jitter=0.5)
+        self._wait = wait_exponential_jitter(multiplier=0.5, max=max_backoff, jitter=0.5)
         self.connected = False
 
     async def run(self) -> None:

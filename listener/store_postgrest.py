@@ -1,0 +1,174 @@
+"""The PostgREST store: the engine's SQL functions called as RPC with the service-role key.
+
+For a team whose only credentials are ``SUPABASE_URL`` and ``SUPABASE_SERVICE_ROLE_KEY``. Every
+state change is ``POST /rest/v1/rpc/<function>`` on schema ``zerfaux`` (which must be among the
+project's exposed schemas, docs/deploy-supabase.md) with the functions' own argument names, so
+the behaviour is the Postgres store's; only the wire differs. Transport failures and gateway
+errors are retried for up to ``retry_seconds`` and then become ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from postgrest.exceptions import APIError
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from listener.store import ClaimedOperation, QueueState, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "zerfaux"
+# PostgREST answers these when the database (or the gateway in front of it) cannot serve now:
+# PGRST000-003 are its connection and pool errors, 08xxx is Postgres' connection class.
+_RETRY_STATUS = {"502", "503", "504", "520"}
+
+
+class _Unavailable(Exception):
+    """Internal: one attempt failed in a way worth retrying."""
+
+
+def _retryable(exc: APIError) -> bool:
+    code = str(exc.code or "")
+    return code in _RETRY_STATUS or code.startswith(("PGRST00", "08", "57P"))
+
+
+class PostgrestStore:
+    def __init__(self, url: str, key: str, retry_seconds: float = 60.0, timeout: float = 30.0) -> None:
+        self._url = url.rstrip("/")
+        self._key = key
+        self.description = f"{self._url}/rest/v1 (PostgREST, schema {SCHEMA})"
+        self._retry_seconds = retry_seconds
+        self._timeout = timeout
+        self._client: AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def open(self) -> None:
+        # Our own httpx client: one pool for every RPC, closed with the store.
+        self._http = httpx.AsyncClient(timeout=self._timeout, follow_redirects=True)
+        self._client = await acreate_client(
+            self._url,
+            self._key,
+            AsyncClientOptions(schema=SCHEMA, httpx_client=self._http, auto_refresh_token=False,
+                               persist_session=False),
+        )
+        try:
+            await self.ping()
+        except StoreUnavailable:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        self._http = None
+        self._client = None
+
+    async def _call(self, fn: str, params: Mapping[str, Any], retry_seconds: float | None = None) -> Any:
+        """One RPC, riding out a restart of PostgREST or the database for ``retry_seconds``."""
+        if self._client is None:
+            raise StoreUnavailable(f"{self.description}: the store is not open")
+        client = self._client
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(_Unavailable),
+                wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                stop=stop_after_delay(self._retry_seconds if retry_seconds is None else retry_seconds),
+                reraise=True,
+                before_sleep=lambda state: log.warning(
+                    "PostgREST unreachable (%s); retrying %s",
+                    state.outcome.exception() if state.outcome else "?", fn,
+                ),
+            ):
+                with attempt:
+                    try:
+                        response = await client.rpc(fn, dict(params)).execute()
+                    except httpx.TransportError as exc:
+                        raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
+                    except APIError as exc:
+                        if _retryable(exc):
+                            raise _Unavailable(_describe(exc)) from exc
+                        raise
+                    return response.data
+        except _Unavailable as exc:
+            raise StoreUnavailable(f"{self.description} does not answer: {exc}") from exc
+        except APIError as exc:
+            if str(exc.code) in ("401", "403", "42501", "PGRST301", "PGRST302"):
+                raise StoreUnavailable(
+                    f"{self.description} refused the key ({_describe(exc)}): use the project's "
+                    "service-role key (Settings > API)"
+                ) from exc
+            if str(exc.code) in ("PGRST106", "PGRST202"):
+                raise StoreUnavailable(
+                    f"{self.description}: {fn} not found ({_describe(exc)}): add {SCHEMA} to the "
+                    "exposed schemas (Settings > API) and apply the migrations (zerfaux migrate)"
+                ) from exc
+            raise
+        raise AssertionError("unreachable")
+
+    async def _rows(self, fn: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        data = await self._call(fn, params)
+        if not isinstance(data, list):
+            raise StoreUnavailable(f"{self.description}: {fn} answered {type(data).__name__}, not rows")
+        return data
+
+    async def ping(self) -> None:
+        try:
+            await self._call("ping", {}, retry_seconds=0.0)
+        except APIError as exc:
+            raise StoreUnavailable(f"{self.description} does not answer: {_describe(exc)}") from exc
+
+    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedOperation]:
+        rows = await self._rows("claim", {"p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds})
+        return [ClaimedOperation.from_row(row) for row in rows]
+
+    async def heartbeat(self, worker: str, ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
+        rows = await self._rows(
+            "heartbeat", {"p_worker": worker, "p_ids": [str(i) for i in ids], "p_lease_seconds": lease_seconds}
+        )
+        return {UUID(str(row["id"])): bool(row["cancel_requested"]) for row in rows}
+
+    async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str:
+        return str(await self._call("progress", {"p_id": str(op_id), "p_worker": worker, "p_progress": dict(progress)}))
+
+    async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool:
+        # For vcenter.sync the result is the whole inventory: one call writes it (apply_inventory).
+        return bool(await self._call("complete", {"p_id": str(op_id), "p_worker": worker, "p_result": dict(result)}))
+
+    async def fail(self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float) -> str:
+        return str(await self._call("fail", {
+            "p_id": str(op_id), "p_worker": worker, "p_error": error,
+            "p_permanent": permanent, "p_retry_seconds": retry_seconds,
+        }))
+
+    async def finish_cancelled(self, op_id: UUID, worker: str, message: str) -> bool:
+        return bool(await self._call("finish_cancelled", {"p_id": str(op_id), "p_worker": worker, "p_message": message}))
+
+    async def release(self, worker: str, ids: Sequence[UUID]) -> int:
+        return int(await self._call("release", {"p_worker": worker, "p_ids": [str(i) for i in ids]}))
+
+    async def prune(self, days: float) -> int:
+        return int(await self._call("prune", {"p_days": days}))
+
+    async def queue_state(self) -> QueueState:
+        rows = await self._rows("queue_state", {})
+        row = dict(rows[0])
+        # JSON carries timestamps as text; the dispatcher wants a datetime.
+        if row.get("next_run_after") is not None:
+            row["next_run_after"] = datetime.fromisoformat(str(row["next_run_after"]))
+        return QueueState.from_row(row)
+
+    async def vault_secret(self, name: str) -> str | None:
+        value = await self._call("vault_secret", {"p_name": name})
+        return None if value is None else str(value)
+
+
+def _describe(exc: APIError) -> str:
+    parts = [str(exc.code or ""), exc.message or ""]
+    return ": ".join(p for p in parts if p) or "error"

@@ -1,0 +1,91 @@
+"""Each change of DESIGN §3 enqueues exactly one operation, in the same transaction."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.integration.conftest import GROUP, PRIMARY, add_vm, operations, protect
+from tests.support.pg import Database
+
+
+def test_setting_sync_requested_at_enqueues_a_sync(world: Database) -> None:
+    world.sql("update vcenters set sync_requested_at = now() where id = %s", (PRIMARY,))
+    ops = operations(world, "vcenter.sync")
+    assert [(str(o["subject_id"]), o["status"]) for o in ops] == [(PRIMARY, "queued")]
+
+
+def test_editing_another_vcenter_column_enqueues_nothing(world: Database) -> None:
+    world.sql("update vcenters set host = 'elsewhere.example' where id = %s", (PRIMARY,))
+    assert operations(world) == []
+
+
+def test_inserting_a_replication_job_enqueues_and_fills_datasets(world: Database) -> None:
+    job = world.one("insert into replication_jobs (protection_group_id) values (%s) returning *", (GROUP,))
+    assert job["source_dataset"] == "tank/vmstore"
+    assert job["target_dataset"] == "tank/replicas/vmstore"
+    assert job["status"] == "pending"
+    [op] = operations(world, "replication.run")
+    assert op["subject_id"] == job["id"] and op["concurrency_key"].startswith("target:")
+
+
+def test_flipping_needs_storage_vmotion_enqueues(world: Database) -> None:
+    pvm = protect(world, add_vm(world))
+    assert operations(world) == []
+    world.sql("update protected_vms set needs_storage_vmotion = true where id = %s", (pvm,))
+    assert [o["kind"] for o in operations(world)] == ["vm.storage_vmotion"]
+
+
+def test_inserting_with_both_flags_enqueues_both(world: Database) -> None:
+    protect(world, add_vm(world), needs_storage_vmotion=True, needs_dr_shell=True)
+    assert sorted(o["kind"] for o in operations(world)) == ["vm.dr_shell", "vm.storage_vmotion"]
+
+
+def test_a_double_flip_gives_one_operation(world: Database) -> None:
+    pvm = protect(world, add_vm(world))
+    for _ in range(2):
+        world.sql("update protected_vms set needs_dr_shell = true where id = %s", (pvm,))
+        world.sql("update protected_vms set needs_dr_shell = false where id = %s", (pvm,))
+    world.sql("update protected_vms set needs_dr_shell = true where id = %s", (pvm,))
+    assert len(operations(world, "vm.dr_shell")) == 1
+    world.sql("update vcenters set sync_requested_at = now() where id = %s", (PRIMARY,))
+    world.sql("update vcenters set sync_requested_at = now() + interval '1 second' where id = %s", (PRIMARY,))
+    assert len(operations(world, "vcenter.sync")) == 1
+
+
+def test_a_rolled_back_change_enqueues_nothing(world: Database) -> None:
+    with psycopg.connect(world.url) as conn:
+        conn.execute("update vcenters set sync_requested_at = now()")
+        conn.rollback()
+    assert operations(world) == []
+
+
+def test_enqueueing_notifies_the_listener(world: Database) -> None:
+    with psycopg.connect(world.url, autocommit=True) as listener:
+        listener.execute("listen zerfaux_operations")
+        world.sql("update vcenters set sync_requested_at = now() where id = %s", (PRIMARY,))
+        note = next(listener.notifies(timeout=5))
+    assert note.channel == "zerfaux_operations" and '"vcenter.sync"' in note.payload
+
+
+def test_cancelling_a_pending_job_ends_it_at_once(world: Database) -> None:
+    job = world.value("insert into replication_jobs (protection_group_id) values (%s) returning id", (GROUP,))
+    world.sql("update replication_jobs set cancel_requested = true where id = %s", (job,))
+    row = world.one("select status, error from replication_jobs where id = %s", (job,))
+    assert row["status"] == "cancelled"
+    assert [o["status"] for o in operations(world)] == ["cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("statement", "constraint"),
+    [
+        ("update replication_jobs set status = 'done'", "replication_jobs_status_check"),
+        ("update vcenters set site = 'moon'", "vcenters_site_check"),
+        ("update replication_targets set transport = 'ftp'", "replication_targets_transport_check"),
+        ("update zerfaux.operations set status = 'paused'", "operations_status_check"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_constraint_name(world: Database, statement: str, constraint: str) -> None:
+    world.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+    with pytest.raises(psycopg.errors.CheckViolation, match=constraint):
+        world.sql(statement)
