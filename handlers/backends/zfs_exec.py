@@ -1,0 +1,128 @@
+"""Where ZFS control commands run: this machine (subprocess) or a host over a paramiko session.
+
+Commands are argument lists. Locally they go to ``subprocess`` without a shell; remotely the
+list is joined with ``shlex.join`` so the remote shell sees each argument as one word.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import paramiko
+
+from handlers.backends.zfs_ssh import Peer
+from handlers.errors import PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT = 300.0
+
+# stderr of a failed zfs command that no retry can fix; anything else is retried.
+_PERMANENT = (
+    "does not exist",
+    "permission denied",
+    "has been modified",
+    "does not match incremental source",
+    "destination already exists",
+    "invalid option",
+    "unrecognized command",
+    "out of space",
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+class Runner(Protocol):
+    label: str  # "local" or user@host:port, for messages and notes
+    cache_key: str  # capabilities are detected once per key
+
+    def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> Result: ...
+
+
+def zfs_error(result: Result, where: str, what: str) -> PermanentError | TransientError:
+    """A failed zfs command in words, carrying its stderr."""
+    err = result.err.strip() or result.out.strip() or f"exit status {result.rc}"
+    message = f"{what} failed on {where} ({shlex.join(result.argv)}): {err}"
+    if any(p in err.lower() for p in _PERMANENT):
+        return PermanentError(message)
+    return TransientError(message)
+
+
+def check(result: Result, where: str, what: str) -> Result:
+    if not result.ok:
+        raise zfs_error(result, where, what)
+    return result
+
+
+class LocalRunner:
+    label = "local"
+    cache_key = "local"
+
+    def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> Result:
+        args = list(argv)
+        log.debug("local: %s", shlex.join(args))
+        try:
+            done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        except FileNotFoundError as exc:
+            raise PermanentError(f"{args[0]} is not installed on the listener's machine") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise TransientError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from exc
+        return Result(tuple(args), done.returncode, done.stdout.decode(errors="replace"),
+                      done.stderr.decode(errors="replace"))
+
+
+class ParamikoRunner:
+    def __init__(self, client: paramiko.SSHClient, peer: Peer) -> None:
+        self.client = client
+        self.peer = peer
+        self.label = peer.label
+        e = peer.endpoint
+        self.cache_key = f"{e.user}@{e.host}:{e.port}"
+
+    def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> Result:
+        args = tuple(argv)
+        command = shlex.join(args)
+        log.debug("%s: %s", self.label, command)
+        try:
+            transport = self.client.get_transport()
+            if transport is None or not transport.is_active():
+                raise TransientError(f"SSH session to {self.label} was lost")
+            chan = transport.open_session(timeout=30)
+            chan.settimeout(1.0)
+            chan.exec_command(command)
+            out, err = bytearray(), bytearray()
+            deadline = time.monotonic() + timeout
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if time.monotonic() > deadline:
+                    chan.close()
+                    raise TransientError(f"{command} on {self.label} did not finish within {timeout:.0f} s")
+                if not transport.is_active():
+                    raise TransientError(f"SSH session to {self.label} dropped during {command}")
+                chan.status_event.wait(0.05)
+            rc = chan.recv_exit_status()
+            chan.close()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TransientError(f"SSH session to {self.label} failed during {command}: {exc}") from None
+        return Result(args, rc, out.decode(errors="replace"), err.decode(errors="replace"))

@@ -1,0 +1,179 @@
+"""ZFS control commands on one host, and what that host's ZFS can do (detected once, cached).
+
+zfs-fuse 0.7 and OpenZFS 2.x differ in ways that matter for safety (resumable receive, holds,
+size estimates, the ``written`` property). We ask each host once, by reading the usage text
+its ``zfs`` prints and by probing properties, and keep the answer for the life of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+
+from handlers.backends.zfs_exec import Result, Runner, check
+from handlers.backends.zfs_plan import Snap
+from handlers.errors import PermanentError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Caps:
+    resume: bool  # receive -s, receive_resume_token, send -t
+    estimate: bool  # send -nP
+    written: bool  # the 'written' property
+    userrefs: bool  # the 'userrefs' property (how many holds)
+    get_types: bool = True  # `zfs get -t snapshot` (syncoid needs it to list a remote host's snapshots)
+
+
+_caps: dict[str, Caps] = {}
+_caps_lock = threading.Lock()
+_no_hold: set[str] = set()  # hosts where `zfs hold` failed: tried once, then noted
+
+
+def _usage_flags(text: str, command: str) -> set[str]:
+    """Option letters in the bracketed groups of ``zfs <command>`` usage lines."""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(command + " "):
+            for group in re.findall(r"\[-([A-Za-z]+)\]", stripped):
+                flags.update(group)
+            if " -t " in stripped:
+                flags.add("t")
+    return flags
+
+
+def capabilities(runner: Runner, pool: str) -> Caps:
+    with _caps_lock:
+        found = _caps.get(runner.cache_key)
+    if found is not None:
+        return found
+    send = runner.run(["zfs", "send"])  # no arguments: prints its usage and exits 2
+    recv = runner.run(["zfs", "receive"])
+    if "zfs" not in (send.err + send.out) and send.rc == 127:
+        raise PermanentError(f"zfs is not installed on {runner.label}")
+    send_flags = _usage_flags(send.err + send.out, "send")
+    recv_flags = _usage_flags(recv.err + recv.out, "receive")
+    token = runner.run(["zfs", "get", "-H", "-o", "value", "receive_resume_token", pool])
+    written = runner.run(["zfs", "get", "-H", "-o", "value", "written", pool])
+    userrefs = runner.run(["zfs", "get", "-H", "-o", "value", "userrefs", pool])
+    get_types = runner.run(["zfs", "get", "-H", "-t", "snapshot", "-o", "name", "guid", pool])
+    caps = Caps(
+        resume=token.ok and "s" in recv_flags and "t" in send_flags,
+        estimate={"n", "P"} <= send_flags,
+        written=written.ok,
+        userrefs=userrefs.ok,
+        get_types=get_types.ok,
+    )
+    log.info("ZFS on %s: %s", runner.label, caps)
+    with _caps_lock:
+        _caps[runner.cache_key] = caps
+    return caps
+
+
+def exists(runner: Runner, dataset: str) -> bool:
+    result = runner.run(["zfs", "list", "-H", "-o", "name", dataset])
+    if result.ok:
+        return True
+    if "does not exist" in result.err:
+        return False
+    check(result, runner.label, f"looking up {dataset}")
+    return False
+
+
+def snapshots(runner: Runner, dataset: str, caps: Caps) -> list[Snap] | None:
+    """The dataset's snapshots oldest first, or None when the dataset does not exist.
+
+    ``zfs get -d 1`` because zfs-fuse's ``zfs list`` has no guid column and its ``get`` no ``-t``.
+    """
+    props = "guid,createtxg,userrefs" if caps.userrefs else "guid,createtxg"
+    result = runner.run(["zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", props, dataset])
+    if not result.ok:
+        if "does not exist" in result.err:
+            return None
+        check(result, runner.label, f"listing snapshots of {dataset}")
+    rows: dict[str, dict[str, str]] = {}
+    for line in result.out.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[0].startswith(dataset + "@"):
+            continue
+        rows.setdefault(parts[0].split("@", 1)[1], {})[parts[1]] = parts[2]
+    snaps = []
+    for name, values in rows.items():
+        refs = values.get("userrefs", "-")
+        snaps.append(Snap(name, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1))
+    return sorted(snaps, key=lambda s: s.txg)
+
+
+def get_value(runner: Runner, dataset: str, prop: str) -> str | None:
+    result = runner.run(["zfs", "get", "-Hp", "-o", "value", prop, dataset])
+    if not result.ok:
+        return None
+    value = result.out.strip()
+    return None if value in ("", "-") else value
+
+
+def resume_token(runner: Runner, dataset: str, caps: Caps) -> str | None:
+    return get_value(runner, dataset, "receive_resume_token") if caps.resume else None
+
+
+def written(runner: Runner, dataset: str, caps: Caps) -> int | None:
+    value = get_value(runner, dataset, "written") if caps.written else None
+    return int(value) if value and value.isdigit() else None
+
+
+def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str) -> None:
+    # The user property ties the snapshot to its job for people reading `zfs get all`.
+    check(runner.run(["zfs", "snapshot", "-o", f"zerfaux:job={job_id}", f"{dataset}@{name}"]),
+          runner.label, f"creating snapshot {dataset}@{name}")
+
+
+def hold(runner: Runner, tag: str, dataset: str, snap: str) -> bool:
+    """Hold ``dataset@snap`` with ``tag``; False (once noted) where this ZFS cannot hold."""
+    if runner.cache_key in _no_hold:
+        return False
+    result = runner.run(["zfs", "hold", tag, f"{dataset}@{snap}"])
+    if result.ok or "tag already exists" in result.err:  # a retry of the same job
+        return True
+    log.info("zfs hold failed on %s: %s", runner.label, result.err.strip())
+    _no_hold.add(runner.cache_key)
+    return False
+
+
+def release(runner: Runner, tag: str, dataset: str, snap: str) -> None:
+    result = runner.run(["zfs", "release", tag, f"{dataset}@{snap}"])
+    if not result.ok and "no such tag" not in result.err:
+        log.warning("releasing hold %s on %s@%s at %s failed: %s", tag, dataset, snap, runner.label, result.err.strip())
+
+
+def estimate(runner: Runner, dataset: str, snap: str, base: str | None, token: str | None) -> int | None:
+    """Stream size from ``zfs send -nP``; None when absent or absurd (zrepl's rule: do not trust those)."""
+    if token:
+        argv = ["zfs", "send", "-nP", "-t", token]
+    elif base:
+        argv = ["zfs", "send", "-nP", "-i", f"{dataset}@{base}", f"{dataset}@{snap}"]
+    else:
+        argv = ["zfs", "send", "-nP", f"{dataset}@{snap}"]
+    result = runner.run(argv)
+    return parse_size(result.out + result.err) if result.ok else None
+
+
+def parse_size(text: str) -> int | None:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "size" and parts[1].isdigit():
+            size = int(parts[1])
+            return size if 0 <= size < 1 << 50 else None
+    return None
+
+
+def abort_partial(runner: Runner, dataset: str) -> Result:
+    return runner.run(["zfs", "receive", "-A", dataset])
+
+
+def destroy_snapshot(runner: Runner, dataset: str, snap: str) -> Result:
+    # One snapshot by full name, never -r/-R: nothing beyond what retention chose can go.
+    return runner.run(["zfs", "destroy", f"{dataset}@{snap}"])

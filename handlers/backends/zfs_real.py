@@ -1,0 +1,329 @@
+"""``ZFSReplicationReal``: ZFS replication over SSH that never destroys data.
+
+The algorithm is in docs/replication.md. In short: validate every value, connect with pinned
+host keys, learn what each ZFS can do (cached per host), resume a partial receive if there is
+one, refuse a diverged target, snapshot the source (a retry reuses the job's snapshot), hold the
+base, send incrementally from the newest common snapshot through the listener, verify the
+target has the snapshot by GUID, release holds, prune only our own snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+from handlers.backends import zfs_ops as ops
+from handlers.backends.zfs_exec import LocalRunner, ParamikoRunner, Runner
+from handlers.backends.zfs_pipe import ChannelEnd, Ended, ProcEnd, relay
+from handlers.backends.zfs_plan import Snap, find_job_snapshot, job_prefix, plan, prunable
+from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, connect
+from handlers.backends.zfs_syncoid import run_syncoid, syncoid_argv
+from handlers.backends.zfs_validate import check_cipher, parse_host_key, validate_request
+from handlers.errors import OperationCancelled, PermanentError, TransientError
+from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationProgress, ReplicationRequest, snapshot_name
+from handlers.secrets import SecretResolver
+from handlers.types import SSHEndpoint
+
+log = logging.getLogger(__name__)
+
+_PENDING_GUID = 0  # no real snapshot has GUID 0: stands for "this job's snapshot, not made yet"
+
+_locks: dict[tuple[str, int, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def missing_tools() -> list[str]:
+    """Programs the real backend cannot work without (syncoid is checked when a job asks for it)."""
+    return [tool for tool in ("ssh",) if shutil.which(tool) is None]
+
+
+@contextmanager
+def _receive_lock(endpoint: SSHEndpoint, dataset: str, cancel: threading.Event) -> Iterator[None]:
+    """One receive per target dataset in this process; across processes the DB runs one op per job."""
+    key = (endpoint.host, endpoint.port, dataset)
+    with _locks_guard:
+        lock = _locks.setdefault(key, threading.Lock())
+    while not lock.acquire(timeout=0.5):
+        if cancel.is_set():
+            raise OperationCancelled(f"cancelled while waiting for another receive into {dataset}")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class ZFSReplicationReal:
+    def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com") -> None:
+        self._secrets = secrets
+        self._cipher = check_cipher(cipher)
+
+    def close(self) -> None:
+        """Nothing pooled: sessions and key files live for one ``replicate`` call."""
+
+    def replicate(self, request: ReplicationRequest, progress: ProgressSink, cancel: threading.Event) -> ReplicationOutcome:
+        validate_request(request)  # before anything runs or connects
+        if cancel.is_set():
+            raise OperationCancelled("cancelled before the replication started")
+        target = self._peer(request.target, "replication_targets.ssh")
+        source = self._peer(request.source, "protection_groups.source_ssh") if request.source else None
+        with ExitStack() as stack, _receive_lock(request.target, request.target_dataset, cancel):
+            files = KeyFiles()
+            stack.callback(files.close)
+            target_client = connect(target, self._cipher)
+            stack.callback(target_client.close)
+            source_client = connect(source, self._cipher) if source else None
+            if source_client is not None:
+                stack.callback(source_client.close)
+            if source_client is None and shutil.which("zfs") is None:
+                raise PermanentError("protection_groups.source_ssh_host is empty (a local source) but zfs is not installed here")
+            run = _Run(self._cipher, request, files, target, source, target_client, source_client, progress, cancel)
+            return run.execute()
+
+    def _peer(self, endpoint: SSHEndpoint, field: str) -> Peer:
+        key = self._secrets.resolve(endpoint.key_secret, f"{field}_key_secret")
+        return Peer(endpoint, parse_host_key(endpoint.host_key, f"{field}_host_key"), key, field)
+
+
+class _Run:
+    """One attempt of one job; holds the state the steps share."""
+
+    def __init__(self, cipher: str, request: ReplicationRequest, files: KeyFiles, target: Peer, source: Peer | None,
+                 target_client: object, source_client: object, progress: ProgressSink, cancel: threading.Event) -> None:
+        import paramiko
+
+        assert isinstance(target_client, paramiko.SSHClient)
+        self.cipher, self.req, self.files = cipher, request, files
+        self.target_peer, self.source_peer = target, source
+        self.target_client = target_client
+        self.source_client = source_client if isinstance(source_client, paramiko.SSHClient) else None
+        self.tgt: Runner = ParamikoRunner(target_client, target)
+        self.src: Runner = ParamikoRunner(self.source_client, source) if self.source_client and source else LocalRunner()
+        self.progress, self.cancel = progress, cancel
+        self.src_ds, self.tgt_ds = request.source_dataset, request.target_dataset
+        self.notes: list[str] = []
+        self.target_exists = True  # until listed: the resume path only runs on an existing target
+        self.held: list[tuple[Runner, str, str]] = []
+        self.tag = job_prefix(snapshot_name(request.job_id)).rstrip("_")
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def execute(self) -> ReplicationOutcome:
+        self.scaps = ops.capabilities(self.src, self.src_ds.split("/")[0])
+        self.tcaps = ops.capabilities(self.tgt, self.tgt_ds.split("/")[0])
+        self.resumable = self.scaps.resume and self.tcaps.resume
+        if not self.resumable:
+            side = self.tgt.label if not self.tcaps.resume else self.src.label
+            self.note(f"resume not supported by this ZFS ({side}): an interrupted transfer restarts from the last common snapshot")
+        try:
+            return self._execute()
+        except OperationCancelled:
+            self._clean_partial()
+            raise
+        finally:
+            self._release()
+
+    def _execute(self) -> ReplicationOutcome:
+        prefix = job_prefix(snapshot_name(self.req.job_id))
+        src_snaps = self._source_snapshots()
+        mine = find_job_snapshot(src_snaps, prefix)
+        transferred = self._resume_partial(mine.name if mine else "")
+        if transferred:
+            src_snaps = self._source_snapshots()
+        name = mine.name if mine else snapshot_name(self.req.job_id)
+        snap = mine or Snap(name, _PENDING_GUID, max((s.txg for s in src_snaps), default=0) + 1)
+        tgt_snaps = ops.snapshots(self.tgt, self.tgt_ds, self.tcaps)
+        self.target_exists = tgt_snaps is not None
+        if tgt_snaps is None:
+            self._require_parent()
+        written = ops.written(self.tgt, self.tgt_ds, self.tcaps) if tgt_snaps is not None else None
+        # Decide before making the snapshot: a refused target leaves the source untouched.
+        decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
+        if mine is None:
+            ops.create_snapshot(self.src, self.src_ds, name, self.req.job_id)
+            log.info("job %s: snapshot %s@%s made on %s", self.req.job_id, self.src_ds, name, self.src.label)
+            made = find_job_snapshot(self._source_snapshots(), prefix)
+            if made is None:
+                raise TransientError(f"snapshot {self.src_ds}@{name} vanished right after it was made")
+            snap = made
+            decided = plan(src_snaps + [snap], tgt_snaps, snap, self.tgt_ds, written)
+        base = decided.base.name if decided.action == "incremental" and decided.base else None
+        estimated: int | None = None
+        if decided.action != "uptodate":
+            estimated = self._estimate(name, base)
+            self.progress(ReplicationProgress(name, base, transferred, estimated))
+            transferred += self._send(name, base, estimated)
+        self._verify(snap)
+        self._release()
+        self._retain(snap)
+        log.info("job %s: %s@%s is on %s (%s, %d bytes)", self.req.job_id, self.tgt_ds, name, self.tgt.label,
+                 decided.action, transferred)
+        return ReplicationOutcome(name, base, transferred, estimated, tuple(self.notes))
+
+    def _source_snapshots(self) -> list[Snap]:
+        found = ops.snapshots(self.src, self.src_ds, self.scaps)
+        if found is None:
+            raise PermanentError(f"protection_groups.source_dataset {self.src_ds} does not exist on {self.src.label}")
+        return found
+
+    def _release(self) -> None:
+        while self.held:
+            runner, dataset, snap = self.held.pop()
+            ops.release(runner, self.tag, dataset, snap)
+
+    def _require_parent(self) -> None:
+        if "/" not in self.tgt_ds:
+            return
+        parent = self.tgt_ds.rsplit("/", 1)[0]
+        if not ops.exists(self.tgt, parent):
+            raise PermanentError(
+                f"{parent} (replication_targets.target_root) does not exist on {self.tgt.label}: "
+                f"create it there (zfs create -p {parent}) and run the job again"
+            )
+
+    def _estimate(self, name: str, base: str | None) -> int | None:
+        if not self.scaps.estimate:
+            self.note(f"size estimate not supported by this ZFS ({self.src.label}): bytes_estimated left empty")
+            return None
+        return ops.estimate(self.src, self.src_ds, name, base, None)
+
+    def _hold(self, runner: Runner, dataset: str, snap: str) -> None:
+        if ops.hold(runner, self.tag, dataset, snap):
+            self.held.append((runner, dataset, snap))
+        else:
+            self.note(f"hold not supported by this ZFS ({runner.label}): {dataset}@{snap} was not held during the send")
+
+    def _send(self, name: str, base: str | None, estimated: int | None) -> int:
+        self._hold(self.src, self.src_ds, name)
+        if base:
+            self._hold(self.src, self.src_ds, base)
+            self._hold(self.tgt, self.tgt_ds, base)
+        send = ["zfs", "send"] + (["-i", f"{self.src_ds}@{base}"] if base else []) + [f"{self.src_ds}@{name}"]
+        return self._stream(send, lambda n: self.progress(ReplicationProgress(name, base, n, estimated)))
+
+    def _recv_argv(self) -> list[str]:
+        return ["zfs", "receive", "-u"] + (["-s"] if self.resumable else []) + [self.tgt_ds]
+
+    def _stream(self, send: list[str], on_bytes: Callable[[int], None]) -> int:
+        """Run one transfer with the request's transport; translates failures into words."""
+        transport = self.req.transport
+        if transport == "syncoid" and not self._syncoid_can_list():
+            transport = "ssh"
+            self.note("syncoid cannot list snapshots over SSH on this ZFS (zfs get has no -t, and syncoid 2.1's "
+                      "fallback for remote hosts is broken): this transfer used the ssh transport")
+        started = time.monotonic()
+        try:
+            if transport == "syncoid":
+                return self._syncoid(on_bytes)
+            if transport == "paramiko":
+                producer: ProcEnd | ChannelEnd = (
+                    ChannelEnd(self.source_client, send, f"zfs send on {self.src.label}") if self.source_client
+                    else ProcEnd(send, "zfs send (local)", "producer"))
+                consumer: ProcEnd | ChannelEnd = ChannelEnd(self.target_client, self._recv_argv(), f"zfs receive on {self.tgt.label}")
+            else:
+                producer = ProcEnd(
+                    self.files.ssh_argv(self.source_peer, self.cipher, shlex.join(send)) if self.source_peer else send,
+                    f"zfs send on {self.src.label}", "producer")
+                consumer = ProcEnd(self.files.ssh_argv(self.target_peer, self.cipher, shlex.join(self._recv_argv())),
+                                   f"zfs receive on {self.tgt.label}", "consumer")
+            return relay(producer, consumer, on_bytes, self.cancel)
+        except Ended as exc:
+            raise self._explain(exc) from None
+        finally:
+            log.debug("job %s: transfer ran %.1f s", self.req.job_id, time.monotonic() - started)
+
+    def _syncoid_can_list(self) -> bool:
+        """syncoid lists the source's snapshots, and the target's once it exists, with `zfs get -t`."""
+        source_ok = self.source_peer is None or self.scaps.get_types
+        return source_ok and (not self.target_exists or self.tcaps.get_types)
+
+    def _syncoid(self, on_bytes: Callable[[int], None]) -> int:
+        e = self.target_peer.endpoint
+        src = self.src_ds
+        if self.source_peer is not None:
+            s = self.source_peer.endpoint
+            src = f"{s.user}@{s.host}:{self.src_ds}"
+        argv = syncoid_argv(src, f"{e.user}@{e.host}:{self.tgt_ds}", self.target_peer, self.source_peer,
+                            self.files, self.cipher, self.resumable)
+        moved = run_syncoid(argv, self.target_peer, on_bytes, self.cancel)
+        if moved == 0:
+            self.note("syncoid reported no byte count (pv missing on the listener): bytes_transferred is 0")
+        return moved
+
+    def _explain(self, exc: Ended) -> PermanentError | TransientError:
+        peer = self.target_peer if exc.where.startswith("zfs receive") else self.source_peer
+        if exc.rc == 255 and peer is not None:
+            fault = classify_ssh_failure(exc.stderr, peer)
+            if fault is not None:
+                return fault
+        err = exc.stderr.strip()[-800:] or f"exit status {exc.rc}"
+        lowered = err.lower()
+        if "has been modified" in lowered or "does not match incremental source" in lowered:
+            return PermanentError(
+                f"target {self.tgt_ds} on {self.tgt.label} changed since its newest snapshot, so the incremental "
+                f"receive was refused ({err}). Zerfaux never rolls back a replica: inspect it, roll it back yourself "
+                "if the change may be discarded, then run the job again"
+            )
+        if "destination already exists" in lowered or "out of space" in lowered or "permission denied" in lowered:
+            return PermanentError(f"{exc.where} failed: {err}")
+        return TransientError(f"{exc.where} failed (exit {exc.rc}): {err}")
+
+    def _resume_partial(self, name: str) -> int:
+        """Finish an interrupted receive from its token; abandon it only if its snapshot is gone."""
+        if not self.resumable:
+            return 0
+        token = ops.resume_token(self.tgt, self.tgt_ds, self.tcaps)
+        if not token:
+            return 0
+        # A dry run tells whether the token's snapshot still exists on the source (FACTS: -A only then).
+        check = self.src.run(["zfs", "send", "-nP", "-t", token])
+        if not check.ok:
+            if "no longer exists" in check.err or "does not exist" in check.err:
+                ops.abort_partial(self.tgt, self.tgt_ds)
+                self.note("a partial receive was abandoned (zfs receive -A): its snapshot no longer exists on the source")
+                return 0
+            raise TransientError(f"cannot resume into {self.tgt_ds}: zfs send -t failed on {self.src.label}: {check.err.strip()}")
+        estimated = ops.parse_size(check.out + check.err)
+        log.info("job %s: resuming the partial receive into %s", self.req.job_id, self.tgt_ds)
+        self.note("resumed an interrupted transfer from the target's receive_resume_token")
+        return self._stream(["zfs", "send", "-t", token],
+                            lambda n: self.progress(ReplicationProgress(name, None, n, estimated)))
+
+    def _clean_partial(self) -> None:
+        """After a cancel: drop the partial receive state, give the killed receive a moment to exit."""
+        if not self.resumable:
+            return
+        for _ in range(20):
+            if ops.resume_token(self.tgt, self.tgt_ds, self.tcaps) is None:
+                time.sleep(0.25)
+                continue
+            if ops.abort_partial(self.tgt, self.tgt_ds).ok:
+                return
+            time.sleep(0.25)
+
+    def _verify(self, snap: Snap) -> None:
+        tgt = ops.snapshots(self.tgt, self.tgt_ds, self.tcaps) or []
+        if not any(t.guid == snap.guid for t in tgt):
+            raise TransientError(
+                f"the transfer ended but {self.tgt_ds} on {self.tgt.label} has no snapshot with GUID {snap.guid} "
+                f"({snap.name}); the next attempt will try again"
+            )
+
+    def _retain(self, snap: Snap) -> None:
+        keep = self.req.retention_snapshots
+        if keep is None:
+            return
+        for runner, dataset, caps in ((self.src, self.src_ds, self.scaps), (self.tgt, self.tgt_ds, self.tcaps)):
+            if not caps.userrefs:
+                self.note(f"retention skipped on {runner.label}: this ZFS cannot say which snapshots are held")
+                continue
+            for old in prunable(ops.snapshots(runner, dataset, caps) or [], keep, protect={snap.guid}):
+                result = ops.destroy_snapshot(runner, dataset, old.name)
+                if not result.ok:
+                    self.note(f"retention could not destroy {dataset}@{old.name} on {runner.label}: {result.err.strip()}")
