@@ -43,7 +43,7 @@ def job_prefix(snapshot: str) -> str:
 
 
 def find_job_snapshot(source: Sequence[Snap], prefix: str) -> Snap | None:
-    mine = [s for s in source if s.name.startswith(prefix) and OURS.match(s.name)]
+    mine = [s for s in source if s.name.startswith(prefix) and OURS.fullmatch(s.name)]
     return max(mine, key=lambda s: s.txg) if mine else None
 
 
@@ -116,6 +116,6 @@ def prunable(snaps: Iterable[Snap], keep: int, protect: Iterable[int] = ()) -> l
     Oldest first.
     """
     protected = set(protect)
-    ours = sorted((s for s in snaps if OURS.match(s.name)), key=lambda s: s.txg)
+    ours = sorted((s for s in snaps if OURS.fullmatch(s.name)), key=lambda s: s.txg)
     excess = ours[: max(0, len(ours) - keep)]
     return [s for s in excess if s.guid not in protected and s.userrefs == 0]

@@ -35,7 +35,7 @@ MAX_NAME = 255
 def check_dataset(value: object, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise PermanentError(f"{field} is empty: set it to a ZFS dataset such as tank/vmstore")
-    if len(value) > MAX_NAME or not DATASET.match(value) or any(p in (".", "..") for p in value.split("/")):
+    if len(value) > MAX_NAME or not DATASET.fullmatch(value) or any(p in (".", "..") for p in value.split("/")):
         raise PermanentError(
             f"{field} {value!r} is not an acceptable ZFS dataset name: use pool/child with letters, "
             "digits and '_', '-', '.', ':' only (no leading '-', no spaces, no shell characters)"
@@ -44,7 +44,7 @@ def check_dataset(value: object, field: str) -> str:
 
 
 def check_snapshot(value: str, field: str) -> str:
-    if len(value) > MAX_NAME or not SNAPSHOT.match(value):
+    if len(value) > MAX_NAME or not SNAPSHOT.fullmatch(value):
         raise PermanentError(f"{field} {value!r} is not an acceptable snapshot name")
     return value
 
@@ -57,7 +57,7 @@ def check_host(value: object, field: str) -> str:
         return value
     except ValueError:
         pass
-    if len(value) > 253 or not HOSTNAME.match(value):
+    if len(value) > 253 or not HOSTNAME.fullmatch(value):
         raise PermanentError(
             f"{field} {value!r} is not a host name or IP address (letters, digits, '-' and '.' only)"
         )
@@ -71,13 +71,13 @@ def check_port(value: object, field: str) -> int:
 
 
 def check_user(value: object, field: str) -> str:
-    if not isinstance(value, str) or not USER.match(value):
+    if not isinstance(value, str) or not USER.fullmatch(value):
         raise PermanentError(f"{field} {value!r} is not an acceptable user name")
     return value
 
 
 def check_cipher(value: str) -> str:
-    if not CIPHER.match(value):
+    if not CIPHER.fullmatch(value):
         raise ValueError(f"SSH cipher {value!r} is not an acceptable cipher name")
     return value
 
@@ -106,9 +106,9 @@ def parse_host_key(line: object, field: str) -> PinnedKey:
     parts = line.split()
     if parts[0].startswith("@"):
         raise PermanentError(f"{field}: markers such as {parts[0]} are not supported; give the plain key")
-    if not KEY_TYPE.match(parts[0]):
+    if not KEY_TYPE.fullmatch(parts[0]):
         parts = parts[1:]  # the first field was the host pattern
-    if len(parts) < 2 or not KEY_TYPE.match(parts[0]):
+    if len(parts) < 2 or not KEY_TYPE.fullmatch(parts[0]):
         raise PermanentError(f"{field} is not a known_hosts line: expected '[host]:port key-type base64'")
     try:
         blob = base64.b64decode(parts[1], validate=True)
@@ -129,7 +129,7 @@ def check_endpoint(endpoint: SSHEndpoint, prefix: str) -> PinnedKey:
 
 def validate_request(request: ReplicationRequest) -> None:
     """Raise ``PermanentError`` naming the first bad field; nothing has run yet when it does."""
-    if not isinstance(request.job_id, str) or not JOB_ID.match(request.job_id):
+    if not isinstance(request.job_id, str) or not JOB_ID.fullmatch(request.job_id):
         raise PermanentError(f"replication_jobs.id {request.job_id!r} is not an acceptable job id")
     check_dataset(request.source_dataset, "protection_groups.source_dataset")
     check_dataset(request.target_dataset, "replication_jobs.target_dataset")
