@@ -78,7 +78,7 @@ class PostgrestStore:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(_Unavailable),
-                wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
                 stop=stop_after_delay(self._retry_seconds if retry_seconds is None else retry_seconds),
                 reraise=True,
                 before_sleep=lambda state: log.warning(

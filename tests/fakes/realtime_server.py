@@ -1,0 +1,226 @@
+"""A small Supabase Realtime for the tests: Phoenix frames (vsn 1.0.0) over the websockets library.
+
+Realtime runs only as a Docker image, which these machines cannot run. This fake speaks the
+frames of FACTS.md exactly: ``phx_join`` with ``config.postgres_changes`` answered by ``phx_reply``
+carrying ``response.postgres_changes[].id``; the subscription goes live only with the ``system``
+message "Subscribed to PostgreSQL"; a change arrives as ``postgres_changes`` with ``ids`` and
+``data{schema, table, commit_timestamp, type, columns, record, old_record, errors}``; heartbeats
+on topic ``phoenix`` are answered. Changes come from real Postgres: the NOTIFYs the triggers send
+(``zerfaux_operations``, ``zerfaux_cancel``) name the row, which is then read; as on the real
+server, a change with no live subscriber is dropped and nothing is replayed.
+
+Faults the tests use: ``close_clean()`` (close frame 1000), ``close_abrupt()`` (TCP dropped, no
+close frame), ``subscribed_delay`` (seconds before "Subscribed"), ``drop_events`` (the next n
+changes vanish), ``fail_subscribe`` (a ``system`` error instead of "Subscribed").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+from psycopg.rows import dict_row
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+log = logging.getLogger(__name__)
+
+PATH = "/realtime/v1/websocket"
+_binding_ids = itertools.count(38_412_551)  # the real server's ids are hashes: arbitrary ints
+
+_ROW = {
+    ("zerfaux", "operations"): "select to_jsonb(o) as record, o.started_at is null as fresh from zerfaux.operations o where o.id = %s",
+    ("public", "replication_jobs"): "select to_jsonb(j) as record, false as fresh from public.replication_jobs j where j.id = %s",
+}
+_COLUMNS = """
+select a.attname as name, format_type(a.atttypid, null) as type
+  from pg_attribute a where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped
+ order by a.attnum
+"""
+
+
+@dataclass
+class _Channel:
+    topic: str
+    join_ref: str | None
+    bindings: list[dict[str, Any]]
+    live: bool = False
+
+
+@dataclass
+class _Client:
+    ws: ServerConnection
+    channels: dict[str, _Channel] = field(default_factory=dict)
+
+
+class RealtimeFake:
+    def __init__(self, database_url: str, key: str, host: str = "127.0.0.1") -> None:
+        self._database_url = database_url
+        self._key = key
+        self._host = host
+        self.subscribed_delay = 0.0
+        self.drop_events = 0
+        self.fail_subscribe = False
+        self.events_sent = 0
+        self.joins = 0
+        self._clients: set[_Client] = set()
+        self._server: Server | None = None
+        self._feed: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._columns: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self.port = 0
+
+    @property
+    def live_subscriptions(self) -> int:
+        return sum(1 for c in self._clients for ch in c.channels.values() if ch.live)
+
+    async def start(self) -> None:
+        self._reader = await psycopg.AsyncConnection.connect(self._database_url, autocommit=True, row_factory=dict_row)
+        listener = await psycopg.AsyncConnection.connect(self._database_url, autocommit=True)
+        await listener.execute("listen zerfaux_operations")
+        await listener.execute("listen zerfaux_cancel")
+        self._feed = asyncio.create_task(self._follow(listener))
+        self._server = await serve(self._session, self._host, 0, process_request=self._authorize)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in [*self._tasks, *([self._feed] if self._feed else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *([self._feed] if self._feed else []), return_exceptions=True)
+        await self._reader.close()
+
+    async def close_clean(self) -> None:
+        await asyncio.gather(*(c.ws.close(1000, "server closing") for c in list(self._clients)),
+                             return_exceptions=True)
+
+    def close_abrupt(self) -> None:
+        for client in list(self._clients):
+            client.ws.transport.abort()
+
+    def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        query = parse_qs(url.query)
+        if url.path != PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if query.get("apikey") != [self._key] or query.get("vsn") != ["1.0.0"]:
+            return connection.respond(HTTPStatus.FORBIDDEN, "invalid apikey or vsn\n")
+        return None
+
+    async def _session(self, ws: ServerConnection) -> None:
+        client = _Client(ws)
+        self._clients.add(client)
+        try:
+            async for raw in ws:
+                await self._handle(client, json.loads(raw))
+        except ConnectionClosed:
+            pass
+        finally:
+            self._clients.discard(client)
+
+    async def _handle(self, client: _Client, msg: dict[str, Any]) -> None:
+        topic, event, ref = msg.get("topic"), msg.get("event"), msg.get("ref")
+        if topic == "phoenix" and event == "heartbeat":
+            await self._send(client, "phoenix", "phx_reply", {"status": "ok", "response": {}}, ref)
+        elif event == "phx_join":
+            await self._join(client, topic, msg)
+        elif event == "phx_leave":
+            client.channels.pop(topic, None)
+            await self._send(client, topic, "phx_reply", {"status": "ok", "response": {}}, ref)
+            await self._send(client, topic, "phx_close", {}, ref)
+
+    async def _join(self, client: _Client, topic: str, msg: dict[str, Any]) -> None:
+        self.joins += 1
+        config = (msg.get("payload") or {}).get("config") or {}
+        bindings = [dict(b, id=next(_binding_ids)) for b in config.get("postgres_changes") or []]
+        channel = _Channel(topic, msg.get("join_ref"), bindings)
+        client.channels[topic] = channel
+        await self._send(client, topic, "phx_reply",
+                         {"status": "ok", "response": {"postgres_changes": bindings}}, msg.get("ref"))
+        if bindings:
+            task = asyncio.create_task(self._confirm(client, channel))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _confirm(self, client: _Client, channel: _Channel) -> None:
+        await asyncio.sleep(self.subscribed_delay)
+        name = channel.topic.removeprefix("realtime:")
+        if self.fail_subscribe:
+            payload = {"channel": name, "extension": "postgres_changes", "status": "error",
+                       "message": "Unable to subscribe to changes with given parameters."}
+        else:
+            payload = {"channel": name, "extension": "postgres_changes", "status": "ok",
+                       "message": "Subscribed to PostgreSQL"}
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(client, channel.topic, "system", payload, None)
+            channel.live = not self.fail_subscribe
+
+    async def _send(self, client: _Client, topic: str, event: str, payload: Any, ref: str | None) -> None:
+        join_ref = client.channels[topic].join_ref if topic in client.channels else None
+        await client.ws.send(json.dumps({"topic": topic, "event": event, "payload": payload,
+                                         "ref": ref, "join_ref": join_ref}))
+
+    async def _follow(self, listener: psycopg.AsyncConnection[Any]) -> None:
+        async with listener:
+            async for note in listener.notifies():
+                if note.channel == "zerfaux_cancel":
+                    await self._change("public", "replication_jobs", note.payload)
+                else:
+                    await self._change("zerfaux", "operations", json.loads(note.payload)["id"])
+
+    async def _change(self, schema: str, table: str, row_id: str) -> None:
+        row = await (await self._reader.execute(_ROW[(schema, table)], (row_id,))).fetchone()
+        if row is None:
+            return
+        if (schema, table) not in self._columns:
+            cur = await self._reader.execute(_COLUMNS, (f"{schema}.{table}",))
+            self._columns[(schema, table)] = list(await cur.fetchall())
+        kind = "INSERT" if row["fresh"] else "UPDATE"
+        record = row["record"]
+        data = {
+            "schema": schema, "table": table,
+            "commit_timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "type": kind, "columns": self._columns[(schema, table)], "record": record,
+            # Without replica identity full the old row carries only its key.
+            "old_record": {} if kind == "INSERT" else {"id": record["id"]},
+            "errors": None,
+        }
+        for client in list(self._clients):
+            for channel in client.channels.values():
+                ids = [b["id"] for b in channel.bindings if _matches(b, schema, table, kind, record)]
+                if not channel.live or not ids:
+                    continue
+                if self.drop_events > 0:
+                    self.drop_events -= 1
+                    continue
+                with contextlib.suppress(ConnectionClosed):
+                    await self._send(client, channel.topic, "postgres_changes", {"ids": ids, "data": data}, None)
+                    self.events_sent += 1
+
+
+def _matches(binding: dict[str, Any], schema: str, table: str, kind: str, record: dict[str, Any]) -> bool:
+    if binding.get("event") not in ("*", kind) or binding.get("schema") != schema:
+        return False
+    if binding.get("table") not in (None, "*", table):
+        return False
+    rule = binding.get("filter")
+    if not rule:
+        return True
+    column, _, test = rule.partition("=")
+    op, _, value = test.partition(".")
+    if op != "eq":
+        raise ValueError(f"this fake supports only eq filters, got {rule!r}")
+    actual = record.get(column)
+    return (json.dumps(actual) if isinstance(actual, bool) else str(actual)) == value
