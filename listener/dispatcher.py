@@ -61,6 +61,7 @@ class _Run:
         self.attempt = op.attempts
         self.cancel = threading.Event()
         self.lost = False  # lease gone or released: write nothing more
+        self.settling = False  # the handler returned; its outcome is being written
         self.cancel_requested = op.cancel_requested
         self._store = store
         self._worker = worker
@@ -86,6 +87,40 @@ class _Run:
             self.request_cancel()
 
 
+class _Completer:
+    """Group commit for successes: completions that arrive while one batch is being written go
+    out together in the next, one transaction for many operations."""
+
+    def __init__(self, store: Store, worker: str, max_batch: int = 200) -> None:
+        self._store = store
+        self._worker = worker
+        self._max = max_batch
+        self._pending: list[tuple[UUID, Mapping[str, Any], asyncio.Future[tuple[bool, str | None]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def complete(self, op_id: UUID, result: Mapping[str, Any]) -> tuple[bool, str | None]:
+        future: asyncio.Future[tuple[bool, str | None]] = asyncio.get_running_loop().create_future()
+        self._pending.append((op_id, result, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # let operations finishing in this same tick join the batch
+            batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+            try:
+                answers = await self._store.complete_many(self._worker, [(i, r) for i, r, _ in batch])
+            except Exception as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for op_id, _, future in batch:
+                if not future.done():
+                    future.set_result(answers.get(op_id, (False, None)))
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -99,6 +134,7 @@ class Dispatcher:
         self._settings = settings
         self._metrics = metrics or Metrics()
         self._backoff = Backoff(settings.retry_base_seconds, settings.retry_max_seconds)
+        self._completer = _Completer(store, settings.worker_id)
         self._runs: dict[UUID, _Run] = {}
         self._wake = asyncio.Event()
         self._poke = asyncio.Event()
@@ -202,7 +238,7 @@ class Dispatcher:
             self._wake.set()
 
     async def _settle(self, run: _Run) -> None:
-        op, store, worker = run.op, self._store, self.worker_id
+        op = run.op
         handler = self._handlers.get(op.kind)
         if handler is None:
             known = ", ".join(sorted(self._handlers))
@@ -219,22 +255,34 @@ class Dispatcher:
         try:
             result = await handler(run, op.payload)
         except OperationCancelled as exc:
+            run.settling = True
             if not run.lost:
                 await self._cancelled(run, str(exc) or "cancelled")
             return
         except PermanentError as exc:
+            run.settling = True
             await self._fail(run, str(exc), permanent=True)
             return
         except HandlerError as exc:  # our own words: a TransientError says what happened
+            run.settling = True
             await self._fail(run, str(exc) or type(exc).__name__, permanent=False)
             return
         except Exception as exc:
+            run.settling = True
             await self._fail(run, _describe(exc), permanent=False)
             return
+        run.settling = True
+        await self._write_success(run, result)
+
+    async def _write_success(self, run: _Run, result: Mapping[str, Any]) -> None:
+        op = run.op
         if run.lost:
             log.warning("operation %s kind=%s finished after its lease was lost: result dropped", op.id, op.kind)
             return
-        if await store.complete(op.id, worker, result):
+        done, error = await self._completer.complete(op.id, result)
+        if error:
+            await self._fail(run, f"the result could not be written back: {error}", permanent=True)
+        elif done:
             self._metrics.operations.labels(op.kind, "succeeded").inc()
             if op.kind == "replication.run":
                 self._metrics.bytes_replicated.inc(int(result.get("bytes_transferred") or 0))
@@ -269,7 +317,9 @@ class Dispatcher:
             except asyncio.TimeoutError:
                 pass
             self._poke.clear()
-            runs = [r for r in self._runs.values() if not r.lost]
+            # A run whose handler already returned is writing its outcome: the SQL checks
+            # ownership there, and a missing id here only means it just finished.
+            runs = [r for r in self._runs.values() if not r.lost and not r.settling]
             if not runs:
                 continue
             try:

@@ -14,6 +14,9 @@ select zerfaux.progress(%(id)s, %(worker)s, %(progress)s) as state;
 -- name: complete
 select zerfaux.complete(%(id)s, %(worker)s, %(result)s) as done;
 
+-- name: complete_many
+select id, done, error from zerfaux.complete_many(%(worker)s, %(items)s);
+
 -- name: fail
 select zerfaux.fail(%(id)s, %(worker)s, %(error)s, %(permanent)s, %(retry)s) as outcome;
 

@@ -82,6 +82,11 @@ class Store(Protocol):
 
     async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool: ...
 
+    async def complete_many(
+        self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
+    ) -> dict[UUID, tuple[bool, str | None]]:
+        """Complete several operations in one transaction: {id: (done, error writing the result)}."""
+
     async def fail(
         self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float
     ) -> str: ...

@@ -96,6 +96,13 @@ class PostgresStore:
         row = await self._one("complete", {"id": op_id, "worker": worker, "result": Jsonb(dict(result))})
         return bool(row["done"])
 
+    async def complete_many(
+        self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
+    ) -> dict[UUID, tuple[bool, str | None]]:
+        payload = [{"id": str(op_id), "result": dict(result)} for op_id, result in items]
+        rows = await self._rows("complete_many", {"worker": worker, "items": Jsonb(payload)})
+        return {UUID(str(r["id"])): (bool(r["done"]), r["error"]) for r in rows}
+
     async def fail(self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float) -> str:
         row = await self._one(
             "fail",

@@ -54,11 +54,20 @@ begin
     values (p_kind, p_subject, p_key)
     on conflict (kind, subject_id) where status in ('queued', 'running') do nothing
     returning id into v_id;
-    if v_id is not null then
-        perform pg_notify('zerfaux_operations', json_build_object('id', v_id, 'kind', p_kind)::text);
-    end if;
     return v_id;
 end $$;
+
+-- Every new operation, however it was inserted, wakes the listeners at once. The payload is a
+-- hint (id and kind); the row is the truth.
+create function zerfaux.on_operation_insert() returns trigger
+language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
+begin
+    perform pg_notify('zerfaux_operations', json_build_object('id', new.id, 'kind', new.kind)::text);
+    return null;
+end $$;
+
+create trigger operations_notify after insert on zerfaux.operations
+    for each row execute function zerfaux.on_operation_insert();
 
 create function zerfaux.on_vcenter_change() returns trigger
 language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
@@ -171,7 +180,7 @@ begin
             'target', (select to_jsonb(t) from public.replication_targets t
                         where t.id = v_group.replication_target_id));
     end if;
-    return null;
+    return '{}'::jsonb;  -- a kind this schema does not know: the listener may (or says it cannot)
 end $$;
 
 -- How many operations may run at once under a concurrency key.

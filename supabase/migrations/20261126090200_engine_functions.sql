@@ -233,6 +233,29 @@ begin
     return true;
 end $$;
 
+-- Many completions in one transaction (one commit instead of one per operation). Each item is
+-- {"id": ..., "result": {...}}; an item whose result cannot be written is reported, not fatal
+-- to the others.
+create function zerfaux.complete_many(p_worker text, p_items jsonb)
+returns table (id uuid, done boolean, error text)
+language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
+#variable_conflict use_column
+declare
+    v_item jsonb;
+begin
+    for v_item in select * from jsonb_array_elements(p_items) loop
+        id := (v_item ->> 'id')::uuid;
+        error := null;
+        begin
+            done := zerfaux.complete(id, p_worker, v_item -> 'result');
+        exception when others then
+            done := false;
+            error := sqlerrm;
+        end;
+        return next;
+    end loop;
+end $$;
+
 -- Failure: retried after p_retry_seconds, or final when permanent or out of attempts.
 -- Returns 'retrying', 'failed' or 'lost'.
 create function zerfaux.fail(p_id uuid, p_worker text, p_error text, p_permanent boolean,
