@@ -20,6 +20,7 @@ from handlers.vcenter_sync import VCenterSyncHandler
 
 __all__ = [
     "BackendSettings",
+    "BackendUnavailable",
     "Handler",
     "HandlerError",
     "HandlerSet",
