@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from listener.sources import Source
+    from listener.store import QueueState
 
 
 class Metrics:
@@ -35,3 +43,19 @@ class Metrics:
             "zerfaux_source_connected", "1 when an event source is connected", ["source"], registry=r,
         )
         self.running = Gauge("zerfaux_running_operations", "Operations running here now", registry=r)
+        self.webhook_requests = Counter(
+            "zerfaux_webhook_requests_total", "Webhook requests answered, by HTTP status", ["status"],
+            registry=r,
+        )
+
+    def observe_sources(self, sources: Iterable[Source]) -> None:
+        """Copy each source's ``connected`` flag (read at scrape time, so never stale)."""
+        for source in sources:
+            self.source_connected.labels(source.name).set(1 if source.connected else 0)
+
+    def observe_queue(self, state: QueueState, now: float | None = None) -> None:
+        """Depth, and how long the most overdue queued operation has waited past its run_after."""
+        self.queue_depth.labels("queued").set(state.queued)
+        self.queue_depth.labels("running").set(state.running)
+        due = state.next_run_after.timestamp() if state.next_run_after is not None else None
+        self.oldest_queued.set(max(0.0, (now or time.time()) - due) if due is not None else 0.0)

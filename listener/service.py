@@ -102,6 +102,18 @@ def build_listener(settings: Settings, store: Store | None = None) -> Listener:
     url = database_url(settings) if not settings.supabase_url or settings.database_url else None
     if url is not None:
         listener.sources.append(NotifySource(url, dispatcher.wake, dispatcher.poke))
+    if settings.supabase_url and settings.supabase_key:
+        from listener.sources.realtime import RealtimeSource
+
+        listener.sources.append(
+            RealtimeSource(settings.supabase_url, settings.supabase_key, dispatcher.wake, dispatcher.poke)
+        )
+    if settings.webhook_secret and settings.http_port is not None:
+        from listener.sources.webhook import WebhookSource
+
+        listener.sources.append(WebhookSource(dispatcher.wake, dispatcher.poke))
+    elif settings.webhook_secret:
+        log.warning("ZERFAUX_WEBHOOK_SECRET is set but ZERFAUX_HTTP_PORT is not: no webhook endpoint")
     listener.sources.append(
         SweepSource(store, dispatcher.wake, settings.sweep_seconds, settings.retention_days, metrics)
     )

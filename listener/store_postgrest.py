@@ -141,6 +141,13 @@ class PostgrestStore:
         # For vcenter.sync the result is the whole inventory: one call writes it (apply_inventory).
         return bool(await self._call("complete", {"p_id": str(op_id), "p_worker": worker, "p_result": dict(result)}))
 
+    async def complete_many(
+        self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
+    ) -> dict[UUID, tuple[bool, str | None]]:
+        payload = [{"id": str(op_id), "result": dict(result)} for op_id, result in items]
+        rows = await self._rows("complete_many", {"p_worker": worker, "p_items": payload})
+        return {UUID(str(r["id"])): (bool(r["done"]), r["error"]) for r in rows}
+
     async def fail(self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float) -> str:
         return str(await self._call("fail", {
             "p_id": str(op_id), "p_worker": worker, "p_error": error,
