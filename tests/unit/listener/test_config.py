@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import pytest
+
+from listener.config import ConfigError, Settings, redact_url
+
+
+def test_defaults_are_the_embedded_default_in_stub_mode() -> None:
+    s = Settings.from_environ({})
+    assert s.embedded and s.use_stubs
+    assert (s.concurrency, s.lease_seconds, s.sweep_seconds, s.retention_days) == (8, 30.0, 10.0, 30.0)
+    assert s.http_port is None and s.webhook_secret is None
+
+
+def test_database_url_turns_off_the_embedded_default() -> None:
+    s = Settings.from_environ({"DATABASE_URL": "postgresql://db/x", "ZERFAUX_USE_STUBS": "false"})
+    assert not s.embedded and not s.use_stubs
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("ZERFAUX_CONCURRENCY", "0", "ZERFAUX_CONCURRENCY must be at least 1"),
+    ("ZERFAUX_CONCURRENCY", "2.5", "ZERFAUX_CONCURRENCY must be a whole number"),
+    ("ZERFAUX_LEASE_SECONDS", "soon", "ZERFAUX_LEASE_SECONDS must be a number"),
+    ("ZERFAUX_USE_STUBS", "maybe", "ZERFAUX_USE_STUBS must be true or false"),
+])
+def test_bad_values_name_the_variable(key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_environ({key: value})
+
+
+def test_supabase_url_without_the_key_says_which_key() -> None:
+    with pytest.raises(ConfigError, match="SUPABASE_SERVICE_ROLE_KEY"):
+        Settings.from_environ({"SUPABASE_URL": "https://x.supabase.co"})
+
+
+def test_redact_url_hides_only_the_password() -> None:
+    assert redact_url("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert redact_url("postgresql://db/x") == "postgresql://db/x"
