@@ -127,3 +127,13 @@ def test_make_run_path_embedded_postgres_prints_commands_that_work(tmp_path: Pat
     finally:
         code, out = finish(proc, timeout=60)
     assert code == 0, "".join(lines) + out
+
+
+def test_demo_on_the_embedded_default_converges_and_says_so(tmp_path: Path) -> None:
+    proc = spawn(None, "demo", env={"ZERFAUX_HOME": str(tmp_path / "zf"), "ZERFAUX_STUB_SECONDS": "0.5"})
+    code, out = finish(proc, sig=None, timeout=180)
+    assert code == 0, out
+    for step in ("1. inventory sync", "2. protect", "3. replicate", "4. create the DR shell"):
+        assert step in out
+    assert "replication_jobs: completed" in out and "dr_shell_vm_created=True" in out
+    assert "demo: everything converged" in out
