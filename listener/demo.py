@@ -78,11 +78,11 @@ async def _demo(settings: Settings, url: str, timeout: float) -> int:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as db:
 
             async def one(name: str, **params: Any) -> Row | None:
-                cur = await db.execute(DEMO[name], params)  # type: ignore[arg-type]
+                cur = await db.execute(DEMO[name], params)
                 return await cur.fetchone()
 
             print("1. inventory sync of vc-primary", flush=True)
-            await db.execute(DEMO["request_sync"])  # type: ignore[arg-type]
+            await db.execute(DEMO["request_sync"])
             row = await _wait_for(
                 "vcenters", lambda: one("sync_state"),
                 lambda r: bool(r["done"]) or bool(r["last_sync_error"]),
@@ -120,7 +120,7 @@ async def _demo(settings: Settings, url: str, timeout: float) -> int:
             failures += row is None or row["status"] != "completed"
 
             print("4. create the DR shell VM", flush=True)
-            await db.execute(DEMO["request_dr_shell"], {"id": pid})  # type: ignore[arg-type]
+            await db.execute(DEMO["request_dr_shell"], {"id": pid})
             row = await _wait_for(
                 "protected_vms", lambda: one("dr_shell_state", id=pid),
                 lambda r: bool(r["dr_shell_vm_created"]) or bool(r["last_error"]),

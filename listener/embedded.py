@@ -25,5 +25,5 @@ def embedded_url(home: Path) -> str:
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if pgdata not in _servers:
         log.info("starting the embedded Postgres in %s", pgdata)
-        _servers[pgdata] = pgserver.get_server(str(pgdata), cleanup_mode="stop")
+        _servers[pgdata] = pgserver.get_server(str(pgdata), cleanup_mode="stop")  # type: ignore[attr-defined]
     return str(_servers[pgdata].get_uri())

@@ -63,7 +63,7 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
                 sql = migration.path.read_text()
                 try:
                     with conn.transaction():
-                        conn.execute(sql)  # type: ignore[arg-type]
+                        conn.execute(sql)
                         conn.execute(
                             "insert into supabase_migrations.schema_migrations (version, statements, name)"
                             " values (%s, %s, %s)",
@@ -85,4 +85,4 @@ def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
 def seed(conninfo: str, path: Path = SEED_FILE) -> None:
     """Load the demo data; the file is written to be safe to load again."""
     with psycopg.connect(conninfo) as conn:
-        conn.execute(path.read_text())  # type: ignore[arg-type]
+        conn.execute(path.read_text())

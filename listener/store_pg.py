@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import psycopg
@@ -65,8 +65,9 @@ class PostgresStore:
         ):
             with attempt:
                 async with self._pool.connection() as conn:
-                    cur = await conn.execute(QUERIES[name], params or {})  # type: ignore[arg-type]
-                    return await cur.fetchall() if cur.description else []
+                    cur = await conn.execute(QUERIES[name], params or {})
+                    rows = await cur.fetchall() if cur.description else []
+                    return cast(list[dict[str, Any]], rows)
         raise AssertionError("unreachable")
 
     async def _one(self, name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
