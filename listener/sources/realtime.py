@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
@@ -27,6 +28,20 @@ log = logging.getLogger(__name__)
 
 SUBSCRIBED = "Subscribed to PostgreSQL"
 CHANNEL = "zerfaux-listener"
+_APIKEY = re.compile(r"(apikey=)[^&\s]+")
+
+
+class _RedactApikey(logging.Filter):
+    """Realtime takes the key in the URL's query; websockets logs the request line at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "apikey=" in message:
+            record.msg, record.args = _APIKEY.sub(r"\1***", message), None
+        return True
+
+
+logging.getLogger("websockets.client").addFilter(_RedactApikey())
 
 
 class RealtimeSource:

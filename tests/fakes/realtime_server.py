@@ -9,7 +9,7 @@ on topic ``phoenix`` are answered. Changes come from real Postgres: the NOTIFYs 
 (``zerfaux_operations``, ``zerfaux_cancel``) name the row, which is then read; as on the real
 server, a change with no live subscriber is dropped and nothing is replayed.
 
-Faults the tests use: ``close_clean()`` (close frame 1000), ``close_abrupt()`` (TCP dropped, no
+Faults the tests use (call them on the fake's loop): ``close_clean()`` (close frame 1000), ``close_abrupt()`` (TCP dropped, no
 close frame), ``subscribed_delay`` (seconds before "Subscribed"), ``drop_events`` (the next n
 changes vanish), ``fail_subscribe`` (a ``system`` error instead of "Subscribed").
 """
@@ -57,7 +57,7 @@ class _Channel:
     live: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # one per connection, kept in a set
 class _Client:
     ws: ServerConnection
     channels: dict[str, _Channel] = field(default_factory=dict)
@@ -102,9 +102,12 @@ class RealtimeFake:
         await asyncio.gather(*self._tasks, *([self._feed] if self._feed else []), return_exceptions=True)
         await self._reader.close()
 
-    async def close_clean(self) -> None:
-        await asyncio.gather(*(c.ws.close(1000, "server closing") for c in list(self._clients)),
-                             return_exceptions=True)
+    def close_clean(self) -> None:
+        """Send close frames (1000) and return: the handshake finishes in the background."""
+        for client in list(self._clients):
+            task = asyncio.ensure_future(client.ws.close(1000, "server closing"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def close_abrupt(self) -> None:
         for client in list(self._clients):

@@ -8,7 +8,7 @@ loop (a synchronous query, a subprocess) never stalls the fakes.
 
     with FakeSupabase(db.url) as fake:
         env = {"SUPABASE_URL": fake.url, "SUPABASE_SERVICE_ROLE_KEY": fake.key}
-        fake.run(fake.realtime.close_clean())   # control the fakes from the test's thread
+        fake.call(fake.realtime.close_clean)    # control the fakes on their own loop
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Gateway:
     def __init__(self, routes: Callable[[str], int]) -> None:
         self._routes = routes
         self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
@@ -56,14 +57,15 @@ class Gateway:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
+        for writer in list(self._open):
+            writer.transport.abort()  # the pipes see the reset and end on their own
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._open.add(writer)
         up_writer: asyncio.StreamWriter | None = None
         try:
             line = await reader.readline()
@@ -71,6 +73,7 @@ class Gateway:
             if len(parts) < 2:
                 return
             up_reader, up_writer = await asyncio.open_connection(HOST, self._routes(parts[1].decode("latin-1")))
+            self._open.add(up_writer)
             up_writer.write(line)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except (ConnectionError, OSError):
@@ -79,7 +82,8 @@ class Gateway:
             self._tasks.discard(task)
             for side in (writer, up_writer):
                 if side is not None:
-                    side.transport.abort() if side.transport.is_closing() else side.close()
+                    self._open.discard(side)
+                    side.close()
 
 
 class FakeSupabase:
