@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pyVim.connect import Disconnect, SmartConnect
+from pyVim.connect import Disconnect, SmartStubAdapter
 from pyVmomi import vim, vmodl
 
 from handlers.errors import HandlerError, PermanentError, TransientError
@@ -71,6 +71,13 @@ def translate(endpoint: VCenterEndpoint) -> Iterator[None]:
         yield
     except HandlerError:
         raise
+    except vim.fault.HostConnectFault as exc:
+        # pyVmomi's login wraps a socket or TLS error in HostConnectFault; judge the cause.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, Exception) and not isinstance(cause, vmodl.MethodFault):
+            with translate(endpoint):
+                raise cause from exc
+        raise TransientError(f"{where(endpoint)} cannot be reached: {fault_text(exc)}") from exc
     except vim.fault.InvalidLogin as exc:
         raise PermanentError(
             f"authentication failed for {endpoint.username}@{endpoint.host}:{endpoint.port} "
@@ -146,6 +153,7 @@ class VCenterSessions:
             except vim.fault.NotAuthenticated:
                 log.info("session to %s expired; logging in again", where(endpoint))
                 self._forget(endpoint.id, si)
+                si._stub.DropConnections()  # the server forgot it: nothing to log out of
                 return work(self._session(endpoint))
 
     def close(self) -> None:
@@ -182,14 +190,22 @@ class VCenterSessions:
     def _login(self, endpoint: VCenterEndpoint) -> Any:
         password = self._secrets.resolve(endpoint.password_secret, "vcenters.password_secret")
         log.debug("logging in to %s as %s", where(endpoint), endpoint.username)
-        return SmartConnect(
+        # SmartConnect is exactly these steps (version negotiation, stub, Login), but when the
+        # login fails it keeps the stub's socket open with no way to close it, and it stores
+        # the session in a process-wide global. Doing them here fixes both.
+        stub = SmartStubAdapter(
             host=endpoint.host,
             port=endpoint.port,
-            user=endpoint.username,
-            pwd=password,
             sslContext=self._ssl_context(endpoint),
             httpConnectionTimeout=self._timeout,
         )
+        si = vim.ServiceInstance("ServiceInstance", stub)
+        try:
+            si.content.sessionManager.Login(endpoint.username, password, None)
+        except BaseException:
+            stub.DropConnections()
+            raise
+        return si
 
     def _ssl_context(self, endpoint: VCenterEndpoint) -> ssl.SSLContext:
         # Always hand pyVmomi a context: given none, it silently skips verification for
