@@ -42,6 +42,8 @@ class Handler(Protocol):
 class BackendSettings:
     use_stubs: bool = True
     stub_seconds: float = 0.0
+    stub_seconds_jitter: float = 0.0  # a random extra of up to this much per stub operation
+    stub_world: str | None = None  # directory of the stubs' shared, journaled outside world
     stub_vms: int = 50
     progress_interval: float = 1.0
     vcenter_ca_bundle: str | None = None
@@ -66,13 +68,19 @@ class BackendUnavailable(RuntimeError):
 def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> HandlerSet:
     if settings.use_stubs:
         from handlers.backends import stubs
+        from handlers.backends.stub_world import StubWorld
 
-        seconds = settings.stub_seconds
+        seconds, jitter = settings.stub_seconds, settings.stub_seconds_jitter
+        world = StubWorld(settings.stub_world) if settings.stub_world else None
+        # Inventory reads are instant by default (the demo syncs at once); in a shared world
+        # they take as long as the rest, so a crash can land in the middle of one too.
         handlers: list[Handler] = [
-            VCenterSyncHandler(stubs.VCenterInventoryStub(settings.stub_vms, seconds=0.0)),
-            ReplicationHandler(stubs.ZFSReplicationStub(seconds), settings.progress_interval),
-            StorageVMotionHandler(stubs.StorageMoverStub(seconds)),
-            DRShellHandler(stubs.DRShellBuilderStub(seconds)),
+            VCenterSyncHandler(stubs.VCenterInventoryStub(
+                settings.stub_vms, seconds=seconds if world else 0.0, jitter=jitter, world=world)),
+            ReplicationHandler(stubs.ZFSReplicationStub(seconds, jitter=jitter, world=world),
+                               settings.progress_interval),
+            StorageVMotionHandler(stubs.StorageMoverStub(seconds, jitter=jitter, world=world)),
+            DRShellHandler(stubs.DRShellBuilderStub(seconds, jitter=jitter, world=world)),
         ]
         return HandlerSet({h.kind: h for h in handlers}, "stub")
     return _build_real(settings, secrets)

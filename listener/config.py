@@ -81,6 +81,8 @@ class Settings:
     secrets_dir: str | None
     vcenter_ca_bundle: str | None
     home: Path  # where the embedded Postgres lives
+    stub_seconds_jitter: float = 0.0
+    stub_world: str | None = None  # directory of the stubs' shared outside world (tests, soak)
 
     @property
     def embedded(self) -> bool:
@@ -118,4 +120,6 @@ class Settings:
             secrets_dir=env.get("ZERFAUX_SECRETS_DIR") or None,
             vcenter_ca_bundle=env.get("ZERFAUX_VCENTER_CA_BUNDLE") or None,
             home=Path(env.get("ZERFAUX_HOME") or ".zerfaux"),
+            stub_seconds_jitter=_number(env, "ZERFAUX_STUB_SECONDS_JITTER", 0.0, 0.0),
+            stub_world=env.get("ZERFAUX_STUB_WORLD") or None,
         )

@@ -78,6 +78,8 @@ def build_listener(settings: Settings, store: Store | None = None) -> Listener:
         BackendSettings(
             use_stubs=settings.use_stubs,
             stub_seconds=settings.stub_seconds,
+            stub_seconds_jitter=settings.stub_seconds_jitter,
+            stub_world=settings.stub_world,
             stub_vms=settings.stub_vms,
             vcenter_ca_bundle=settings.vcenter_ca_bundle,
         ),

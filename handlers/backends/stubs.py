@@ -1,17 +1,26 @@
 """Stub backends: deterministic and realistic, so the product can be tried with no vCenter or ZFS.
 
 They converge rows exactly as the real backends do; only the outside world is imagined.
-``seconds`` is how long each operation pretends to take (``ZERFAUX_STUB_SECONDS``).
+``seconds`` is how long each operation pretends to take (``ZERFAUX_STUB_SECONDS``), plus a random
+extra of up to ``jitter`` seconds (``ZERFAUX_STUB_SECONDS_JITTER``) so many operations finish out
+of order, as real ones do.
+
+The imagined world lives in this process's memory, or, with a ``StubWorld``
+(``ZERFAUX_STUB_WORLD``), in a directory shared by every listener process, where each effect is
+journaled: a DR shell is created once and adopted after that, a VM's datastore is remembered, a
+job's snapshot is made and received once. That is what lets tests count effects across crashes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 import threading
 import time
 import uuid
 
+from handlers.backends.stub_world import StubWorld
 from handlers.dr_shell import ShellResult, ShellSpec
 from handlers.errors import OperationCancelled
 from handlers.replication import (
@@ -37,6 +46,10 @@ def _digest(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
+def _duration(seconds: float, jitter: float) -> float:
+    return seconds + (random.uniform(0.0, jitter) if jitter > 0 else 0.0)
+
+
 def _pause(seconds: float, cancel: threading.Event | None = None) -> None:
     if seconds > 0 and cancel is not None and cancel.wait(seconds):
         raise OperationCancelled("cancelled while running")
@@ -45,12 +58,17 @@ def _pause(seconds: float, cancel: threading.Event | None = None) -> None:
 
 
 class VCenterInventoryStub:
-    def __init__(self, vm_count: int = 50, seconds: float = 0.0) -> None:
+    def __init__(self, vm_count: int = 50, seconds: float = 0.0, jitter: float = 0.0,
+                 world: StubWorld | None = None) -> None:
         self._vm_count = vm_count
         self._seconds = seconds
+        self._jitter = jitter
+        self._world = world
 
     def fetch(self, vcenter: VCenterEndpoint) -> Inventory:
-        _pause(self._seconds)
+        _pause(_duration(self._seconds, self._jitter))
+        if self._world is not None:
+            self._world.record("vcenter.sync", vcenter.id, "read", vms=self._vm_count)
         prefix = vcenter.name.lower().replace(" ", "-")
         datastores = [
             DatastoreRecord(
@@ -103,62 +121,116 @@ class VCenterInventoryStub:
 
 
 class StorageMoverStub:
-    def __init__(self, seconds: float = 0.0) -> None:
+    def __init__(self, seconds: float = 0.0, jitter: float = 0.0, world: StubWorld | None = None) -> None:
         self._seconds = seconds
+        self._jitter = jitter
+        self._world = world
         self._placed: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
     def relocate(
         self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
     ) -> bool:
+        if self._world is not None:
+            return self._relocate_in_world(self._world, vcenter, vm_moref, datastore, cancel)
         key = (vcenter.id, vm_moref)
         with self._lock:
             if self._placed.get(key) == datastore:
                 return False
-        _pause(self._seconds, cancel)
+        _pause(_duration(self._seconds, self._jitter), cancel)
         with self._lock:
             self._placed[key] = datastore
         return True
 
+    def _relocate_in_world(
+        self, world: StubWorld, vcenter: VCenterEndpoint, vm_moref: str, datastore: str,
+        cancel: threading.Event,
+    ) -> bool:
+        subject = f"{vcenter.id}/{vm_moref}"
+        # One task per VM at a time, as vCenter allows: a second mover waits, then finds the VM
+        # already there. A mover killed mid-move leaves the VM where it was (the lock dies with it).
+        with world.locked("placement", vcenter.id, vm_moref):
+            if world.read("placement", vcenter.id, vm_moref) == datastore:
+                world.record("vm.storage_vmotion", subject, "already-there", datastore=datastore)
+                return False
+            _pause(_duration(self._seconds, self._jitter), cancel)
+            world.write("placement", vcenter.id, vm_moref, content=datastore)
+            world.record("vm.storage_vmotion", subject, "relocated", datastore=datastore)
+        return True
+
 
 class DRShellBuilderStub:
-    def __init__(self, seconds: float = 0.0) -> None:
+    def __init__(self, seconds: float = 0.0, jitter: float = 0.0, world: StubWorld | None = None) -> None:
         self._seconds = seconds
+        self._jitter = jitter
+        self._world = world
         self._shells: dict[tuple[str, str], str] = {}
         self._ids = itertools.count(1001)
         self._lock = threading.Lock()
 
     def ensure_shell(self, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
+        if self._world is not None:
+            return self._ensure_in_world(self._world, vcenter, spec)
         key = (vcenter.id, spec.protected_vm_id)
         with self._lock:
             if key in self._shells:
                 return ShellResult(moref=self._shells[key], adopted=True)
-        _pause(self._seconds)
+        _pause(_duration(self._seconds, self._jitter))
         with self._lock:
             moref = self._shells.setdefault(key, f"vm-{next(self._ids)}")
         return ShellResult(moref=moref, adopted=False)
+
+    def _ensure_in_world(self, world: StubWorld, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
+        subject = spec.protected_vm_id
+        # CreateVM_Task registers the VM (carrying the protected VM's mark) at once and finishes
+        # configuring it later: a worker that dies in between leaves a shell the next one adopts.
+        moref = f"vm-{100000 + _digest(vcenter.id, subject) % 900000}"
+        if world.create_once("shells", vcenter.id, subject, content=moref):
+            world.record("vm.dr_shell", subject, "created", moref=moref, name=spec.name)
+            _pause(_duration(self._seconds, self._jitter))
+            return ShellResult(moref=moref, adopted=False)
+        existing = world.read("shells", vcenter.id, subject) or moref
+        world.record("vm.dr_shell", subject, "adopted", moref=existing)
+        return ShellResult(moref=existing, adopted=True)
 
 
 class ZFSReplicationStub:
     """Pretends to send: a full stream of a few GiB, or about 2 % of it when incremental."""
 
-    def __init__(self, seconds: float = 0.0, steps: int = 20) -> None:
+    def __init__(self, seconds: float = 0.0, steps: int = 20, jitter: float = 0.0,
+                 world: StubWorld | None = None) -> None:
         self._seconds = seconds
         self._steps = steps
+        self._jitter = jitter
+        self._world = world
 
     def replicate(
         self, request: ReplicationRequest, progress: ProgressSink, cancel: threading.Event
     ) -> ReplicationOutcome:
+        world = self._world
         snap = snapshot_name(request.job_id)
+        if world is not None:
+            # The job's snapshot is made once; a retry (here or in another process) reuses it.
+            world.create_once("snapshots", request.job_id, content=snap)
+            snap = world.read("snapshots", request.job_id) or snap
         base = request.last_snapshot
         full = (1 + _digest(request.source_dataset) % 8) * GIB
         size = full // 50 if base else full
+        if world is not None and world.read("received", request.target_dataset, snap) is not None:
+            world.record("replication.run", request.job_id, "already-there", snapshot=snap)
+            return ReplicationOutcome(snap, base, size, size, ("stub backend: no data was copied",))
         sent = 0
+        step_seconds = _duration(self._seconds, self._jitter) / self._steps
         for step in range(1, self._steps + 1):
-            if self._seconds > 0 and cancel.wait(self._seconds / self._steps):
+            if step_seconds > 0 and cancel.wait(step_seconds):
                 raise OperationCancelled(f"cancelled after {sent} of {size} bytes")
             if cancel.is_set():
                 raise OperationCancelled(f"cancelled after {sent} of {size} bytes")
             sent = size * step // self._steps
             progress(ReplicationProgress(snap, base, sent, size))
+        if world is not None:
+            # The receive commits once: a racing attempt that finishes second finds it there.
+            effect = "sent" if world.create_once("received", request.target_dataset, snap,
+                                                 content=request.job_id) else "already-there"
+            world.record("replication.run", request.job_id, effect, snapshot=snap, bytes=sent)
         return ReplicationOutcome(snap, base, sent, size, ("stub backend: no data was copied",))
