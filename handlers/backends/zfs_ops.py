@@ -10,7 +10,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from handlers.backends.zfs_exec import Result, Runner, check
 from handlers.backends.zfs_plan import Snap
@@ -26,6 +30,18 @@ class Caps:
     written: bool  # the 'written' property
     userrefs: bool  # the 'userrefs' property (how many holds)
     get_types: bool = True  # `zfs get -t snapshot` (syncoid needs it to list a remote host's snapshots)
+
+
+T = TypeVar("T")
+
+
+def parallel(*calls: Callable[[], T]) -> list[T]:
+    """Run independent commands at once: each remote one costs a session round trip."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="zfs-ctl") as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 _caps: dict[str, Caps] = {}
@@ -51,16 +67,19 @@ def capabilities(runner: Runner, pool: str) -> Caps:
         found = _caps.get(runner.cache_key)
     if found is not None:
         return found
-    send = runner.run(["zfs", "send"])  # no arguments: prints its usage and exits 2
-    recv = runner.run(["zfs", "receive"])
-    if "zfs" not in (send.err + send.out) and send.rc == 127:
+    probes = [
+        ["zfs", "send"],  # no arguments: prints its usage and exits 2
+        ["zfs", "receive"],
+        ["zfs", "get", "-H", "-o", "value", "receive_resume_token", pool],
+        ["zfs", "get", "-H", "-o", "value", "written", pool],
+        ["zfs", "get", "-H", "-o", "value", "userrefs", pool],
+        ["zfs", "get", "-H", "-t", "snapshot", "-o", "name", "guid", pool],
+    ]
+    send, recv, token, written, userrefs, get_types = parallel(*(partial(runner.run, p) for p in probes))
+    if send.rc == 127:
         raise PermanentError(f"zfs is not installed on {runner.label}")
     send_flags = _usage_flags(send.err + send.out, "send")
     recv_flags = _usage_flags(recv.err + recv.out, "receive")
-    token = runner.run(["zfs", "get", "-H", "-o", "value", "receive_resume_token", pool])
-    written = runner.run(["zfs", "get", "-H", "-o", "value", "written", pool])
-    userrefs = runner.run(["zfs", "get", "-H", "-o", "value", "userrefs", pool])
-    get_types = runner.run(["zfs", "get", "-H", "-t", "snapshot", "-o", "name", "guid", pool])
     caps = Caps(
         resume=token.ok and "s" in recv_flags and "t" in send_flags,
         estimate={"n", "P"} <= send_flags,

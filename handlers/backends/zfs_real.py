@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
 from handlers.backends import zfs_ops as ops
 from handlers.backends.zfs_exec import LocalRunner, ParamikoRunner, Runner
 from handlers.backends.zfs_pipe import ChannelEnd, Ended, ProcEnd, relay
 from handlers.backends.zfs_plan import Snap, find_job_snapshot, job_prefix, plan, prunable
-from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, connect
+from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, connect, sweep_stale_key_dirs
 from handlers.backends.zfs_syncoid import run_syncoid, syncoid_argv
 from handlers.backends.zfs_validate import check_cipher, parse_host_key, validate_request
 from handlers.errors import OperationCancelled, PermanentError, TransientError
@@ -61,6 +62,7 @@ class ZFSReplicationReal:
     def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com") -> None:
         self._secrets = secrets
         self._cipher = check_cipher(cipher)
+        sweep_stale_key_dirs()
 
     def close(self) -> None:
         """Nothing pooled: sessions and key files live for one ``replicate`` call."""
@@ -115,8 +117,10 @@ class _Run:
             self.notes.append(text)
 
     def execute(self) -> ReplicationOutcome:
-        self.scaps = ops.capabilities(self.src, self.src_ds.split("/")[0])
-        self.tcaps = ops.capabilities(self.tgt, self.tgt_ds.split("/")[0])
+        self.scaps, self.tcaps = ops.parallel(
+            partial(ops.capabilities, self.src, self.src_ds.split("/")[0]),
+            partial(ops.capabilities, self.tgt, self.tgt_ds.split("/")[0]),
+        )
         self.resumable = self.scaps.resume and self.tcaps.resume
         if not self.resumable:
             side = self.tgt.label if not self.tcaps.resume else self.src.label
@@ -138,11 +142,19 @@ class _Run:
             src_snaps = self._source_snapshots()
         name = mine.name if mine else snapshot_name(self.req.job_id)
         snap = mine or Snap(name, _PENDING_GUID, max((s.txg for s in src_snaps), default=0) + 1)
-        tgt_snaps = ops.snapshots(self.tgt, self.tgt_ds, self.tcaps)
+        parent = self.tgt_ds.rsplit("/", 1)[0] if "/" in self.tgt_ds else None
+        tgt_snaps, parent_ok, written = ops.parallel(
+            lambda: ops.snapshots(self.tgt, self.tgt_ds, self.tcaps),
+            lambda: ops.exists(self.tgt, parent) if parent else True,
+            lambda: ops.written(self.tgt, self.tgt_ds, self.tcaps),
+        )
         self.target_exists = tgt_snaps is not None
-        if tgt_snaps is None:
-            self._require_parent()
-        written = ops.written(self.tgt, self.tgt_ds, self.tcaps) if tgt_snaps is not None else None
+        if tgt_snaps is None and not parent_ok:
+            raise PermanentError(
+                f"{parent} (replication_targets.target_root) does not exist on {self.tgt.label}: "
+                f"create it there (zfs create -p {parent}) and run the job again"
+            )
+        written = written if self.target_exists else None
         # Decide before making the snapshot: a refused target leaves the source untouched.
         decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
         if mine is None:
@@ -159,8 +171,7 @@ class _Run:
             estimated = self._estimate(name, base)
             self.progress(ReplicationProgress(name, base, transferred, estimated))
             transferred += self._send(name, base, estimated)
-        self._verify(snap)
-        self._release()
+        ops.parallel(partial(self._verify, snap), self._release)
         self._retain(snap)
         log.info("job %s: %s@%s is on %s (%s, %d bytes)", self.req.job_id, self.tgt_ds, name, self.tgt.label,
                  decided.action, transferred)
@@ -173,19 +184,9 @@ class _Run:
         return found
 
     def _release(self) -> None:
-        while self.held:
-            runner, dataset, snap = self.held.pop()
-            ops.release(runner, self.tag, dataset, snap)
-
-    def _require_parent(self) -> None:
-        if "/" not in self.tgt_ds:
-            return
-        parent = self.tgt_ds.rsplit("/", 1)[0]
-        if not ops.exists(self.tgt, parent):
-            raise PermanentError(
-                f"{parent} (replication_targets.target_root) does not exist on {self.tgt.label}: "
-                f"create it there (zfs create -p {parent}) and run the job again"
-            )
+        held, self.held = self.held, []
+        if held:
+            ops.parallel(*(partial(ops.release, runner, self.tag, dataset, snap) for runner, dataset, snap in held))
 
     def _estimate(self, name: str, base: str | None) -> int | None:
         if not self.scaps.estimate:
@@ -200,10 +201,8 @@ class _Run:
             self.note(f"hold not supported by this ZFS ({runner.label}): {dataset}@{snap} was not held during the send")
 
     def _send(self, name: str, base: str | None, estimated: int | None) -> int:
-        self._hold(self.src, self.src_ds, name)
-        if base:
-            self._hold(self.src, self.src_ds, base)
-            self._hold(self.tgt, self.tgt_ds, base)
+        holds = [(self.src, self.src_ds, name)] + ([(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)] if base else [])
+        ops.parallel(*(partial(self._hold, *h) for h in holds))
         send = ["zfs", "send"] + (["-i", f"{self.src_ds}@{base}"] if base else []) + [f"{self.src_ds}@{name}"]
         return self._stream(send, lambda n: self.progress(ReplicationProgress(name, base, n, estimated)))
 
@@ -319,11 +318,14 @@ class _Run:
         keep = self.req.retention_snapshots
         if keep is None:
             return
-        for runner, dataset, caps in ((self.src, self.src_ds, self.scaps), (self.tgt, self.tgt_ds, self.tcaps)):
-            if not caps.userrefs:
-                self.note(f"retention skipped on {runner.label}: this ZFS cannot say which snapshots are held")
-                continue
-            for old in prunable(ops.snapshots(runner, dataset, caps) or [], keep, protect={snap.guid}):
-                result = ops.destroy_snapshot(runner, dataset, old.name)
-                if not result.ok:
-                    self.note(f"retention could not destroy {dataset}@{old.name} on {runner.label}: {result.err.strip()}")
+        sides = [(self.src, self.src_ds, self.scaps), (self.tgt, self.tgt_ds, self.tcaps)]
+        ops.parallel(*(partial(self._prune, runner, dataset, caps, keep, snap) for runner, dataset, caps in sides))
+
+    def _prune(self, runner: Runner, dataset: str, caps: ops.Caps, keep: int, snap: Snap) -> None:
+        if not caps.userrefs:
+            self.note(f"retention skipped on {runner.label}: this ZFS cannot say which snapshots are held")
+            return
+        for old in prunable(ops.snapshots(runner, dataset, caps) or [], keep, protect={snap.guid}):
+            result = ops.destroy_snapshot(runner, dataset, old.name)
+            if not result.ok:
+                self.note(f"retention could not destroy {dataset}@{old.name} on {runner.label}: {result.err.strip()}")

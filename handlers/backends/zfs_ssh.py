@@ -75,11 +75,39 @@ class Peer:
         return f"{self.endpoint.user}@{self.endpoint.host}:{self.endpoint.port}"
 
 
+KEY_DIR_PREFIX = "zerfaux-ssh-"
+
+
+def sweep_stale_key_dirs(base: str | None = None) -> int:
+    """Remove key directories of processes that no longer exist (a listener killed mid-send)."""
+    base = base or tempfile.gettempdir()
+    removed = 0
+    for name in os.listdir(base):
+        if not name.startswith(KEY_DIR_PREFIX):
+            continue
+        pid = name[len(KEY_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or reused: then we leave it, harmlessly)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d key directories left by processes that died", removed)
+    return removed
+
+
 class KeyFiles:
     """Key and known_hosts files for the OpenSSH client and syncoid; removed by ``close``."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="zerfaux-ssh-")  # mkdtemp makes it 0700
+        # mkdtemp makes it 0700; the pid in the name lets a later process remove what a killed one left.
+        self.dir = tempfile.mkdtemp(prefix=f"{KEY_DIR_PREFIX}{os.getpid()}-")
         self.known_hosts = os.path.join(self.dir, "known_hosts")
         self._keys: dict[str, str] = {}
         self._lines: list[str] = []
