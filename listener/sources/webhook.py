@@ -47,7 +47,7 @@ class WebhookEvent:
         if not isinstance(body, Mapping):
             raise BadWebhook("body", "must be a JSON object")
         kind = body.get("type")
-        if kind not in TYPES:
+        if not isinstance(kind, str) or kind not in TYPES:
             raise BadWebhook("type", "must be one of INSERT, UPDATE, DELETE")
         schema, table = body.get("schema"), body.get("table")
         if not isinstance(schema, str):
