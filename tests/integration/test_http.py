@@ -20,6 +20,9 @@ from listener.store_pg import PostgresStore
 from tests.support.pg import Database
 
 SECRET = "whsec-Zx8r1Q-s3cret"
+# One client for the module: building one loads a TLS context (about 60 ms), which would
+# dominate the property tests' time.
+http = httpx.Client(timeout=10)
 
 
 class Hints:
@@ -97,7 +100,7 @@ def post(served: Served, content: Any, auth: str | None = f"Bearer {SECRET}", **
         headers["Authorization"] = auth
     if not isinstance(content, (bytes, str)) and not hasattr(content, "__next__"):
         content = json.dumps(content)
-    return httpx.post(f"{served.url}/webhooks/supabase", content=content, headers=headers, timeout=10)
+    return http.post(f"{served.url}/webhooks/supabase", content=content, headers=headers)
 
 
 def test_a_valid_body_is_accepted_and_wakes(served: Served) -> None:
@@ -197,7 +200,7 @@ def test_random_requests_never_5xx_and_never_wake_without_the_secret(
     if auth != f"Bearer {SECRET}":
         assert answer.status_code == 401
     assert served.hints.wakes == before + (1 if answer.status_code == 202 else 0)
-    assert httpx.get(f"{served.url}/healthz").status_code == 200
+    assert http.get(f"{served.url}/healthz").status_code == 200
 
 
 @pytest.fixture
@@ -226,15 +229,15 @@ def test_healthz_readyz_and_metrics(db: Database) -> None:
     with Served(SECRET, store, [flaky]) as served:
         asyncio.run_coroutine_threadsafe(store.open(), served._loop).result(15)
         try:
-            assert httpx.get(f"{served.url}/healthz").json() == {"status": "alive"}
-            ready = httpx.get(f"{served.url}/readyz")
+            assert http.get(f"{served.url}/healthz").json() == {"status": "alive"}
+            ready = http.get(f"{served.url}/readyz")
             assert ready.status_code == 503 and ready.json()["reasons"] == ["source realtime: not connected"]
             flaky.connected = True
-            ready = httpx.get(f"{served.url}/readyz")
+            ready = http.get(f"{served.url}/readyz")
             assert ready.status_code == 200 and ready.json()["sources"] == {"webhook": True, "realtime": True}
             post(served, body())
             post(served, body(), auth=None)
-            text = httpx.get(f"{served.url}/metrics").text
+            text = http.get(f"{served.url}/metrics").text
             assert 'zerfaux_source_connected{source="webhook"} 1.0' in text
             assert 'zerfaux_source_connected{source="realtime"} 1.0' in text
             assert 'zerfaux_webhook_requests_total{status="202"} 1.0' in text
@@ -245,6 +248,6 @@ def test_healthz_readyz_and_metrics(db: Database) -> None:
 
 
 def test_readyz_names_a_store_that_does_not_answer(served: Served) -> None:
-    ready = httpx.get(f"{served.url}/readyz")
+    ready = http.get(f"{served.url}/readyz")
     assert ready.status_code == 503
     assert ready.json()["reasons"] == ["store: not answering (see the listener's log)"]
