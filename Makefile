@@ -31,5 +31,10 @@ bench: bootstrap-test
 	$(PY) bench/inventory.py
 	$(PY) bench/replication.py
 
+# Ten minutes at 20 operations/s with two listeners (`make soak MINUTES=2` for a shorter run).
+MINUTES ?= 10
+soak: bootstrap-test
+	$(PY) bench/soak.py --minutes $(MINUTES)
+
 clean:
 	rm -rf .zerfaux

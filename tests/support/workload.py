@@ -159,6 +159,18 @@ class Proc:
         self._closed()
         return code
 
+    def wait(self, timeout: float) -> int:
+        """Wait for it to exit by itself (`run --until-idle`); kill it past ``timeout``."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
+            self._closed()
+            raise AssertionError(f"still running after {timeout}s:\n{self.output[-3000:]}") from None
+        self._closed()
+        return code
+
     def kill(self) -> None:
         """SIGKILL: no release, no goodbye; its leases must expire."""
         self.popen.send_signal(signal.SIGKILL)
