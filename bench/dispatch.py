@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg  # noqa: E402
 
 from bench.common import drop_database, percentile, scratch_database  # noqa: E402
+from bench.sources import report as source_report  # noqa: E402
+from bench.sources import source_latencies  # noqa: E402
 from listener.dispatcher import DispatchSettings, Dispatcher  # noqa: E402
 from listener.migrate import migrate  # noqa: E402
 from listener.sources.notify import NotifySource  # noqa: E402
@@ -125,6 +127,7 @@ async def main() -> None:
         migrate(zurl)
         zerfaux_rate = await zerfaux_throughput(zurl, args.jobs, args.concurrency)
         latencies = await zerfaux_latency(zurl, args.latency_samples, args.concurrency)
+        by_source = await source_latencies(zurl, args.latency_samples // 2, sweep_seconds=1.0)
         procrastinate_rate = await procrastinate_throughput(purl, args.jobs, args.concurrency)
     finally:
         drop_database(zname)
@@ -135,6 +138,7 @@ async def main() -> None:
     print(f"procrastinate  {procrastinate_rate:9.0f} jobs/s")
     print(f"commit-to-claim (NOTIFY, idle listener, {len(latencies)} single inserts): "
           f"p50 {percentile(latencies, 50):.1f} ms  p99 {percentile(latencies, 99):.1f} ms")
+    print("\n".join(source_report(by_source, 1.0)))
     print(f"RATIO {zerfaux_rate / procrastinate_rate:.2f} dispatch throughput vs procrastinate")
 
 
