@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 
+import paramiko
+
 from handlers.backends import zfs_ops as ops
 from handlers.backends.zfs_exec import LocalRunner, ParamikoRunner, Runner
 from handlers.backends.zfs_pipe import ChannelEnd, Ended, ProcEnd, relay
@@ -95,14 +97,12 @@ class _Run:
     """One attempt of one job; holds the state the steps share."""
 
     def __init__(self, cipher: str, request: ReplicationRequest, files: KeyFiles, target: Peer, source: Peer | None,
-                 target_client: object, source_client: object, progress: ProgressSink, cancel: threading.Event) -> None:
-        import paramiko
-
-        assert isinstance(target_client, paramiko.SSHClient)
+                 target_client: paramiko.SSHClient, source_client: paramiko.SSHClient | None,
+                 progress: ProgressSink, cancel: threading.Event) -> None:
         self.cipher, self.req, self.files = cipher, request, files
         self.target_peer, self.source_peer = target, source
         self.target_client = target_client
-        self.source_client = source_client if isinstance(source_client, paramiko.SSHClient) else None
+        self.source_client = source_client
         self.tgt: Runner = ParamikoRunner(target_client, target)
         self.src: Runner = ParamikoRunner(self.source_client, source) if self.source_client and source else LocalRunner()
         self.progress, self.cancel = progress, cancel
