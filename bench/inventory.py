@@ -1,0 +1,249 @@
+"""Inventory sync: zerfaux's bulk retrieval against the naive per-attribute loop, same simulator, same run.
+
+A vcsim with 2,000 VMs (tests/vcsim) is read twice per delay setting:
+- zerfaux: ``VCenterInventoryReal.fetch`` (five ``RetrievePropertiesEx`` over container views),
+  then the rows written as the engine writes them: one ``zerfaux.apply_inventory`` call.
+- naive: iterate a container view and read each VM's attributes object by object (``vm.name``,
+  ``vm.config``, ``vm.runtime``, the host's and its parent's name, each datastore's and network's
+  name: each a round trip; ``config`` is read once per VM, not once per field, to be fair), then
+  one INSERT ... ON CONFLICT per VM and per datastore, in one transaction.
+Each side runs in its own process, so its peak RSS is its own. With no Postgres reachable, only
+the retrieval is compared (said in the output).
+
+    .venv/bin/python bench/inventory.py [--vms 2000] [--delay-ms 3] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from handlers.backends.vcenter_inventory import VCenterInventoryReal  # noqa: E402
+from handlers.backends.vcenter_session import VCenterSessions  # noqa: E402
+from handlers.secrets import SecretResolver  # noqa: E402
+from handlers.types import VCenterEndpoint  # noqa: E402
+
+CLUSTERS = 4
+
+
+def _naive_read(si: Any) -> list[dict[str, Any]]:
+    from pyVmomi import vim
+
+    content = si.content
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    rows = []
+    try:
+        for vm in view.view:
+            config = vm.config
+            runtime = vm.runtime
+            host = runtime.host
+            parent = host.parent if host is not None else None
+            devices = config.hardware.device if config else []
+            rows.append(
+                {
+                    "moref": vm._moId,
+                    "name": vm.name,
+                    "instance_uuid": config.instanceUuid if config else None,
+                    "cluster": parent.name if isinstance(parent, vim.ClusterComputeResource) else None,
+                    "esx_host": host.name if host is not None else None,
+                    "power_state": str(runtime.powerState),
+                    "datastore": config.files.vmPathName.split("]")[0].lstrip("[") if config else None,
+                    "datastores": [ds.name for ds in vm.datastore],
+                    "guest_os": config.guestFullName if config else None,
+                    "guest_id": config.guestId if config else None,
+                    "firmware": config.firmware if config else None,
+                    "num_cpu": config.hardware.numCPU if config else None,
+                    "memory_mb": config.hardware.memoryMB if config else None,
+                    "disks": [
+                        {"file": d.backing.fileName, "capacity": d.capacityInBytes or d.capacityInKB * 1024}
+                        for d in devices
+                        if isinstance(d, vim.vm.device.VirtualDisk)
+                    ],
+                    "networks": [n.name for n in vm.network],
+                }
+            )
+    finally:
+        view.DestroyView()
+    return rows
+
+
+def _naive_write(url: str, vcenter_id: str, vms: list[dict[str, Any]]) -> None:
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    with psycopg.connect(url) as conn:
+        for vm in vms:
+            conn.execute(
+                "insert into public.vcenter_vms (vcenter_id, moref, name, instance_uuid, cluster, esx_host,"
+                " power_state, datastore, datastores, guest_os, guest_id, firmware, num_cpu, memory_mb, disks,"
+                " networks, synced_at) values (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,now())"
+                " on conflict (vcenter_id, moref) do update set name = excluded.name,"
+                " power_state = excluded.power_state, disks = excluded.disks, synced_at = now()",
+                (
+                    vcenter_id, vm["moref"], vm["name"], vm["instance_uuid"], vm["cluster"], vm["esx_host"],
+                    vm["power_state"], vm["datastore"], Jsonb(vm["datastores"]), vm["guest_os"],
+                    vm["guest_id"], vm["firmware"], vm["num_cpu"], vm["memory_mb"], Jsonb(vm["disks"]),
+                    Jsonb(vm["networks"]),
+                ),
+            )
+
+
+def _zerfaux_write(url: str, vcenter_id: str, result: dict[str, Any]) -> None:
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    with psycopg.connect(url) as conn:
+        conn.execute("select zerfaux.apply_inventory(%s, %s)", (vcenter_id, Jsonb(result)))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measurement in this (child) process; prints a JSON line."""
+    sim = json.loads(args.sim)
+    endpoint = VCenterEndpoint("bench", "bench", sim["host"], sim["port"], sim["username"], "bench", True)
+    sessions = VCenterSessions(SecretResolver({"ZERFAUX_SECRET_BENCH": sim["password"]}), ca_bundle=sim["cert_file"])
+    sessions.run(endpoint, lambda si: si)  # log in outside the timing: both sides share this cost
+    started = time.perf_counter()
+    if args.worker == "zerfaux":
+        inventory = VCenterInventoryReal(sessions).fetch(endpoint)
+        count = len(inventory.vms)
+        read_done = time.perf_counter()
+        if args.db:
+            _zerfaux_write(args.db, args.vcenter_id, inventory.as_result())
+    else:
+        rows = sessions.run(endpoint, _naive_read)
+        count = len(rows)
+        read_done = time.perf_counter()
+        if args.db:
+            _naive_write(args.db, args.vcenter_id, rows)
+    done = time.perf_counter()
+    sessions.close()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"vms": count, "read": read_done - started, "total": done - started, "peak_mib": peak_kib / 1024}))
+
+
+def _measure(side: str, sim: dict[str, Any], db: str | None, vcenter_id: str | None) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--worker", side, "--sim", json.dumps(sim)]
+    if db and vcenter_id:
+        argv += ["--db", db, "--vcenter-id", vcenter_id]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} measurement failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _database() -> tuple[str | None, str | None, str]:
+    """A scratch database with the migrations applied, or (None, None, why not)."""
+    try:
+        import psycopg
+
+        from listener.migrate import migrate
+    except ImportError as exc:
+        return None, None, f"no database step ({exc})"
+    admin = os.environ.get("ZERFAUX_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    name = f"zf_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'create database "{name}"')  # type: ignore[arg-type]
+    except psycopg.Error as exc:
+        return None, None, f"no database step (Postgres unreachable: {exc})"
+    url = admin.rsplit("/", 1)[0] + "/" + name
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "insert into public.vcenters (name, host, port, username, password_secret) "
+            "values ('bench', '127.0.0.1', 443, 'zerfaux', 'bench') returning id"
+        ).fetchone()
+    assert row is not None
+    return url, str(row[0]), f"database step included ({name})"
+
+
+def _drop(url: str | None) -> None:
+    if not url:
+        return
+    import psycopg
+
+    admin = os.environ.get("ZERFAUX_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{url.rsplit("/", 1)[1]}" with (force)')  # type: ignore[arg-type]
+
+
+def _reset(url: str | None, vcenter_id: str | None) -> None:
+    """Both sides start from an empty table, so both insert rather than update."""
+    if not url:
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("delete from public.vcenter_vms where vcenter_id = %s", (vcenter_id,))
+        conn.execute("delete from public.vcenter_datastores where vcenter_id = %s", (vcenter_id,))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vms", type=int, default=2000)
+    parser.add_argument("--delay-ms", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per side and delay (best kept)")
+    parser.add_argument("--worker", choices=["zerfaux", "naive"])
+    parser.add_argument("--sim")
+    parser.add_argument("--db")
+    parser.add_argument("--vcenter-id")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from tests.support.vcsim import start_simulator
+
+    binary = subprocess.run([str(ROOT / "tests/vcsim/build.sh")], capture_output=True, text=True, check=True)
+    per_pool = max(1, args.vms // CLUSTERS)
+    with tempfile.TemporaryDirectory(prefix="zerfaux-bench-") as tmp:
+        sim = start_simulator(
+            binary.stdout.strip().splitlines()[-1], "bench", Path(tmp),
+            args=("-cluster", str(CLUSTERS), "-host", "2", "-vm", str(per_pool)),
+        )
+        db, vcenter_id, db_note = _database()
+        try:
+            info = {"host": sim.host, "port": sim.port, "username": sim.username, "password": sim.password,
+                    "cert_file": sim.cert_file}
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"vcsim with {sim.vm_count} VMs on {sim.host}:{sim.port}; {db_note}; load average {load}")
+            print(f"{'delay':>8} {'approach':<10} {'s/1000 VMs':>11} {'read s':>8} {'total s':>8} {'peak MiB':>9}")
+            ratios = []
+            # Best of a few runs for both sides: the machine may be shared, and a slow outlier
+            # says nothing about either approach.
+            for delay in (0, args.delay_ms):
+                repeats = args.repeat
+                sim.set_delay(delay)
+                results = {}
+                for side in ("zerfaux", "naive"):
+                    runs = []
+                    for _ in range(repeats):
+                        _reset(db, vcenter_id)
+                        runs.append(_measure(side, info, db, vcenter_id))
+                    r = results[side] = min(runs, key=lambda run: float(run["total"]))
+                    assert r["vms"] == sim.vm_count, f"{side} saw {r['vms']} of {sim.vm_count} VMs"
+                    per_k = r["total"] / r["vms"] * 1000
+                    print(f"{delay:>6}ms {side:<10} {per_k:>11.3f} {r['read']:>8.2f} {r['total']:>8.2f} {r['peak_mib']:>9.1f}")
+                ratios.append((delay, results["naive"]["total"] / results["zerfaux"]["total"]))
+            what = "inventory sync" if db else "inventory retrieval (no database step)"
+            for delay, ratio in ratios:
+                print(f"RATIO {ratio:.1f} {what} vs per-attribute access ({delay} ms per call)")
+        finally:
+            sim.stop()
+            _drop(db)
+
+
+if __name__ == "__main__":
+    main()
