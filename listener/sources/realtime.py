@@ -19,7 +19,7 @@ import logging
 import re
 from typing import Any
 
-from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+from realtime import AsyncRealtimeClient, RealtimePostgresChangesListenEvent, RealtimeSubscribeStates
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from listener.sources import Wake
@@ -101,9 +101,9 @@ class RealtimeSource:
         try:
             await client.connect()
             channel = client.channel(CHANNEL)
-            channel.on_postgres_changes("INSERT", self._on_operation, table="operations", schema="zerfaux")
+            channel.on_postgres_changes(RealtimePostgresChangesListenEvent.Insert, self._on_operation, table="operations", schema="zerfaux")
             # Only rows whose new value asks for cancellation: progress updates do not come here.
-            channel.on_postgres_changes("UPDATE", self._on_cancel, table="replication_jobs", schema="public",
+            channel.on_postgres_changes(RealtimePostgresChangesListenEvent.Update, self._on_cancel, table="replication_jobs", schema="public",
                                         filter="cancel_requested=eq.true")
             channel.on_system(on_system)
             await channel.subscribe(on_state)

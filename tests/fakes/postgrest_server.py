@@ -86,8 +86,7 @@ def _status_for(sqlstate: str, authenticated: bool) -> int:
 def create_app(database_url: str, key: str, schemas: Sequence[str] = ("public", "zerfaux"),
                faults: Faults | None = None) -> Starlette:
     faults = faults or Faults()
-    pool = AsyncConnectionPool(database_url, min_size=1, max_size=10, open=False,
-                               kwargs={"autocommit": False, "row_factory": dict_row})
+    pool = AsyncConnectionPool(database_url, min_size=1, max_size=10, open=False)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -130,15 +129,15 @@ def create_app(database_url: str, key: str, schemas: Sequence[str] = ("public", 
 
 
 async def _call(pool: AsyncConnectionPool, schema: str, name: str, args: dict[str, Any], role: str) -> Response:
-    async with pool.connection() as conn, conn.transaction():
-        found = await (await conn.execute(_FUNCTION, {"schema": schema, "name": name})).fetchall()
+    async with pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        found = await (await cur.execute(_FUNCTION, {"schema": schema, "name": name})).fetchall()
         signature = next((s for s in map(_signature, found)
                           if s.required <= set(args) <= set(s.names)), None)
         if signature is None:
             listed = ", ".join(sorted(args))
             return _error(404, "PGRST202", f"Could not find the function {schema}.{name}({listed}) in the schema cache")
-        await conn.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
-        await conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"role": role}),))
+        await cur.execute(sql.SQL("set local role {}").format(sql.Identifier(role)))
+        await cur.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"role": role}),))
         used = [(n, t) for n, t in zip(signature.names, signature.types) if n in args]
         call = sql.SQL("{}.{}({})").format(
             sql.Identifier(schema), sql.Identifier(name),
@@ -151,6 +150,6 @@ async def _call(pool: AsyncConnectionPool, schema: str, name: str, args: dict[st
             query = sql.SQL("select coalesce(jsonb_agg(to_jsonb(r)), '[]') as body from {}, lateral {} as r").format(source, call)
         else:
             query = sql.SQL("select to_jsonb({}) as body from {}").format(call, source)
-        row = await (await conn.execute(query, {"args": json.dumps(args)})).fetchone()
+        row = await (await cur.execute(query, {"args": json.dumps(args)})).fetchone()
         body = row["body"] if row else None
         return Response(json.dumps(body), media_type="application/json")

@@ -91,7 +91,7 @@ class RealtimeFake:
         await listener.execute("listen zerfaux_cancel")
         self._feed = asyncio.create_task(self._follow(listener))
         self._server = await serve(self._session, self._host, 0, process_request=self._authorize)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = list(self._server.sockets)[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -134,7 +134,7 @@ class RealtimeFake:
             self._clients.discard(client)
 
     async def _handle(self, client: _Client, msg: dict[str, Any]) -> None:
-        topic, event, ref = msg.get("topic"), msg.get("event"), msg.get("ref")
+        topic, event, ref = str(msg.get("topic")), msg.get("event"), msg.get("ref")
         if topic == "phoenix" and event == "heartbeat":
             await self._send(client, "phoenix", "phx_reply", {"status": "ok", "response": {}}, ref)
         elif event == "phx_join":
@@ -226,4 +226,4 @@ def _matches(binding: dict[str, Any], schema: str, table: str, kind: str, record
     if op != "eq":
         raise ValueError(f"this fake supports only eq filters, got {rule!r}")
     actual = record.get(column)
-    return (json.dumps(actual) if isinstance(actual, bool) else str(actual)) == value
+    return bool((json.dumps(actual) if isinstance(actual, bool) else str(actual)) == value)
