@@ -67,7 +67,7 @@ def _naive_read(si: Any) -> list[dict[str, Any]]:
                     "num_cpu": config.hardware.numCPU if config else None,
                     "memory_mb": config.hardware.memoryMB if config else None,
                     "disks": [
-                        {"file": d.backing.fileName, "capacity": d.capacityInBytes or d.capacityInKB * 1024}
+                        {"file": getattr(d.backing, "fileName", None), "capacity": d.capacityInBytes or d.capacityInKB * 1024}
                         for d in devices
                         if isinstance(d, vim.vm.device.VirtualDisk)
                     ],
@@ -112,7 +112,8 @@ def worker(args: argparse.Namespace) -> None:
     """One measurement in this (child) process; prints a JSON line."""
     sim = json.loads(args.sim)
     endpoint = VCenterEndpoint("bench", "bench", sim["host"], sim["port"], sim["username"], "bench", True)
-    sessions = VCenterSessions(SecretResolver({"ZERFAUX_SECRET_BENCH": sim["password"]}), ca_bundle=sim["cert_file"])
+    secrets = SecretResolver({"ZERFAUX_SECRET_BENCH": sim["password"]})
+    sessions = VCenterSessions(secrets, ca_bundle=sim["cert_file"])
     sessions.run(endpoint, lambda si: si)  # log in outside the timing: both sides share this cost
     started = time.perf_counter()
     if args.worker == "zerfaux":
@@ -130,7 +131,9 @@ def worker(args: argparse.Namespace) -> None:
     done = time.perf_counter()
     sessions.close()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"vms": count, "read": read_done - started, "total": done - started, "peak_mib": peak_kib / 1024}))
+    print(json.dumps({
+        "vms": count, "read": read_done - started, "total": done - started, "peak_mib": peak_kib / 1024,
+    }))
 
 
 def _measure(side: str, sim: dict[str, Any], db: str | None, vcenter_id: str | None) -> dict[str, Any]:
@@ -143,6 +146,14 @@ def _measure(side: str, sim: dict[str, Any], db: str | None, vcenter_id: str | N
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def _admin_url() -> str:
+    return (
+        os.environ.get("ZERFAUX_TEST_DATABASE_URL")
+        or os.environ.get("DATABASE_URL")
+        or "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+
+
 def _database() -> tuple[str | None, str | None, str]:
     """A scratch database with the migrations applied, or (None, None, why not)."""
     try:
@@ -151,11 +162,11 @@ def _database() -> tuple[str | None, str | None, str]:
         from listener.migrate import migrate
     except ImportError as exc:
         return None, None, f"no database step ({exc})"
-    admin = os.environ.get("ZERFAUX_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+    admin = _admin_url()
     name = f"zf_bench_{uuid.uuid4().hex[:10]}"
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'create database "{name}"')  # type: ignore[arg-type]
+            conn.execute(f'create database "{name}"')
     except psycopg.Error as exc:
         return None, None, f"no database step (Postgres unreachable: {exc})"
     url = admin.rsplit("/", 1)[0] + "/" + name
@@ -174,9 +185,9 @@ def _drop(url: str | None) -> None:
         return
     import psycopg
 
-    admin = os.environ.get("ZERFAUX_TEST_DATABASE_URL") or os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{url.rsplit("/", 1)[1]}" with (force)')  # type: ignore[arg-type]
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(_admin_url(), autocommit=True) as conn:
+        conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def _reset(url: str | None, vcenter_id: str | None) -> None:
@@ -235,7 +246,10 @@ def main() -> None:
                     r = results[side] = min(runs, key=lambda run: float(run["total"]))
                     assert r["vms"] == sim.vm_count, f"{side} saw {r['vms']} of {sim.vm_count} VMs"
                     per_k = r["total"] / r["vms"] * 1000
-                    print(f"{delay:>6}ms {side:<10} {per_k:>11.3f} {r['read']:>8.2f} {r['total']:>8.2f} {r['peak_mib']:>9.1f}")
+                    print(
+                        f"{delay:>6}ms {side:<10} {per_k:>11.3f} {r['read']:>8.2f} {r['total']:>8.2f} "
+                        f"{r['peak_mib']:>9.1f}"
+                    )
                 ratios.append((delay, results["naive"]["total"] / results["zerfaux"]["total"]))
             what = "inventory sync" if db else "inventory retrieval (no database step)"
             for delay, ratio in ratios:

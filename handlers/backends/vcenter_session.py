@@ -101,8 +101,9 @@ def translate(endpoint: VCenterEndpoint) -> Iterator[None]:
     except (vim.fault.VimFault, vmodl.MethodFault) as exc:
         raise PermanentError(f"{where(endpoint)} refused the request: {fault_text(exc)}") from exc
     except ssl.SSLCertVerificationError as exc:
+        reason = getattr(exc, "verify_message", None) or str(exc)
         raise PermanentError(
-            f"TLS verification of {where(endpoint)} failed ({exc.verify_message}): give the CA that "
+            f"TLS verification of {where(endpoint)} failed ({reason}): give the CA that "
             f"signed its certificate in {CA_BUNDLE_ENV} (a PEM bundle), or set vcenters.verify_tls = "
             "false for this vCenter to skip verification"
         ) from exc
@@ -199,7 +200,7 @@ class VCenterSessions:
             sslContext=self._ssl_context(endpoint),
             httpConnectionTimeout=self._timeout,
         )
-        si = vim.ServiceInstance("ServiceInstance", stub)
+        si: Any = vim.ServiceInstance("ServiceInstance", stub)
         try:
             si.content.sessionManager.Login(endpoint.username, password, None)
         except BaseException:

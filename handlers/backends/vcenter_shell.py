@@ -85,7 +85,10 @@ class DRShellBuilderReal:
             return ShellResult(moref=obj._moId, adopted=True)
         place = self._placement(si, vcenter, spec)
         config = build_config(spec, place)
-        log.info("%s: creating DR shell %s with %d disks on %s", where(vcenter), spec.name, len(spec.disks), spec.datastore)
+        log.info(
+            "%s: creating DR shell %s with %d disks on %s",
+            where(vcenter), spec.name, len(spec.disks), spec.datastore,
+        )
         vm = wait_for_task(si, place.folder.CreateVM_Task(config=config, pool=place.pool))
         return ShellResult(moref=vm._moId, adopted=False)
 
@@ -137,17 +140,22 @@ def _pool(si: Any, vcenter: VCenterEndpoint, spec: ShellSpec, dc: Props) -> Any:
             f"{dc.get('name')!r}: fix protection_groups.dr_resource_pool; pools there: {name_list(names)}"
         )
     # Clusters before standalone hosts, each by name, so "the first" is stable between runs.
-    ordered = sorted(computes, key=lambda r: (not isinstance(r[0], vim.ClusterComputeResource), str(r[1].get("name"))))
+    ordered = sorted(
+        computes, key=lambda r: (not isinstance(r[0], vim.ClusterComputeResource), str(r[1].get("name")))
+    )
     if spec.cluster:
         ordered = [r for r in ordered if r[1].get("name") == spec.cluster]
         if not ordered:
             names = sorted(str(p.get("name")) for _, p in computes)
             raise PermanentError(
                 f"cluster {spec.cluster!r} does not exist at {where(vcenter)} in datacenter "
-                f"{dc.get('name')!r}: fix protection_groups.dr_cluster; clusters and hosts there: {name_list(names)}"
+                f"{dc.get('name')!r}: fix protection_groups.dr_cluster; clusters and hosts there: "
+                f"{name_list(names)}"
             )
     if not ordered:
-        raise PermanentError(f"datacenter {dc.get('name')!r} at {where(vcenter)} has no cluster or host to run a VM")
+        raise PermanentError(
+            f"datacenter {dc.get('name')!r} at {where(vcenter)} has no cluster or host to run a VM"
+        )
     return ordered[0][1]["resourcePool"]
 
 
@@ -181,7 +189,9 @@ def _network_backing(si: Any, vcenter: VCenterEndpoint, network: str, dc: Props)
         port = vim.dvs.PortConnection(portgroupKey=pg["key"], switchUuid=switch["uuid"])
         return _dev.VirtualEthernetCard.DistributedVirtualPortBackingInfo(port=port)
     if isinstance(hit, vim.OpaqueNetwork):
-        raise PermanentError(f"network {network!r} is an NSX opaque network, which DR shells do not support yet")
+        raise PermanentError(
+            f"network {network!r} is an NSX opaque network, which DR shells do not support yet"
+        )
     return _dev.VirtualEthernetCard.NetworkBackingInfo(deviceName=network, network=hit)
 
 
@@ -189,11 +199,14 @@ def build_config(spec: ShellSpec, place: Placement) -> Any:
     kind = spec.controller if spec.controller in CONTROLLERS else None
     if kind is None:
         raise PermanentError(
-            f"disk controller {spec.controller!r} is not one of {', '.join(CONTROLLERS)}: fix the VM's disks in vcenter_vms"
+            f"disk controller {spec.controller!r} is not one of {', '.join(CONTROLLERS)}: "
+            "fix the VM's disks in vcenter_vms"
         )
     cls, units = CONTROLLERS[kind]
     if len(spec.disks) > len(units):
-        raise PermanentError(f"{len(spec.disks)} disks do not fit on one {kind} controller ({len(units)} slots)")
+        raise PermanentError(
+            f"{len(spec.disks)} disks do not fit on one {kind} controller ({len(units)} slots)"
+        )
     add = vim.vm.device.VirtualDeviceSpec.Operation.add
     changes = []
     if kind == "ide":
@@ -218,7 +231,9 @@ def build_config(spec: ShellSpec, place: Placement) -> Any:
             key=-300,
             backing=place.network,
             addressType="generated",
-            connectable=_dev.VirtualDevice.ConnectInfo(startConnected=True, allowGuestControl=True, connected=False),
+            connectable=_dev.VirtualDevice.ConnectInfo(
+                startConnected=True, allowGuestControl=True, connected=False
+            ),
         )
         changes.append(vim.vm.device.VirtualDeviceSpec(operation=add, device=nic))
     return vim.vm.ConfigSpec(
@@ -235,9 +250,11 @@ def build_config(spec: ShellSpec, place: Placement) -> Any:
 
 
 def _disk(index: int, controller_key: int, unit: int, file: str, capacity: int, place: Placement) -> Any:
-    backing = _dev.VirtualDisk.FlatVer2BackingInfo(fileName=file, diskMode="persistent", datastore=place.datastore)
-    disk = _dev.VirtualDisk(key=-(101 + index), controllerKey=controller_key, unitNumber=unit, backing=backing)
-    if capacity > 0:
-        disk.capacityInBytes = capacity
-        disk.capacityInKB = capacity // 1024
-    return disk
+    backing = _dev.VirtualDisk.FlatVer2BackingInfo(
+        fileName=file, diskMode="persistent", datastore=place.datastore
+    )
+    # Capacity is left out when unknown: vSphere then reads it from the existing descriptor.
+    sizes = {"capacityInBytes": capacity, "capacityInKB": capacity // 1024} if capacity > 0 else {}
+    return _dev.VirtualDisk(
+        key=-(101 + index), controllerKey=controller_key, unitNumber=unit, backing=backing, **sizes
+    )

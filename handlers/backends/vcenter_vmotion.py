@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 _VM_PATHS = ("name", "datastore", "config.files.vmPathName", "config.hardware.device", "runtime.host")
 
 
-def already_there(props: dict[str, Any], target_ref: str, datastore_names: dict[str, str], target: str) -> bool:
+def already_there(
+    props: dict[str, Any], target_ref: str, datastore_names: dict[str, str], target: str
+) -> bool:
     """True when the VM needs no relocation to ``target``.
 
     ``datastore`` is vCenter's own list of the datastores holding the VM's files, so it must
@@ -47,7 +49,9 @@ class StorageMoverReal:
     def relocate(
         self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
     ) -> bool:
-        return self._sessions.run(vcenter, lambda si: self._relocate(si, vcenter, vm_moref, datastore, cancel))
+        return self._sessions.run(
+            vcenter, lambda si: self._relocate(si, vcenter, vm_moref, datastore, cancel)
+        )
 
     def _relocate(
         self, si: Any, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
@@ -56,7 +60,8 @@ class StorageMoverReal:
         try:
             props = properties(si, vm, _VM_PATHS)
         except vmodl.fault.ManagedObjectNotFound as exc:
-            names = sorted(f"{p.get('name')} ({o._moId})" for o, p in collect(si, vim.VirtualMachine, ["name"]))
+            vms = collect(si, vim.VirtualMachine, ["name"])
+            names = sorted(f"{p.get('name')} ({o._moId})" for o, p in vms)
             raise PermanentError(
                 f"VM {vm_moref} does not exist at {where(vcenter)}: sync the vCenter and fix "
                 f"protected_vms.vm_id; VMs there: {name_list(names)}"
@@ -82,7 +87,10 @@ class StorageMoverReal:
         ]
         # No host and no pool: a storage-only move, the VM keeps running where it is.
         spec = vim.vm.RelocateSpec(datastore=target, disk=disks)
-        log.info("%s: relocating VM %s (%s) and %d disks to %s", where(vcenter), name, vm_moref, len(disks), datastore)
+        log.info(
+            "%s: relocating VM %s (%s) and %d disks to %s",
+            where(vcenter), name, vm_moref, len(disks), datastore,
+        )
         wait_for_task(si, vm.RelocateVM_Task(spec), cancel)
         return True
 
@@ -104,5 +112,6 @@ class StorageMoverReal:
             )
         raise PermanentError(
             f"datastore {datastore!r} does not exist at {where(vcenter)}: fix "
-            f"protection_groups.protection_datastore; datastores there: {name_list(sorted(set(all_names.values())))}"
+            "protection_groups.protection_datastore; datastores there: "
+            f"{name_list(sorted(set(all_names.values())))}"
         )

@@ -81,7 +81,7 @@ def test_inventory_matches_what_vcsim_holds(vcsim_source: Simulator, source_sess
         assert record.memory_mb == vm.config.hardware.memoryMB
         assert set(record.networks) == {n.name for n in vm.network}
         disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
-        assert [d.file for d in record.disks] == [d.backing.fileName for d in disks]
+        assert [d.file for d in record.disks] == [getattr(d.backing, "fileName", None) for d in disks]
         # vcsim fills only capacityInKB; vCenter fills both.
         assert [d.capacity for d in record.disks] == [d.capacityInBytes or d.capacityInKB * 1024 for d in disks]
         assert all(d.controller == "pvscsi" and d.datastore for d in record.disks)
@@ -90,10 +90,10 @@ def test_inventory_matches_what_vcsim_holds(vcsim_source: Simulator, source_sess
 
     oracle_ds = {ds._moId: ds for ds in vcsim_source.find(vim.Datastore)}
     assert {ds.moref for ds in inventory.datastores} == set(oracle_ds)
-    for record in inventory.datastores:
-        ds = oracle_ds[record.moref]
-        assert (record.name, record.type) == (ds.name, ds.summary.type)
-        assert (record.capacity_bytes, record.free_bytes) == (ds.summary.capacity, ds.summary.freeSpace)
+    for ds_record in inventory.datastores:
+        ds = oracle_ds[ds_record.moref]
+        assert (ds_record.name, ds_record.type) == (ds.name, ds.summary.type)
+        assert (ds_record.capacity_bytes, ds_record.free_bytes) == (ds.summary.capacity, ds.summary.freeSpace)
 
 
 @pytest.mark.parametrize("controller", ["pvscsi", "lsilogic", "lsilogic-sas", "buslogic", "nvme", "sata", "ide"])

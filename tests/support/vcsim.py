@@ -146,7 +146,7 @@ class Simulator:
         from pyVmomi import vim
 
         devices = self.vm(moref).config.hardware.device
-        return [d.backing.fileName for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
+        return [getattr(d.backing, "fileName", "") for d in devices if isinstance(d, vim.vm.device.VirtualDisk)]
 
     def vms_named(self, name: str) -> list[Any]:
         from pyVmomi import vim
