@@ -156,16 +156,20 @@ class Simulator:
     def count_vms_named(self, name: str) -> int:
         return len(self.vms_named(name))
 
-    def add_replica(self, directory: str, disks: int = 1, datastore: str = DR_DS) -> list[str]:
+    def add_replica(
+        self, directory: str, disks: int = 1, datastore: str = DR_DS, stem: str = "disk"
+    ) -> list[str]:
         """Lay out ``<directory>/disk.vmdk`` (+ ``disk_1.vmdk``...) as a ZFS replica would hold them.
 
-        Returns their datastore paths, ``[zfs-dr-01] <directory>/disk.vmdk`` first.
+        Each descriptor gets its ``-flat.vmdk`` extent. Returns their datastore paths,
+        ``[zfs-dr-01] <directory>/disk.vmdk`` first.
         """
         root = self.datastore_dirs[datastore] / directory
         root.mkdir(parents=True, exist_ok=True)
         paths = []
+        base = stem
         for i in range(disks):
-            stem = "disk" if i == 0 else f"disk_{i}"
+            stem = base if i == 0 else f"{base}_{i}"
             (root / f"{stem}.vmdk").write_text(_descriptor(stem))
             (root / f"{stem}-flat.vmdk").write_bytes(b"\0" * 4096)
             paths.append(f"[{datastore}] {directory}/{stem}.vmdk")

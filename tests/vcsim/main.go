@@ -237,9 +237,11 @@ func selfSigned() (tls.Certificate, []byte, error) {
 	if err != nil {
 		return tls.Certificate{}, nil, err
 	}
+	// A subject of its own: OpenSSL finds an issuer by subject, so two simulators' certificates
+	// in one CA bundle must not share one.
 	template := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "zerfaux-vcsim", Organization: []string{"Zerfaux tests"}},
+		Subject:               pkix.Name{CommonName: fmt.Sprintf("zerfaux-vcsim-%x", serial), Organization: []string{"Zerfaux tests"}},
 		NotBefore:             time.Now().Add(-time.Hour),
 		NotAfter:              time.Now().Add(24 * time.Hour),
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
