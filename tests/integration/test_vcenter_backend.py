@@ -21,7 +21,7 @@ from handlers.backends.vcenter_real import (
 )
 from handlers.backends.vcenter_shell import MARK_KEY
 from handlers.dr_shell import ShellDisk, ShellSpec
-from handlers.errors import PermanentError, TransientError
+from handlers.errors import OperationCancelled, PermanentError, TransientError
 from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator
 
 pytestmark = pytest.mark.vcsim
@@ -125,6 +125,18 @@ def test_storage_vmotion_moves_the_vm_then_has_nothing_to_do(
     assert mover.relocate(vcsim_source.endpoint(), vm._moId, SOURCE_DS, threading.Event()) is True
     assert vcsim_source.vm_datastores(vm._moId) == [SOURCE_DS]
     assert mover.relocate(vcsim_source.endpoint(), vm._moId, SOURCE_DS, threading.Event()) is False
+
+
+def test_cancel_before_the_move_starts_leaves_the_vm(
+    vcsim_source: Simulator, source_sessions: VCenterSessions
+) -> None:
+    vm = next(v for v in vcsim_source.find(vim.VirtualMachine) if v.name.startswith("DC0_H0_"))
+    before = vcsim_source.vm_datastores(vm._moId)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(OperationCancelled):
+        StorageMoverReal(source_sessions).relocate(vcsim_source.endpoint(), vm._moId, SOURCE_DS, cancel)
+    assert vcsim_source.vm_datastores(vm._moId) == before != [SOURCE_DS]
 
 
 def test_unknown_moref_is_permanent(vcsim_source: Simulator, source_sessions: VCenterSessions) -> None:

@@ -192,3 +192,42 @@ def test_shell_config_refuses_what_cannot_fit() -> None:
         build_config(_spec("ide", 3), PLACE)
     with pytest.raises(PermanentError, match="'floppy' is not one of"):
         build_config(_spec("floppy", 1), PLACE)
+
+
+class _PagingCollector:
+    """vcsim ignores maxObjects, so the paging loop is shown here with the server's page shapes."""
+
+    def __init__(self, pages: list[list[str]]) -> None:
+        self.pages = pages
+        self.calls: list[str] = []
+
+    def _page(self, index: int) -> Any:
+        PC = vmodl.query.PropertyCollector
+        objects = [
+            PC.ObjectContent(obj=vim.VirtualMachine(ref), propSet=[vmodl.DynamicProperty(name="name", val=ref.upper())])
+            for ref in self.pages[index]
+        ]
+        token = str(index + 1) if index + 1 < len(self.pages) else None
+        return PC.RetrieveResult(objects=objects, token=token)
+
+    def RetrievePropertiesEx(self, specs: Any, options: Any) -> Any:  # noqa: N802 - the API's name
+        self.calls.append(f"retrieve max={options.maxObjects}")
+        return self._page(0)
+
+    def ContinueRetrievePropertiesEx(self, token: str) -> Any:  # noqa: N802
+        self.calls.append(f"continue {token}")
+        return self._page(int(token))
+
+
+def test_retrieval_follows_the_servers_pages() -> None:
+    from types import SimpleNamespace
+
+    from handlers.backends.vcenter_query import _retrieve
+
+    collector = _PagingCollector([["vm-1", "vm-2"], ["vm-3"], ["vm-4"]])
+    si = SimpleNamespace(content=SimpleNamespace(propertyCollector=collector))
+    rows = _retrieve(si, spec=None, page_size=2)
+    assert [(obj._moId, props["name"]) for obj, props in rows] == [
+        ("vm-1", "VM-1"), ("vm-2", "VM-2"), ("vm-3", "VM-3"), ("vm-4", "VM-4"),
+    ]
+    assert collector.calls == ["retrieve max=2", "continue 1", "continue 2"]
