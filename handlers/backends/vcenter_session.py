@@ -194,12 +194,22 @@ class VCenterSessions:
         # SmartConnect is exactly these steps (version negotiation, stub, Login), but when the
         # login fails it keeps the stub's socket open with no way to close it, and it stores
         # the session in a process-wide global. Doing them here fixes both.
-        stub = SmartStubAdapter(
-            host=endpoint.host,
-            port=endpoint.port,
-            sslContext=self._ssl_context(endpoint),
-            httpConnectionTimeout=self._timeout,
-        )
+        try:
+            stub = SmartStubAdapter(
+                host=endpoint.host,
+                port=endpoint.port,
+                sslContext=self._ssl_context(endpoint),
+                httpConnectionTimeout=self._timeout,
+            )
+        except Exception as exc:
+            if type(exc) is not Exception:  # sockets, TLS: translate() knows those
+                raise
+            # pyVmomi's bare Exception: no vimServiceVersions.xml (a vCenter still starting, a
+            # proxy's error page, or not a vCenter at all).
+            raise TransientError(
+                f"{where(endpoint)} did not answer as a vSphere API endpoint ({exc}): check "
+                "vcenters.host and vcenters.port, or wait for the vCenter to finish starting"
+            ) from exc
         si: Any = vim.ServiceInstance("ServiceInstance", stub)
         try:
             si.content.sessionManager.Login(endpoint.username, password, None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import logging
 import shutil
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +25,8 @@ from handlers.backends.vcenter_real import (
 from handlers.backends.vcenter_shell import MARK_KEY
 from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import OperationCancelled, PermanentError, TransientError
+from handlers.secrets import SecretResolver
+from handlers.types import VCenterEndpoint
 from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator
 
 pytestmark = pytest.mark.vcsim
@@ -292,3 +297,26 @@ def test_expired_session_logs_in_again(vcsim_source: Simulator, source_sessions:
     si.content.sessionManager.Logout()  # what an expiry or a vCenter restart looks like to us
     assert VCenterInventoryReal(source_sessions).fetch(endpoint).vms
     assert source_sessions.run(endpoint, lambda si: si) is not si
+
+
+def test_a_server_that_is_not_a_vcenter_is_named(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-subj", "/CN=127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 to all
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    worker = threading.Thread(target=server.serve_forever, daemon=True)
+    worker.start()
+    try:
+        endpoint = VCenterEndpoint("web", "web", "127.0.0.1", server.server_address[1], "u", "s", False)
+        sessions = VCenterSessions(SecretResolver({"ZERFAUX_SECRET_S": "pw"}), environ={})
+        with pytest.raises(TransientError, match="did not answer as a vSphere API endpoint"):
+            VCenterInventoryReal(sessions).fetch(endpoint)
+    finally:
+        server.shutdown()
+        server.server_close()
