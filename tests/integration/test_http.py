@@ -25,6 +25,12 @@ SECRET = "whsec-Zx8r1Q-s3cret"
 http = httpx.Client(timeout=10)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_client() -> Iterator[None]:
+    yield
+    http.close()
+
+
 class Hints:
     def __init__(self) -> None:
         self.wakes = 0
