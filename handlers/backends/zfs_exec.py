@@ -29,7 +29,6 @@ _PERMANENT = (
     "permission denied",
     "has been modified",
     "does not match incremental source",
-    "destination already exists",
     "invalid option",
     "unrecognized command",
     "out of space",

@@ -269,7 +269,8 @@ class _Run:
                 f"receive was refused ({err}). Zerfaux never rolls back a replica: inspect it, roll it back yourself "
                 "if the change may be discarded, then run the job again"
             )
-        if "destination already exists" in lowered or "out of space" in lowered or "permission denied" in lowered:
+        # "already exists" is not here: an earlier attempt's receive may still be finishing; the retry re-plans.
+        if "out of space" in lowered or "permission denied" in lowered:
             return PermanentError(f"{exc.where} failed: {err}")
         return TransientError(f"{exc.where} failed (exit {exc.rc}): {err}")
 

@@ -21,7 +21,7 @@ from handlers.backends.zfs_real import ZFSReplicationReal
 from handlers.errors import OperationCancelled, PermanentError, TransientError
 from handlers.replication import ReplicationOutcome, ReplicationProgress, ReplicationRequest
 from handlers.types import SSHEndpoint
-from tests.support.zfs import secret_env
+from tests.support.zfs import mountpoint, secret_env
 from tests.support.zfshost import ZFSHost
 
 pytestmark = pytest.mark.zfs
@@ -56,7 +56,7 @@ def names(zfs_source: ZFSHost, zfs_target: ZFSHost) -> Iterator[tuple[str, str]]
     """A fresh source dataset (mounted, for writing files) and the target dataset name."""
     tag = uuid.uuid4().hex[:8]
     src = f"{zfs_source.pool}/vm{tag}"
-    zfs_source.run(["zfs", "create", "-o", f"mountpoint=/tmp/zerfaux-test-{tag}", src])
+    zfs_source.run(["zfs", "create", "-o", f"mountpoint={mountpoint('src-' + tag)}", src])
     zfs_target.run(["zfs", "create", "-p", f"{zfs_target.pool}/dr"], check=False)
     yield src, f"{zfs_target.pool}/dr/vm{tag}"
     zfs_source.run(["zfs", "destroy", "-r", src], check=False)
@@ -87,6 +87,17 @@ def replicate(backend: ZFSReplicationReal, req: ReplicationRequest,
     return backend.replicate(req, sink or seen.append, cancel or threading.Event())
 
 
+def replicate_retrying(backend: ZFSReplicationReal, req: ReplicationRequest, attempts: int = 5) -> ReplicationOutcome:
+    """What the dispatcher does with a TransientError: try again after a pause (the killed attempt's
+    remote receive may still be exiting)."""
+    for _ in range(attempts - 1):
+        try:
+            return replicate(backend, req)
+        except TransientError:
+            time.sleep(1.0)
+    return replicate(backend, req)
+
+
 def guids(host: ZFSHost, dataset: str) -> dict[str, int]:
     out = host.run(["zfs", "get", "-Hp", "-d", "1", "-o", "name,value", "guid", dataset]).stdout.decode()
     return {n.split("@", 1)[1]: int(v) for n, v in (l.split("\t") for l in out.splitlines()) if "@" in n}
@@ -96,12 +107,12 @@ def checksums(host: ZFSHost, snapshot: str) -> dict[str, str]:
     """File digests of a snapshot, read through a temporary clone so the replica itself is never mounted."""
     tag = uuid.uuid4().hex[:8]
     clone = f"{host.pool}/verify{tag}"
-    mountpoint = f"/tmp/zerfaux-verify-{tag}"
-    host.run(["zfs", "clone", "-o", f"mountpoint={mountpoint}", snapshot, clone])
+    where = mountpoint(f"verify-{tag}")
+    host.run(["zfs", "clone", "-o", f"mountpoint={where}", snapshot, clone])
     try:
         result = {}
-        for name in sorted(os.listdir(mountpoint)):
-            with open(os.path.join(mountpoint, name), "rb") as fh:
+        for name in sorted(os.listdir(where)):
+            with open(os.path.join(where, name), "rb") as fh:
                 result[name] = hashlib.sha256(fh.read()).hexdigest()
         return result
     finally:
@@ -165,7 +176,7 @@ def test_retry_after_interrupted_attempt(backend: ZFSReplicationReal, zfs_source
         replicate(backend, req, die)
     before = guids(zfs_source, src)
     assert len(before) == 1  # the attempt's snapshot stays for the retry
-    outcome = replicate(backend, req)
+    outcome = replicate_retrying(backend, req)
     assert guids(zfs_source, src) == before  # the retry reused it
     assert outcome.snapshot_name in before
     assert_same(zfs_source, src, zfs_target, dst, outcome.snapshot_name)
@@ -190,8 +201,8 @@ def test_modified_target_is_refused(backend: ZFSReplicationReal, zfs_source: ZFS
     src, dst = names
     write(zfs_source, src, "a", 2 * MiB)
     replicate(backend, request(str(uuid.uuid4()), src, dst, zfs_target, zfs_source, "local"))
-    tag = uuid.uuid4().hex[:8]
-    zfs_target.run(["zfs", "set", f"mountpoint=/tmp/zerfaux-dr-{tag}", dst])
+    where = mountpoint("dr-" + uuid.uuid4().hex[:8])
+    zfs_target.run(["zfs", "set", f"mountpoint={where}", dst])
     zfs_target.run(["zfs", "mount", dst], check=False)
     write(zfs_target, dst, "someone-wrote-here", 4096)
     write(zfs_source, src, "b", 1 * MiB)
@@ -199,7 +210,7 @@ def test_modified_target_is_refused(backend: ZFSReplicationReal, zfs_source: ZFS
     with pytest.raises(PermanentError, match="changed since its newest snapshot"):
         replicate(backend, request(str(uuid.uuid4()), src, dst, zfs_target, zfs_source, "local"))
     assert guids(zfs_target, dst) == dst_before
-    assert os.path.exists(f"/tmp/zerfaux-dr-{tag}/someone-wrote-here")
+    assert os.path.exists(os.path.join(where, "someone-wrote-here"))
 
 
 def test_target_without_common_snapshot_is_refused(backend: ZFSReplicationReal, zfs_source: ZFSHost,

@@ -20,6 +20,7 @@ from tests.integration.conftest import GROUP, TARGET
 from tests.integration.test_zfs_backend import MiB, checksums, guids, write
 from tests.support.engine import drain, engine_settings, eventually, running, spawn
 from tests.support.pg import Database
+from tests.support.zfs import mountpoint
 from tests.support.zfshost import ZFSHost
 
 pytestmark = pytest.mark.zfs
@@ -44,7 +45,7 @@ def real(world: Database, zfs_source: ZFSHost, zfs_target: ZFSHost, tmp_path: Pa
     tag = uuid.uuid4().hex[:8]
     source = f"{zfs_source.pool}/vm{tag}"
     root = f"{zfs_target.pool}/dr{tag}"
-    zfs_source.run(["zfs", "create", "-o", f"mountpoint=/tmp/zerfaux-dispatch-{tag}", source])
+    zfs_source.run(["zfs", "create", "-o", f"mountpoint={mountpoint('dispatch-' + tag)}", source])
     zfs_target.run(["zfs", "create", "-p", "-o", "mountpoint=none", root])
     secrets = tmp_path / "secrets"
     secrets.mkdir(mode=0o700)

@@ -184,10 +184,21 @@ def _host(sshd: Sshd, pool_name: str) -> FuseHost:
     )
 
 
+_MOUNTS: list[str] = []
+
+
+def mountpoint(tag: str) -> str:
+    """A mountpoint for a test dataset, under the run's directory (zfs leaves the directories behind)."""
+    base = _MOUNTS[0] if _MOUNTS else tempfile.gettempdir()
+    return os.path.join(base, tag)
+
+
 @pytest.fixture(scope="session")
 def zfs_workdir() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="zerfaux-zfs-")
+    _MOUNTS[:] = [os.path.join(d, "mnt")]
     yield d
+    _MOUNTS.clear()
     shutil.rmtree(d, ignore_errors=True)
 
 
