@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import pytest
 from handlers.backends.stub_world import StubWorld
 from tests.support.pg import Database
 from tests.support.workload import (
-    PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, audit, listener_env, prepare, protect, request_replications,
-    request_syncs, wait_converged,
+    PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, ask_mix, audit, listener_env, prepare, protect,
+    request_replications, request_syncs, wait_converged,
 )
 
 LEASE, SWEEP = 2.0, 0.5
@@ -82,3 +83,40 @@ def test_a_listener_killed_mid_operation_is_finished_by_another(seeded_db: Datab
     figures = Path(os.environ.get("ZERFAUX_FIGURES_DIR", tmp_path)) / "crash_stub.jsonl"
     with figures.open("a") as out:
         out.write(json.dumps({"round": round_, "recovered_seconds": round(recovered, 2), **result.figures()}) + "\n")
+
+
+def test_listeners_killed_at_random_under_load_lose_and_repeat_nothing(seeded_db: Database, tmp_path: Path) -> None:
+    """Three listeners; 12 times, while a batch of 50 operations is being worked on, one of them
+    is SIGKILLed wherever it is (mid-operation, mid-claim, mid-completion) and a new one started. Every effect
+    still happens exactly once; retries after a lost lease adopt what the dead worker did."""
+    url, world = seeded_db.url, tmp_path / "world"
+    prepare(url)
+    env = listener_env(world, ZERFAUX_STUB_SECONDS="0.05", ZERFAUX_STUB_SECONDS_JITTER="0.3",
+                       ZERFAUX_LEASE_SECONDS=str(LEASE), ZERFAUX_SWEEP_SECONDS=str(SWEEP))
+    rng = random.Random(7)
+    serial = iter(range(1000))
+    procs = [Proc(url, "run", env={**env, "ZERFAUX_WORKER_ID": f"chaos-{next(serial)}"}) for _ in range(3)]
+    asked, kills, killed_at = Asked(), 0, time.monotonic()
+    try:
+        for proc in procs:
+            proc.wait_for_line("listening as")
+        for batch in range(12):
+            ask_mix(url, asked, tag=f"c{batch}", syncs=5, jobs=15, moves=15, shells=15)
+            time.sleep(rng.uniform(0.2, 0.8))  # while the batch is being worked on
+            i = rng.randrange(len(procs))
+            procs[i].kill()
+            killed_at = time.monotonic()
+            kills += 1
+            procs[i] = Proc(url, "run", env={**env, "ZERFAUX_WORKER_ID": f"chaos-{next(serial)}"})
+            time.sleep(1.5)
+        wait_converged(url, asked, timeout=180, procs=procs)
+        recovered = time.monotonic() - killed_at
+    finally:
+        codes = [proc.stop() for proc in procs]
+    assert codes == [0, 0, 0], [p.output[-3000:] for p in procs]
+    result = audit(url, world, asked)
+    figures = Path(os.environ.get("ZERFAUX_FIGURES_DIR", tmp_path)) / "chaos_stub.json"
+    figures.write_text(json.dumps({"kills": kills, "converged_after_last_kill_seconds": round(recovered, 2),
+                                   **result.figures()}, indent=2))
+    assert result.problems == [] and result.lost == 0 and result.duplicated == 0
+    assert result.by_status == {"succeeded": 600}
