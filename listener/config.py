@@ -74,6 +74,7 @@ class Settings:
     stub_seconds: float
     stub_vms: int
     http_port: int | None
+    http_host: str
     retention_days: float
     retry_base_seconds: float
     retry_max_seconds: float
@@ -113,6 +114,8 @@ class Settings:
             stub_seconds=_number(env, "ZERFAUX_STUB_SECONDS", 2.0, 0.0),
             stub_vms=_int(env, "ZERFAUX_STUB_VMS", 50, 0),
             http_port=_int(env, "ZERFAUX_HTTP_PORT", 0, 0) if port else None,
+            # Supabase must reach the webhook, so every interface unless narrowed.
+            http_host=env.get("ZERFAUX_HTTP_HOST") or "0.0.0.0",
             retention_days=_number(env, "ZERFAUX_OPERATIONS_RETENTION_DAYS", 30.0, 0.0),
             retry_base_seconds=_number(env, "ZERFAUX_RETRY_BASE_SECONDS", 2.0, 0.0),
             retry_max_seconds=_number(env, "ZERFAUX_RETRY_MAX_SECONDS", 300.0, 0.0),

@@ -18,7 +18,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +169,6 @@ async def serve_http(listener: Listener, host: str | None = None) -> None:
     webhook = next((s for s in listener.sources if isinstance(s, WebhookSource)), None)
     app = create_app(secret=settings.webhook_secret, webhook=webhook, store=listener.store,
                      sources=listener.sources, metrics=listener.metrics)
-    # Supabase must reach the webhook, so every interface by default; ZERFAUX_HTTP_HOST narrows it.
-    bind = host or os.environ.get("ZERFAUX_HTTP_HOST") or "0.0.0.0"
+    bind = host or settings.http_host
     log.info("HTTP on %s:%s (webhook %s)", bind, settings.http_port, "on" if webhook else "off")
     await run_server(build_server(app, bind, settings.http_port or 0), webhook)

@@ -105,6 +105,10 @@ class RealtimeSource:
             # Only rows whose new value asks for cancellation: progress updates do not come here.
             channel.on_postgres_changes(RealtimePostgresChangesListenEvent.Update, self._on_cancel, table="replication_jobs", schema="public",
                                         filter="cancel_requested=eq.true")
+            # Work given back (graceful shutdown) or due again is an UPDATE to 'queued', not an
+            # INSERT: without this, another listener would only see it at its next sweep.
+            channel.on_postgres_changes(RealtimePostgresChangesListenEvent.Update, self._on_operation, table="operations", schema="zerfaux",
+                                        filter="status=eq.queued")
             channel.on_system(on_system)
             await channel.subscribe(on_state)
             confirmed = asyncio.create_task(subscribed.wait())

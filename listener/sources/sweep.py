@@ -38,8 +38,7 @@ class SweepSource:
         try:
             state = await self._store.queue_state()
             if self._metrics is not None:
-                self._metrics.queue_depth.labels("queued").set(state.queued)
-                self._metrics.queue_depth.labels("running").set(state.running)
+                self._metrics.observe_queue(state)
             if time.monotonic() - self._last_prune >= PRUNE_EVERY_SECONDS:
                 pruned = await self._store.prune(self._retention_days)
                 self._last_prune = time.monotonic()
