@@ -88,11 +88,8 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from listener.status import print_status
 
-    url = _prepare(settings, apply_seed=False)
-    if url is None:
-        print("zerfaux status needs DATABASE_URL or the embedded default", file=sys.stderr)
-        return 2
-    return print_status(url)
+    _prepare(settings, apply_seed=False)
+    return print_status(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -342,6 +342,10 @@ class Dispatcher:
 
     async def _shutdown(self) -> None:
         if not self._runs:
+            try:
+                await self._store.release(self.worker_id, [])  # leaves zerfaux.workers: not live
+            except Exception as exc:
+                log.debug("could not deregister worker %s: %s", self.worker_id, exc)
             return
         pending = [r.task for r in self._runs.values() if r.task is not None]
         log.info("stopping: waiting up to %.0fs for %d running operation(s)",

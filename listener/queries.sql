@@ -38,18 +38,5 @@ select exists (select 1 from pg_views where schemaname = 'vault' and viewname = 
 -- name: vault_secret
 select decrypted_secret from vault.decrypted_secrets where name = %(name)s limit 1;
 
--- name: status_by_kind
-select kind, status, count(*) as n from zerfaux.operations group by kind, status order by kind, status;
-
--- name: status_recent
-select o.id, o.kind, o.subject_id, o.status, o.attempts, o.max_attempts, o.worker_id,
-       o.last_error, o.created_at, o.finished_at
-  from zerfaux.operations o order by o.created_at desc limit %(limit)s;
-
--- name: status_workers
-select worker_id, started_at, last_seen_at, running from zerfaux.workers
- where last_seen_at > now() - make_interval(secs => %(seconds)s) order by worker_id;
-
--- name: status_oldest_queued
-select extract(epoch from now() - min(created_at)) as age_seconds
-  from zerfaux.operations where status = 'queued';
+-- name: status_report
+select zerfaux.status_report(%(recent)s, %(seconds)s) as report;

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
-from listener.store_pg import PostgresStore
+from listener.config import Settings
 
 
 def _age(seconds: float | None) -> str:
@@ -19,8 +20,14 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-async def _report(url: str) -> dict[str, Any]:
-    store = PostgresStore(url, pool_size=2, retry_seconds=5.0)
+def _clock(stamp: str | None) -> str:
+    return datetime.fromisoformat(stamp).strftime("%H:%M:%S") if stamp else "-"
+
+
+async def _report(settings: Settings) -> dict[str, Any]:
+    from listener.service import make_store
+
+    store = make_store(settings)
     await store.open()
     try:
         return await store.status_report()
@@ -28,8 +35,8 @@ async def _report(url: str) -> dict[str, Any]:
         await store.close()
 
 
-def print_status(url: str) -> int:
-    report = asyncio.run(_report(url))
+def print_status(settings: Settings) -> int:
+    report = asyncio.run(_report(settings))
     print("Queue (operations by kind and status):")
     if not report["by_kind"]:
         print("  empty")
@@ -40,12 +47,12 @@ def print_status(url: str) -> int:
     if not report["workers"]:
         print("  none")
     for w in report["workers"]:
-        print(f"  {w['worker_id']:<40} running {w['running']:>3}  last seen {w['last_seen_at']:%H:%M:%S}")
+        print(f"  {w['worker_id']:<40} running {w['running']:>3}  last seen {_clock(w['last_seen_at'])}")
     print("Recent operations:")
     for op in report["recent"]:
         error = f"  {op['last_error'][:100]}" if op["last_error"] and op["status"] != "succeeded" else ""
         print(
-            f"  {op['created_at']:%H:%M:%S} {op['kind']:<20} {op['status']:<10} "
+            f"  {_clock(op['created_at'])} {op['kind']:<20} {op['status']:<10} "
             f"attempt {op['attempts']}/{op['max_attempts']}  {op['subject_id']}{error}"
         )
     return 0

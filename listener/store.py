@@ -101,3 +101,7 @@ class Store(Protocol):
 
     async def vault_secret(self, name: str) -> str | None:
         """A secret from Supabase Vault, or None where there is no Vault or no such secret."""
+
+    async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
+        """What `zerfaux status` shows (zerfaux.status_report): by_kind, recent, workers,
+        oldest_queued_seconds; timestamps as ISO text."""

@@ -135,9 +135,5 @@ class PostgresStore:
         return str(rows[0]["decrypted_secret"]) if rows else None
 
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
-        return {
-            "by_kind": await self._rows("status_by_kind"),
-            "recent": await self._rows("status_recent", {"limit": recent}),
-            "workers": await self._rows("status_workers", {"seconds": worker_seconds}),
-            "oldest_queued_seconds": (await self._one("status_oldest_queued"))["age_seconds"],
-        }
+        row = await self._one("status_report", {"recent": recent, "seconds": worker_seconds})
+        return dict(row["report"])

@@ -171,6 +171,9 @@ class PostgrestStore:
             row["next_run_after"] = datetime.fromisoformat(str(row["next_run_after"]))
         return QueueState.from_row(row)
 
+    async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
+        return dict(await self._call("status_report", {"p_recent": recent, "p_worker_seconds": worker_seconds}))
+
     async def vault_secret(self, name: str) -> str | None:
         value = await self._call("vault_secret", {"p_name": name})
         return None if value is None else str(value)
