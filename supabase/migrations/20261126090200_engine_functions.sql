@@ -33,8 +33,14 @@ begin
         with candidates as (
             select o.id, o.subject_id, o.concurrency_key, o.run_after, o.created_at
               from zerfaux.operations o
-             where (o.status = 'queued' and o.run_after <= now())
-                or (o.status = 'running' and o.lease_expires_at < now())
+             where ((o.status = 'queued' and o.run_after <= now())
+                    or (o.status = 'running' and o.lease_expires_at < now()))
+               -- A DR shell attaches the disks on the protection datastore: it waits for a
+               -- Storage vMotion of the same VM that is still queued or running.
+               and not (o.kind = 'vm.dr_shell' and exists (
+                        select 1 from zerfaux.operations m
+                         where m.kind = 'vm.storage_vmotion' and m.subject_id = o.subject_id
+                           and m.status in ('queued', 'running')))
              order by o.run_after, o.created_at
              limit p_limit * 4 + 16
                for update skip locked

@@ -64,7 +64,9 @@ grant insert (protection_group_id, vm_id, needs_storage_vmotion, needs_dr_shell)
       update (needs_storage_vmotion, needs_dr_shell)
     on public.protected_vms to authenticated;
 grant select on public.replication_jobs to authenticated;
-grant insert (protection_group_id, source_dataset, target_dataset),
+-- Only the group: which datasets are sent where is configuration (the group and its target),
+-- not something a signed-in user may point elsewhere.
+grant insert (protection_group_id),
       update (cancel_requested)
     on public.replication_jobs to authenticated;
 grant select on zerfaux.operations, zerfaux.workers to authenticated;

@@ -154,3 +154,21 @@ async def test_prune_removes_only_old_finished_operations(world: Database, store
     world.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
     assert await store.prune(30) == 1
     assert [r["kind"] for r in world.sql("select kind from zerfaux.operations")] == ["replication.run"]
+
+
+async def test_a_dr_shell_waits_for_the_storage_vmotion_of_its_vm(world: Database, store: PostgresStore) -> None:
+    vm = world.value("insert into vcenter_vms (vcenter_id, moref, name) values (%s, 'vm-1', 'a') returning id", (PRIMARY,))
+    # the DR shell is asked first, the vMotion a moment later: the vMotion still goes first
+    pvm = world.value("insert into protected_vms (protection_group_id, vm_id, needs_dr_shell) values (%s, %s, true)"
+                      " returning id", (GROUP, vm))
+    world.sql("update protected_vms set needs_storage_vmotion = true where id = %s", (pvm,))
+    [first] = await store.claim("w", 10, 30)
+    assert first.kind == "vm.storage_vmotion"
+    assert await store.fail(first.id, "w", "vCenter busy", False, 3600) == "retrying"
+    assert await store.claim("w", 10, 30) == []  # the retry is not due: the shell still waits
+    world.sql("update zerfaux.operations set run_after = now() where id = %s", (first.id,))
+    [again] = await store.claim("w", 10, 30)
+    assert again.id == first.id
+    assert await store.complete(again.id, "w", {"datastore": "zfs-protect-01"})
+    [shell] = await store.claim("w", 10, 30)
+    assert shell.kind == "vm.dr_shell"

@@ -70,7 +70,7 @@ POLICY: dict[str, dict[str, Access]] = {
     },
     "public.replication_jobs": {
         "anon": NOTHING, "service_role": ALL,
-        "authenticated": Access(select=EVERY, insert=("protection_group_id", "source_dataset", "target_dataset"),
+        "authenticated": Access(select=EVERY, insert=("protection_group_id",),
                                 update=("cancel_requested",)),
     },
     "zerfaux.operations": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
