@@ -89,3 +89,21 @@ def test_invalid_values_are_rejected_with_the_constraint_name(world: Database, s
     world.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
     with pytest.raises(psycopg.errors.CheckViolation, match=constraint):
         world.sql(statement)
+
+
+@pytest.mark.parametrize(
+    ("statement", "constraint"),
+    [
+        ("update vcenters set host = repeat('h', 300)", "vcenters_host_length"),
+        ("update protection_groups set source_dataset = repeat('a/', 200)", "protection_groups_source_dataset_length"),
+        ("update protection_groups set protection_datastore = 'ds] [evil'", "protection_groups_protection_datastore_name"),
+        ("update replication_targets set dr_datastore = e'dr\\nx'", "replication_targets_dr_datastore_name"),
+        ("update replication_targets set ssh_host_key = repeat('k', 20000)", "replication_targets_ssh_host_key_length"),
+        ("update protection_groups set dr_vm_suffix = repeat('-', 40)", "protection_groups_dr_vm_suffix_length"),
+    ],
+)
+def test_oversized_or_malformed_values_are_refused_and_change_nothing(world: Database, statement: str, constraint: str) -> None:
+    before = world.sql("select * from protection_groups"), world.sql("select * from replication_targets")
+    with pytest.raises(psycopg.errors.CheckViolation, match=constraint):
+        world.sql(statement)
+    assert (world.sql("select * from protection_groups"), world.sql("select * from replication_targets")) == before
