@@ -13,6 +13,10 @@ from handlers.errors import PermanentError
 from handlers.types import Row, VCenterEndpoint
 
 _DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.+)$")
+# vSphere refuses entity names over 80 characters; a longer one must fail here, in words,
+# not as a SOAP fault or a dropped connection that looks transient.
+MAX_VM_NAME = 80
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,19 @@ class DRShellBuilder(Protocol):
         ...
 
 
-def map_disk_path(path: str, protection_datastore: str, dr_datastore: str) -> str:
+def map_disk_path(
+    path: str, protection_datastore: str, dr_datastore: str, field: str = "vcenter_vms.disks"
+) -> str:
     """``[protection_datastore] dir/disk.vmdk`` becomes ``[dr_datastore] dir/disk.vmdk``."""
-    match = _DS_PATH.match(path)
+    match = _DS_PATH.match(path) if not _CONTROL.search(path) else None
     if not match:
-        raise PermanentError(f"disk file {path!r} is not a datastore path like '[ds] dir/disk.vmdk'")
+        raise PermanentError(
+            f"{field}: disk file {path[:300]!r} is not a datastore path like '[ds] dir/disk.vmdk' "
+            "(one line, no control characters): sync the vCenter or fix the row"
+        )
+    # A relative component would let a row attach a file outside the replica's directory tree.
+    if ".." in re.split(r"[/\\]", match["path"]):
+        raise PermanentError(f"{field}: disk file {path[:300]!r} climbs out of its directory with '..'")
     if match["ds"] != protection_datastore:
         raise PermanentError(
             f"disk {path!r} is on datastore {match['ds']!r}, not on the protection datastore "
@@ -83,19 +95,19 @@ def build_spec(payload: Mapping[str, Row]) -> ShellSpec:
         raise PermanentError(
             f"protection group {group['name']!r} has no DR vCenter: set protection_groups.dr_vcenter_id"
         )
-    disks_raw = vm.get("disks") or []
-    controllers = {d.get("controller") or "lsilogic" for d in disks_raw}
+    disks_raw = _disk_rows(vm.get("disks"))
+    controllers = {str(d.get("controller") or "lsilogic") for d in disks_raw}
     protection_ds = group.get("protection_datastore") or ""
     disks = tuple(
         ShellDisk(
-            file=map_disk_path(d["file"], protection_ds, target["dr_datastore"]),
-            capacity=int(d.get("capacity") or 0),
+            file=map_disk_path(d["file"], protection_ds, target["dr_datastore"], f"vcenter_vms.disks[{i}].file"),
+            capacity=d["capacity"],
         )
-        for d in disks_raw
+        for i, d in enumerate(disks_raw)
     )
     return ShellSpec(
         protected_vm_id=str(protected["id"]),
-        name=f"{vm['name']}{group.get('dr_vm_suffix') or '-dr'}",
+        name=shell_name(str(vm.get("name") or ""), group.get("dr_vm_suffix") or "-dr"),
         datastore=target["dr_datastore"],
         num_cpu=int(vm.get("num_cpu") or 1),
         memory_mb=int(vm.get("memory_mb") or 1024),
@@ -108,6 +120,52 @@ def build_spec(payload: Mapping[str, Row]) -> ShellSpec:
         folder=group.get("dr_folder"),
         network=group.get("dr_network"),
     )
+
+
+def shell_name(vm_name: str, suffix: str) -> str:
+    """The DR VM's name: the source VM's name and the group's suffix, checked for vSphere.
+
+    Quotes, '<', '&' and non-ASCII travel fine (SOAP escapes them); control characters do
+    not survive XML (a CR comes back as LF, a NUL is refused), so they are refused here.
+    """
+    name = f"{vm_name}{suffix}"
+    bad = _CONTROL.search(name)
+    if bad:
+        raise PermanentError(
+            f"the DR shell name {name[:100]!r} (vcenter_vms.name + protection_groups.dr_vm_suffix) "
+            f"contains the control character U+{ord(bad.group()):04X}: rename the VM at its vCenter "
+            "and sync, or fix the suffix"
+        )
+    if len(name) > MAX_VM_NAME:
+        raise PermanentError(
+            f"the DR shell name (vcenter_vms.name + protection_groups.dr_vm_suffix) is {len(name)} "
+            f"characters, over vSphere's {MAX_VM_NAME}: {name[:60]!r}...; shorten the VM's name or the suffix"
+        )
+    return name
+
+
+def _disk_rows(raw: object) -> list[dict[str, Any]]:
+    """``vcenter_vms.disks`` as a list of {file, capacity, controller}, or a PermanentError naming it."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise PermanentError(
+            f"vcenter_vms.disks must be a JSON array of disks, not {type(raw).__name__}: sync the vCenter"
+        )
+    disks = []
+    for i, d in enumerate(raw):
+        if not isinstance(d, dict) or not isinstance(d.get("file"), str):
+            raise PermanentError(
+                f"vcenter_vms.disks[{i}] has no 'file' string (got {str(d)[:200]!r}): sync the vCenter"
+            )
+        try:
+            capacity = int(d.get("capacity") or 0)
+        except (TypeError, ValueError):
+            raise PermanentError(
+                f"vcenter_vms.disks[{i}].capacity {str(d.get('capacity'))[:100]!r} is not a number of bytes"
+            ) from None
+        disks.append({**d, "capacity": capacity})
+    return disks
 
 
 class DRShellHandler:

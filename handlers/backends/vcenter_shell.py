@@ -10,6 +10,7 @@ and must never be created or destroyed here.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ CONTROLLERS: dict[str, tuple[type, list[int]]] = {
     "sata": (_dev.VirtualAHCIController, list(range(30))),
     "ide": (_dev.VirtualIDEController, [0, 1]),
 }
+_NOT_AN_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROLLER_KEY = -100  # negative keys name devices that do not exist yet, within one spec
 _IDE0_KEY = 200
 
@@ -195,6 +197,16 @@ def _network_backing(si: Any, vcenter: VCenterEndpoint, network: str, dc: Props)
     return _dev.VirtualEthernetCard.NetworkBackingInfo(deviceName=network, network=hit)
 
 
+def vsphere_name(name: str) -> str:
+    """A name as vSphere wants it in a ConfigSpec: '%' that starts no escape, '/' and '\\' escaped.
+
+    vCenter itself lists names that way ('a/b' is 'a%2fb'), so a name read by the inventory
+    sync passes through unchanged, and a raw '/' typed into a row is not taken for a path
+    (vcsim drops the connection on one, which would look like an outage and be retried).
+    """
+    return _NOT_AN_ESCAPE.sub("%25", name).replace("/", "%2f").replace("\\", "%5c")
+
+
 def build_config(spec: ShellSpec, place: Placement) -> Any:
     kind = spec.controller if spec.controller in CONTROLLERS else None
     if kind is None:
@@ -205,7 +217,8 @@ def build_config(spec: ShellSpec, place: Placement) -> Any:
     cls, units = CONTROLLERS[kind]
     if len(spec.disks) > len(units):
         raise PermanentError(
-            f"{len(spec.disks)} disks do not fit on one {kind} controller ({len(units)} slots)"
+            f"{len(spec.disks)} disks do not fit on one {kind} controller ({len(units)} slots): "
+            "check vcenter_vms.disks (sync the vCenter)"
         )
     add = vim.vm.device.VirtualDeviceSpec.Operation.add
     changes = []
@@ -237,7 +250,7 @@ def build_config(spec: ShellSpec, place: Placement) -> Any:
         )
         changes.append(vim.vm.device.VirtualDeviceSpec(operation=add, device=nic))
     return vim.vm.ConfigSpec(
-        name=spec.name,
+        name=vsphere_name(spec.name),
         guestId=spec.guest_id,
         numCPUs=spec.num_cpu,
         memoryMB=spec.memory_mb,

@@ -1,0 +1,147 @@
+"""Bad input at every boundary that reaches a SOAP call or a shell, through the real dispatcher
+(ZERFAUX_USE_STUBS=false) against vcsim and zfs-fuse (issue 7, scenario 3).
+
+Each odd value either arrives exactly (the DR VM's name in vcsim, its disk paths) or fails the
+operation at once (attempt 1, not retried) with an error naming the column to fix, and changes
+nothing else: no other row lost, no VM created, no process started, no dataset or snapshot made.
+Figures: docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyVmomi import vim
+
+from tests.integration.conftest import DR, GROUP, PRIMARY, operations
+from tests.support.engine import drain, engine_settings
+from tests.support.pg import Database
+from tests.support.vcsim import SOURCE_DS, Simulator
+
+
+@dataclass
+class Real:
+    db: Database
+    env: dict[str, str]
+
+    async def drain(self) -> None:
+        await drain(engine_settings(self.db.url, **self.env), timeout=180)
+
+
+def _point_at(db: Database, secrets: Path, sims: list[tuple[str, Simulator]]) -> None:
+    for vc_id, sim in sims:
+        (secrets / f"{sim.name}-password").write_text(sim.password)
+        db.sql("update vcenters set host = %s, port = %s, username = %s, password_secret = %s,"
+               " verify_tls = true where id = %s",
+               (sim.host, sim.port, sim.username, f"{sim.name}-password", vc_id))
+
+
+@pytest.fixture
+def vc(world: Database, vcsim_source: Simulator, vcsim_dr: Simulator, tmp_path: Path) -> Real:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(Path(vcsim_source.cert_file).read_text() + Path(vcsim_dr.cert_file).read_text())
+    _point_at(world, secrets, [(PRIMARY, vcsim_source), (DR, vcsim_dr)])
+    return Real(world, {"ZERFAUX_USE_STUBS": "false", "ZERFAUX_SECRETS_DIR": str(secrets),
+                        "ZERFAUX_VCENTER_CA_BUNDLE": str(bundle)})
+
+
+def _vm(db: Database, name: str, disks: Any, moref: str | None = None) -> Any:
+    return db.value(
+        "insert into vcenter_vms (vcenter_id, moref, name, datastore, num_cpu, memory_mb, disks)"
+        " values (%s, %s, %s, %s, 1, 256, %s::jsonb) returning id",
+        (PRIMARY, moref or f"vm-{uuid.uuid4().hex[:10]}", name, SOURCE_DS, json.dumps(disks)),
+    )
+
+
+def _disk(path: str) -> list[dict[str, Any]]:
+    return [{"file": path, "capacity": 0, "datastore": SOURCE_DS, "controller": "pvscsi"}]
+
+
+def _protect(db: Database, vm_id: Any, **flags: bool) -> str:
+    return str(db.value(
+        "insert into protected_vms (protection_group_id, vm_id, needs_storage_vmotion, needs_dr_shell)"
+        " values (%s, %s, %s, %s) returning id",
+        (GROUP, vm_id, flags.get("vmotion", False), flags.get("dr_shell", False)),
+    ))
+
+
+def _by_subject(db: Database, kind: str) -> dict[str, dict[str, Any]]:
+    return {str(o["subject_id"]): o for o in operations(db, kind)}
+
+
+def _vm_names(sim: Simulator) -> list[str]:
+    return sorted(vm.name for vm in sim.find(vim.VirtualMachine))
+
+
+async def test_dr_shell_names_and_disk_paths_arrive_exactly_or_fail_naming_the_field(
+    vc: Real, vcsim_dr: Simulator
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    # VM name -> the DR VM's name vcsim must hold ('/', '\\', a bare '%' escaped as vCenter does).
+    exact = {
+        f"q\"uo'te {tag}": f"q\"uo'te {tag}-dr",
+        f"a<b>&c;$(x) {tag}": f"a<b>&c;$(x) {tag}-dr",
+        f"nön-äscii ☃ 名前 {tag}": f"nön-äscii ☃ 名前 {tag}-dr",
+        f"sl/ash\\ 100% {tag}": f"sl%2fash%5c 100%25 {tag}-dr",
+    }
+    # VM name or disks -> words the error must hold (each names the field to fix).
+    refused: dict[str, tuple[str, Any, str]] = {
+        "newline": (f"new\nline {tag}", None, "control character U+000A"),
+        "10,000 characters": ("x" * 10_000, None, "over vSphere's 80"),
+        "disk path climbing out": (f"climb {tag}", _disk(f"[{SOURCE_DS}] ../../etc/{tag}.vmdk"), "'..'"),
+        "disk path with newline": (f"nl-disk {tag}", _disk(f"[{SOURCE_DS}] a\nb/{tag}.vmdk"),
+                                   "vcenter_vms.disks[0].file"),
+        "disks not an array": (f"obj {tag}", {"file": "x"}, "vcenter_vms.disks must be a JSON array"),
+        "disk without file": (f"nofile {tag}", [{"capacity": 1}], "vcenter_vms.disks[0] has no 'file'"),
+        "disk capacity not a number": (f"cap {tag}", [{"file": f"[{SOURCE_DS}] d/d.vmdk", "capacity": "big"}],
+                                       "vcenter_vms.disks[0].capacity"),
+        "5,000 disks (a huge jsonb)": (f"huge {tag}", [_disk(f"[{SOURCE_DS}] h{i}/d.vmdk")[0] for i in range(5000)],
+                                       "5000 disks do not fit"),
+    }
+    shells: dict[str, str] = {}
+    for name in exact:
+        directory = f"r-{uuid.uuid4().hex[:8]}"
+        vcsim_dr.add_replica(directory)
+        shells[name] = _protect(vc.db, _vm(vc.db, name, _disk(f"[{SOURCE_DS}] {directory}/disk.vmdk")), dr_shell=True)
+    # A disk path with spaces, quotes, '&', '<', ']' and non-ASCII arrives exactly too.
+    odd_dir = f"d ir]&<x>\"q'ö-{tag}"
+    (odd_path,) = vcsim_dr.add_replica(odd_dir, stem="dïsk")
+    odd = _protect(vc.db, _vm(vc.db, f"odd-disk-{tag}", _disk(f"[{SOURCE_DS}] {odd_dir}/dïsk.vmdk")), dr_shell=True)
+    bad = {case: _protect(vc.db, _vm(vc.db, name, disks if disks is not None else _disk(f"[{SOURCE_DS}] r/d.vmdk")),
+                          dr_shell=True)
+           for case, (name, disks, _) in refused.items()}
+    before = _vm_names(vcsim_dr)
+    protected_before = vc.db.value("select count(*) from protected_vms")
+
+    await vc.drain()
+
+    ops = _by_subject(vc.db, "vm.dr_shell")
+    for name, pvm in [*shells.items(), (f"odd-disk-{tag}", odd)]:
+        op = ops[pvm]
+        assert (op["status"], op["attempts"]) == ("succeeded", 1), (name, op["last_error"])
+        row = vc.db.one("select * from protected_vms where id = %s", (pvm,))
+        assert row["dr_shell_vm_created"] and not row["needs_dr_shell"] and row["last_error"] is None
+        if name in exact:
+            assert vcsim_dr.vm(row["dr_shell_vm_id"]).name == exact[name]
+            assert vcsim_dr.count_vms_named(exact[name]) == 1
+        else:
+            assert vcsim_dr.vm_disk_files(row["dr_shell_vm_id"]) == [odd_path]
+    for case, pvm in bad.items():
+        op, words = ops[pvm], refused[case][2]
+        assert (op["status"], op["attempts"]) == ("failed", 1), (case, op["last_error"])
+        assert words in op["last_error"] and "vcenter_vms." in op["last_error"], (case, op["last_error"])
+        assert len(op["last_error"]) < 1000, case  # a 10,000-character value is not echoed whole
+        row = vc.db.one("select * from protected_vms where id = %s", (pvm,))
+        assert row["last_error"] == op["last_error"] and not row["dr_shell_vm_created"]
+    after = _vm_names(vcsim_dr)
+    assert sorted(set(after) - set(before)) == sorted([*exact.values(), f"odd-disk-{tag}-dr"])
+    assert len(after) == len(before) + len(exact) + 1  # the refused ones created nothing
+    assert vc.db.value("select count(*) from protected_vms") == protected_before
+    assert vc.db.value("select count(*) from zerfaux.operations where status in ('queued', 'running')") == 0
