@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -10,6 +11,10 @@ from typing import Any, Protocol
 from handlers.context import OperationContext
 from handlers.errors import PermanentError
 from handlers.types import Row, VCenterEndpoint
+
+# A managed object id as vCenter and ESXi hand them out (vm-123, 42). pyVmomi writes it into
+# the SOAP envelope unescaped, so anything else in a row must stop here, not reach the XML.
+MOREF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,79}$")
 
 
 class StorageMover(Protocol):
@@ -44,8 +49,14 @@ class StorageVMotionHandler:
                 f"protection group {group['name']!r} has no protection_datastore: set "
                 "protection_groups.protection_datastore to the datastore backed by source_dataset"
             )
+        moref = vm.get("moref")
+        if not isinstance(moref, str) or not MOREF.fullmatch(moref):
+            raise PermanentError(
+                f"vcenter_vms.moref {str(moref)[:100]!r} of VM {str(vm.get('name'))[:100]!r} is not a "
+                "vCenter object id such as 'vm-123': sync the vCenter and fix protected_vms.vm_id"
+            )
         vcenter = VCenterEndpoint.from_row(payload["vcenter"])
         moved = await asyncio.to_thread(
-            self._backend.relocate, vcenter, vm["moref"], datastore, ctx.cancel
+            self._backend.relocate, vcenter, moref, datastore, ctx.cancel
         )
         return {"relocated": moved, "datastore": datastore}

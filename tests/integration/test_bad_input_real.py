@@ -145,3 +145,39 @@ async def test_dr_shell_names_and_disk_paths_arrive_exactly_or_fail_naming_the_f
     assert len(after) == len(before) + len(exact) + 1  # the refused ones created nothing
     assert vc.db.value("select count(*) from protected_vms") == protected_before
     assert vc.db.value("select count(*) from zerfaux.operations where status in ('queued', 'running')") == 0
+
+
+async def test_storage_vmotion_refuses_odd_morefs_and_datastores_naming_the_field(
+    vc: Real, vcsim_source: Simulator
+) -> None:
+    real_vm = next(vm for vm in vcsim_source.find(vim.VirtualMachine) if vm.name.startswith("DC0_H0_"))
+    placed = vcsim_source.vm_datastores(real_vm._moId)
+    cases = {
+        # pyVmomi writes a moref into the envelope unescaped: this one would be XML injection.
+        "moref with markup": ('vm-1"</_this><x>&', SOURCE_DS, "vcenter_vms.moref"),
+        "10,000-character moref": ("v" * 10_000, SOURCE_DS, "vcenter_vms.moref"),
+        "datastore with quotes, '&' and non-ASCII": (real_vm._moId, "ds \"q\" & <ö>", "protection_groups.protection_datastore"),
+    }
+    subjects = {}
+    for case, (moref, datastore, _) in cases.items():
+        group = vc.db.value(
+            "insert into protection_groups select (jsonb_populate_record(null::protection_groups,"
+            " to_jsonb(g) || jsonb_build_object('id', gen_random_uuid(), 'name', %s::text,"
+            " 'protection_datastore', %s::text))).* from protection_groups g where id = %s returning id",
+            (f"g-{uuid.uuid4().hex[:8]}", datastore, GROUP))
+        vm_id = _vm(vc.db, f"mv-{uuid.uuid4().hex[:6]}", _disk("[nfs-01] a/a.vmdk"), moref=moref)
+        subjects[case] = str(vc.db.value(
+            "insert into protected_vms (protection_group_id, vm_id, needs_storage_vmotion)"
+            " values (%s, %s, true) returning id", (group, vm_id)))
+    vms_before = _vm_names(vcsim_source)
+
+    await vc.drain()
+
+    ops = _by_subject(vc.db, "vm.storage_vmotion")
+    for case, pvm in subjects.items():
+        op, field = ops[pvm], cases[case][2]
+        assert (op["status"], op["attempts"]) == ("failed", 1), (case, op["last_error"])
+        assert field in op["last_error"] and len(op["last_error"]) < 1000, (case, op["last_error"])
+        assert vc.db.value("select needs_storage_vmotion from protected_vms where id = %s", (pvm,)) is True
+    assert vcsim_source.vm_datastores(real_vm._moId) == placed  # nothing moved
+    assert _vm_names(vcsim_source) == vms_before
