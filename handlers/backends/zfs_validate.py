@@ -132,7 +132,9 @@ def validate_request(request: ReplicationRequest) -> None:
     if not isinstance(request.job_id, str) or not JOB_ID.fullmatch(request.job_id):
         raise PermanentError(f"replication_jobs.id {request.job_id!r} is not an acceptable job id")
     check_dataset(request.source_dataset, "protection_groups.source_dataset")
-    check_dataset(request.target_dataset, "replication_jobs.target_dataset")
+    # Left empty on the job, it is made by the trigger from the target's root: name both.
+    check_dataset(request.target_dataset,
+                  "replication_jobs.target_dataset (replication_targets.target_root + the source's last component)")
     if request.transport not in TRANSPORTS:
         raise PermanentError(
             f"replication_targets.transport {request.transport!r} is unknown: use one of {', '.join(TRANSPORTS)}"

@@ -10,18 +10,23 @@ Figures: docs/reliability.md.
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 from pyVmomi import vim
 
-from tests.integration.conftest import DR, GROUP, PRIMARY, operations
+from tests.integration.conftest import DR, GROUP, PRIMARY, TARGET, operations
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database
 from tests.support.vcsim import SOURCE_DS, Simulator
+from tests.support.zfs import mountpoint
+from tests.support.zfshost import ZFSHost
 
 
 @dataclass
@@ -181,3 +186,94 @@ async def test_storage_vmotion_refuses_odd_morefs_and_datastores_naming_the_fiel
         assert vc.db.value("select needs_storage_vmotion from protected_vms where id = %s", (pvm,)) is True
     assert vcsim_source.vm_datastores(real_vm._moId) == placed  # nothing moved
     assert _vm_names(vcsim_source) == vms_before
+
+
+# --- replication: dataset names and SSH fields with shell metacharacters ----------------------
+
+@pytest.fixture
+def zfs_rows(world: Database, zfs_source: ZFSHost, zfs_target: ZFSHost, tmp_path: Path) -> Iterator[Real]:
+    if not zfs_source.local:
+        pytest.skip("a source on the listener's machine is needed")
+    tag = uuid.uuid4().hex[:8]
+    source, root = f"{zfs_source.pool}/bad{tag}", f"{zfs_target.pool}/baddr{tag}"
+    zfs_source.run(["zfs", "create", "-o", f"mountpoint={mountpoint('bad-' + tag)}", source])
+    zfs_target.run(["zfs", "create", "-p", "-o", "mountpoint=none", root])
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "dr-key").write_text(zfs_target.private_key)
+    (secrets / "dr-key").chmod(0o600)
+    world.sql("update replication_targets set ssh_host = %s, ssh_port = %s, ssh_user = %s, ssh_key_secret = 'dr-key',"
+              " ssh_host_key = %s, target_root = %s, transport = 'ssh', max_concurrent = 8 where id = %s",
+              (zfs_target.ssh_host, zfs_target.ssh_port, zfs_target.ssh_user, zfs_target.host_key, root, TARGET))
+    world.sql("update protection_groups set source_dataset = %s, rpo_minutes = null where id = %s", (source, GROUP))
+    yield Real(world, {"ZERFAUX_USE_STUBS": "false", "ZERFAUX_SECRETS_DIR": str(secrets)})
+    zfs_source.run(["zfs", "destroy", "-r", source], check=False)
+    zfs_target.run(["zfs", "destroy", "-r", root], check=False)
+
+
+def _everything(host: ZFSHost) -> list[str]:
+    done = host.run(["zfs", "list", "-H", "-o", "name", "-t", "all", "-r", host.pool])
+    return sorted(done.stdout.decode().split())
+
+
+async def test_shell_metacharacters_in_datasets_and_ssh_fields_reach_no_shell(
+    zfs_rows: Real, zfs_source: ZFSHost, zfs_target: ZFSHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "pwned"
+    inject = f"touch {marker}"
+    pool = zfs_source.pool
+    # (which row, its column, the value) -> the column the error must name
+    cases: list[tuple[str, str, str, str]] = [
+        ("group", "source_dataset", f"{pool}/a;{inject}", "protection_groups.source_dataset"),
+        ("group", "source_dataset", f"{pool}/$({inject})", "protection_groups.source_dataset"),
+        ("group", "source_dataset", f"{pool}/`{inject}`", "protection_groups.source_dataset"),
+        ("group", "source_dataset", f"{pool}/a|{inject}", "protection_groups.source_dataset"),
+        ("group", "source_dataset", f"{pool}/a\n{inject}", "protection_groups.source_dataset"),
+        ("group", "source_dataset", "-o mountpoint=/ x", "protection_groups.source_dataset"),
+        ("target", "target_root", f"{zfs_target.pool}/x&&{inject}", "replication_targets.target_root"),
+        ("target", "target_root", f"{zfs_target.pool}/x > /tmp/y", "replication_targets.target_root"),
+        ("target", "ssh_host", f"-oProxyCommand={inject}", "replication_targets.ssh_host"),
+        ("target", "ssh_user", "root;id>x", "replication_targets.ssh_user"),  # the column allows 64
+        ("target", "ssh_host_key", f"ssh-ed25519 AAAA$({inject})", "replication_targets.ssh_host_key"),
+    ]
+    jobs: dict[str, tuple[str, str]] = {}
+    for row, column, bad, field in cases:
+        target = TARGET
+        if row == "target":
+            target = zfs_rows.db.value(
+                "insert into replication_targets select (jsonb_populate_record(null::replication_targets,"
+                " to_jsonb(t) || jsonb_build_object('id', gen_random_uuid(), 'name', %s::text, %s::text, %s::text)"
+                ")).* from replication_targets t where id = %s returning id",
+                (f"t-{uuid.uuid4().hex[:8]}", column, bad, TARGET))
+        overrides = {"source_dataset": bad} if row == "group" else {}
+        group = zfs_rows.db.value(
+            "insert into protection_groups select (jsonb_populate_record(null::protection_groups,"
+            " to_jsonb(g) || jsonb_build_object('id', gen_random_uuid(), 'name', %s::text,"
+            " 'replication_target_id', %s::uuid) || %s::jsonb)).* from protection_groups g where id = %s returning id",
+            (f"g-{uuid.uuid4().hex[:8]}", target, json.dumps(overrides), GROUP))
+        job = zfs_rows.db.value("insert into replication_jobs (protection_group_id) values (%s) returning id", (group,))
+        jobs[str(job)] = (f"{row}.{column}={bad[:40]!r}", field)
+    jobs_before = zfs_rows.db.value("select count(*) from replication_jobs")
+    source_before, target_before = _everything(zfs_source), _everything(zfs_target)
+    started: list[object] = []
+    real_popen_init = subprocess.Popen.__init__
+
+    def spy_popen(self: Any, *args: Any, **kwargs: Any) -> None:
+        started.append(args[0] if args else kwargs.get("args"))
+        real_popen_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", spy_popen)
+    monkeypatch.setattr(paramiko.SSHClient, "connect", lambda *a, **k: started.append(("ssh", a[1:])))
+
+    await zfs_rows.drain()  # in-process, so the spies see every process and connection
+
+    monkeypatch.undo()
+    for job, (case, field) in jobs.items():
+        row = zfs_rows.db.one("select status, attempts, error from replication_jobs where id = %s", (job,))
+        assert (row["status"], row["attempts"]) == ("failed", 1), (case, row["error"])
+        assert field in row["error"] and len(row["error"]) < 1000, (case, row["error"])
+    assert started == [], started  # no zfs, ssh or syncoid process, no SSH connection
+    assert not marker.exists()
+    assert (_everything(zfs_source), _everything(zfs_target)) == (source_before, target_before)
+    assert zfs_rows.db.value("select count(*) from replication_jobs") == jobs_before
+    assert zfs_rows.db.value("select count(*) from zerfaux.operations where status in ('queued', 'running')") == 0
