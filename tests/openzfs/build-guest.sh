@@ -42,6 +42,7 @@ if [ -f "$final/ready" ]; then
 fi
 
 work=$(mktemp -d "$cache_root/.openzfs-$recipe_hash.tmp.XXXXXX")
+chmod 755 "$work"
 root=$work/rootfs
 buildlog=$work/build.log
 step=preflight
@@ -224,11 +225,7 @@ RECIPE_HASH=$recipe_hash
 KERNEL_VERSION=$kver
 KERNEL_CMDLINE="root=/dev/vda rw console=ttyS0 net.ifnames=0 mitigations=off fsck.mode=skip"
 EOF
-mv "$buildlog" "$work/build.log.keep"
-buildlog=/dev/null
 touch "$work/ready"
 mv -T "$work" "$final"
-mv "$final/build.log.keep" "$final/build.log"
-step_started=$SECONDS
-log "built $final in ${SECONDS}s"
+log "done: publish; built $final in ${SECONDS}s"
 echo "$final"

@@ -16,6 +16,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -99,16 +100,25 @@ def build_guest() -> GuestImage:
     prebuilt = os.environ.get("ZERFAUX_OPENZFS_GUEST")
     if prebuilt:
         return GuestImage.load(Path(prebuilt))
+    # A session of its own, so that a timeout stops debootstrap and apt too (the script cleans up).
+    build = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=BUILD_TIMEOUT
-        )
+        stdout, stderr = build.communicate(timeout=BUILD_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
+        os.killpg(build.pid, signal.SIGTERM)
+        try:
+            build.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(build.pid, signal.SIGKILL)
+            build.communicate()
         raise GuestError("build", f"{BUILD_SCRIPT.name} ran past {BUILD_TIMEOUT:.0f}s") from exc
-    if done.returncode != 0:
-        failed = [line for line in done.stderr.splitlines() if "FAILED at step" in line]
-        raise GuestError("build", (failed or done.stderr.splitlines()[-1:] or ["no output"])[-1])
-    return GuestImage.load(Path(done.stdout.strip().splitlines()[-1]))
+    if build.returncode != 0:
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()] or ["no output"]
+        failed = [line for line in lines if "FAILED at step" in line]
+        detail = lines[-1] if not failed or lines[-1] != failed[-1] else ""
+        raise GuestError("build", " / ".join(filter(None, [*failed[-1:], detail])))
+    return GuestImage.load(Path(stdout.strip().splitlines()[-1]))
 
 
 def free_port() -> int:
@@ -130,6 +140,7 @@ class Guest:
         self.proc: subprocess.Popen[bytes] | None = None
         self.boot_seconds = 0.0
         self.options: tuple[str, ...] = ()
+        self.answered = False
 
     def start(self) -> None:
         for tool in ("qemu-system-x86_64", "qemu-img", "ssh"):
@@ -167,14 +178,16 @@ class Guest:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        if self.answered:  # a guest that never answered is killed at once
+            try:
+                ssh_run(self.options, self.port, ["systemctl", "poweroff"], check=False, timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            ssh_run(self.options, self.port, ["systemctl", "poweroff"], check=False, timeout=15)
+            self.proc.wait(SHUTDOWN_TIMEOUT if self.answered else 0)
         except subprocess.TimeoutExpired:
-            pass
-        try:
-            self.proc.wait(SHUTDOWN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning("OpenZFS guest did not power off in %.0fs; killing qemu", SHUTDOWN_TIMEOUT)
+            if self.answered:
+                log.warning("OpenZFS guest did not power off in %.0fs; killing qemu", SHUTDOWN_TIMEOUT)
             self.proc.kill()
             self.proc.wait()
         subprocess.run(["ssh", *self.options, "-O", "exit", "-p", str(self.port), "root@127.0.0.1"],
@@ -209,7 +222,7 @@ class Guest:
                 self.proc.wait(2)
             except subprocess.TimeoutExpired:
                 break
-            if "hostfwd" not in (self.workdir / "qemu.log").read_text(errors="replace"):
+            if "forwarding" not in (self.workdir / "qemu.log").read_text(errors="replace"):
                 break
         if self.proc is None or self.proc.poll() is not None:
             output = (self.workdir / "qemu.log").read_text(errors="replace").strip()
@@ -250,6 +263,7 @@ class Guest:
             except subprocess.TimeoutExpired:
                 continue
             if done.returncode == 0:
+                self.answered = True
                 return
             last = done.stderr.decode(errors="replace").strip()
             time.sleep(1)
