@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import TypeVar
 
 from handlers.backends.zfs_exec import Result, Runner, check
 from handlers.backends.zfs_plan import Snap
-from handlers.errors import PermanentError
+from handlers.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,44 @@ def parse_size(text: str) -> int | None:
             size = int(parts[1])
             return size if 0 <= size < 1 << 50 else None
     return None
+
+
+def receive_running(runner: Runner, dataset: str) -> bool | None:
+    """Whether a ``zfs receive`` into ``dataset`` is running on the host (None: cannot tell).
+
+    A receive whose sender was killed (a cancel, a listener SIGKILLed mid-send) goes on for a
+    moment on the target; until it has exited and rolled back, the dataset's snapshot list is
+    not to be trusted, and a second receive must not start.
+    """
+    result = runner.run(["pgrep", "-a", "-f", "zfs rec"])
+    if result.rc == 1:
+        return False  # pgrep found nothing
+    if not result.ok:
+        return None
+    for line in result.out.splitlines():
+        words = line.split()[1:]
+        if len(words) >= 3 and words[0].rsplit("/", 1)[-1] == "zfs" and words[1] in ("receive", "recv") \
+                and words[-1] == dataset:
+            return True
+    return False
+
+
+def wait_for_receive(runner: Runner, dataset: str, seconds: float = 20.0) -> None:
+    """Wait for a running receive into ``dataset`` to end; TransientError if it does not."""
+    deadline = time.monotonic() + seconds
+    while True:
+        running = receive_running(runner, dataset)
+        if running is None:
+            time.sleep(1.0)  # no pgrep there: give a killed receive a moment, as before
+            return
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            raise TransientError(
+                f"a zfs receive into {dataset} is still running on {runner.label}: "
+                "waiting for it to end before another one starts"
+            )
+        time.sleep(0.25)
 
 
 def abort_partial(runner: Runner, dataset: str) -> Result:

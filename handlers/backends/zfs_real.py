@@ -134,6 +134,9 @@ class _Run:
             self._release()
 
     def _execute(self) -> ReplicationOutcome:
+        # One receive per target dataset, across processes too: an earlier attempt's receive
+        # may still be exiting, and the target's snapshots are not to be read until it has.
+        ops.wait_for_receive(self.tgt, self.tgt_ds)
         prefix = job_prefix(snapshot_name(self.req.job_id))
         src_snaps = self._source_snapshots()
         mine = find_job_snapshot(src_snaps, prefix)
@@ -296,7 +299,11 @@ class _Run:
                             lambda n: self.progress(ReplicationProgress(name, None, n, estimated)))
 
     def _clean_partial(self) -> None:
-        """After a cancel: drop the partial receive state, give the killed receive a moment to exit."""
+        """After a cancel: let the killed receive exit, then drop its partial receive state."""
+        try:
+            ops.wait_for_receive(self.tgt, self.tgt_ds)
+        except (TransientError, PermanentError) as exc:
+            log.warning("job %s: after cancel: %s", self.req.job_id, exc)
         if not self.resumable:
             return
         for _ in range(20):

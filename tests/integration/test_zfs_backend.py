@@ -301,7 +301,8 @@ def test_cancel_stops_within_seconds(backend: ZFSReplicationReal, zfs_source: ZF
     assert len(guids(zfs_source, src)) == 2
     time.sleep(0.5)
     assert list(guids(zfs_target, dst)) == [first.snapshot_name]  # no partial snapshot on the target
-    final = replicate(backend, request(str(uuid.uuid4()), src, dst, zfs_target, zfs_source, source_mode, transport))
+    # The next job converges (a transient "not there yet" is retried, as the dispatcher would).
+    final = replicate_retrying(backend, request(str(uuid.uuid4()), src, dst, zfs_target, zfs_source, source_mode, transport))
     assert_same(zfs_source, src, zfs_target, dst, final.snapshot_name)
 
 
