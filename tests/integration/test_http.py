@@ -17,6 +17,7 @@ from listener.http import build_server, create_app, run_server
 from listener.metrics import Metrics
 from listener.sources.webhook import TABLES, WebhookSource
 from listener.store_pg import PostgresStore
+from tests.support.hints import Hints
 from tests.support.pg import Database
 
 SECRET = "whsec-Zx8r1Q-s3cret"
@@ -29,18 +30,6 @@ http = httpx.Client(timeout=10)
 def _close_client() -> Iterator[None]:
     yield
     http.close()
-
-
-class Hints:
-    def __init__(self) -> None:
-        self.wakes = 0
-        self.pokes = 0
-
-    def wake(self) -> None:
-        self.wakes += 1
-
-    def poke(self) -> None:
-        self.pokes += 1
 
 
 class Served:

@@ -12,19 +12,8 @@ from listener.sources.realtime import RealtimeSource
 from tests.fakes.supabase import FakeSupabase
 from tests.integration.conftest import GROUP
 from tests.support.engine import eventually
+from tests.support.hints import Hints
 from tests.support.pg import Database
-
-
-class Hints:
-    def __init__(self) -> None:
-        self.wakes = 0
-        self.pokes = 0
-
-    def wake(self) -> None:
-        self.wakes += 1
-
-    def poke(self) -> None:
-        self.pokes += 1
 
 
 @pytest.fixture
