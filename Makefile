@@ -28,8 +28,8 @@ test: bootstrap-test
 
 bench: bootstrap-test
 	$(PY) bench/dispatch.py
-	$(PY) bench/inventory.py
-	$(PY) bench/replication.py
+	$(PY) bench/inventory.py --memory
+	$(PY) -m bench.replication
 
 # Ten minutes at 20 operations/s with two listeners (`make soak MINUTES=2` for a shorter run).
 MINUTES ?= 10
