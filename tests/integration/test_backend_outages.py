@@ -162,8 +162,11 @@ async def test_vcenter_back_before_the_attempts_run_out_and_the_work_succeeds(ou
                      lambda s: s in ("succeeded", "failed"), 60, [])
         recovered = time.monotonic() - back
     ops = {o["kind"]: o for o in db.sql("select * from zerfaux.operations")}
+    # The vMotion's second failure is what the test waited for; the sync ran beside it and may
+    # have failed only once before the simulator came back (the two are not in lockstep).
+    minimum = {"vcenter.sync": 2, "vm.storage_vmotion": 3}
     for kind in ("vcenter.sync", "vm.storage_vmotion"):
-        assert ops[kind]["status"] == "succeeded" and 3 <= ops[kind]["attempts"] <= 5, ops[kind]
+        assert ops[kind]["status"] == "succeeded" and minimum[kind] <= ops[kind]["attempts"] <= 5, ops[kind]
     assert ops["vm.storage_vmotion"]["result"]["relocated"] is True
     assert sim.vm_datastores(vm._moId) == [SOURCE_DS]
     # Not vcenter_vms.datastore: the sync may run after the move, and vcsim's relocation leaves
