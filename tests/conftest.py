@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.vcsim",
     "tests.support.zfs",
     "tests.support.openzfs",
+    "tests.support.platforms",
 ]

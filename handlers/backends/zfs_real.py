@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
+from typing import cast
 
 import paramiko
 
@@ -110,6 +111,7 @@ class _Run:
         self.notes: list[str] = []
         self.target_exists = True  # until listed: the resume path only runs on an existing target
         self.held: list[tuple[Runner, str, str]] = []
+        self.streaming = False  # a stream was under way when the attempt failed: partial state may be left
         self.tag = job_prefix(snapshot_name(request.job_id)).rstrip("_")
 
     def note(self, text: str) -> None:
@@ -130,6 +132,12 @@ class _Run:
         except OperationCancelled:
             self._clean_partial()
             raise
+        except Exception:
+            if self.resumable and self.streaming:
+                # The partial receive resumes from its base: keep the holds for the retry of this
+                # job, which releases them (as after a SIGKILL, where nothing could release them).
+                self.held = []
+            raise
         finally:
             self._release()
 
@@ -140,18 +148,22 @@ class _Run:
         prefix = job_prefix(snapshot_name(self.req.job_id))
         src_snaps = self._source_snapshots()
         mine = find_job_snapshot(src_snaps, prefix)
-        transferred = self._resume_partial(mine.name if mine else "")
+        transferred, estimated = self._resume_partial(mine.name if mine else "")
         if transferred:
             src_snaps = self._source_snapshots()
         name = mine.name if mine else snapshot_name(self.req.job_id)
         snap = mine or Snap(name, _PENDING_GUID, max((s.txg for s in src_snaps), default=0) + 1)
         parent = self.tgt_ds.rsplit("/", 1)[0] if "/" in self.tgt_ds else None
-        tgt_snaps, parent_ok, written = ops.parallel(
+        listed, parent_ok, written_bytes = ops.parallel(
             lambda: ops.snapshots(self.tgt, self.tgt_ds, self.tcaps),
             lambda: ops.exists(self.tgt, parent) if parent else True,
             lambda: ops.written(self.tgt, self.tgt_ds, self.tcaps),
         )
+        tgt_snaps = cast("list[Snap] | None", listed)
+        written = cast("int | None", written_bytes)
         self.target_exists = tgt_snaps is not None
+        if mine is not None:
+            self._adopt_holds(src_snaps, tgt_snaps or [])
         if tgt_snaps is None and not parent_ok:
             raise PermanentError(
                 f"{parent} (replication_targets.target_root) does not exist on {self.tgt.label}: "
@@ -169,7 +181,6 @@ class _Run:
             snap = made
             decided = plan(src_snaps + [snap], tgt_snaps, snap, self.tgt_ds, written)
         base = decided.base.name if decided.action == "incremental" and decided.base else None
-        estimated: int | None = None
         if decided.action != "uptodate":
             estimated = self._estimate(name, base)
             self.progress(ReplicationProgress(name, base, transferred, estimated))
@@ -197,17 +208,30 @@ class _Run:
             return None
         return ops.estimate(self.src, self.src_ds, name, base, None)
 
+    def _adopt_holds(self, src_snaps: list[Snap], tgt_snaps: list[Snap]) -> None:
+        """A retry of this job: holds an earlier attempt left (killed, or failed mid-stream) are ours to
+        release at the end. Which held snapshots carry our tag, only OpenZFS can list (zfs-fuse's
+        `zfs holds` is broken), so every held one is released by tag: "no such tag" is ignored."""
+        for runner, dataset, snaps in ((self.src, self.src_ds, src_snaps), (self.tgt, self.tgt_ds, tgt_snaps)):
+            for snap in snaps:
+                if snap.userrefs > 0 and (runner, dataset, snap.name) not in self.held:
+                    self.held.append((runner, dataset, snap.name))
+
     def _hold(self, runner: Runner, dataset: str, snap: str) -> None:
         if ops.hold(runner, self.tag, dataset, snap):
-            self.held.append((runner, dataset, snap))
+            if (runner, dataset, snap) not in self.held:
+                self.held.append((runner, dataset, snap))
         else:
             self.note(f"hold not supported by this ZFS ({runner.label}): {dataset}@{snap} was not held during the send")
 
     def _send(self, name: str, base: str | None, estimated: int | None) -> int:
         holds = [(self.src, self.src_ds, name)] + ([(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)] if base else [])
         ops.parallel(*(partial(self._hold, *h) for h in holds))
+        self.streaming = True
         send = ["zfs", "send"] + (["-i", f"{self.src_ds}@{base}"] if base else []) + [f"{self.src_ds}@{name}"]
-        return self._stream(send, lambda n: self.progress(ReplicationProgress(name, base, n, estimated)))
+        moved = self._stream(send, lambda n: self.progress(ReplicationProgress(name, base, n, estimated)))
+        self.streaming = False
+        return moved
 
     def _recv_argv(self) -> list[str]:
         return ["zfs", "receive", "-u"] + (["-s"] if self.resumable else []) + [self.tgt_ds]
@@ -277,26 +301,32 @@ class _Run:
             return PermanentError(f"{exc.where} failed: {err}")
         return TransientError(f"{exc.where} failed (exit {exc.rc}): {err}")
 
-    def _resume_partial(self, name: str) -> int:
-        """Finish an interrupted receive from its token; abandon it only if its snapshot is gone."""
+    def _resume_partial(self, name: str) -> tuple[int, int | None]:
+        """Finish an interrupted receive from its token; abandon it only if its snapshot is gone.
+
+        Returns the bytes resumed and the resume stream's estimate (the job's ``bytes_estimated``
+        when the resume was all that was left to send)."""
         if not self.resumable:
-            return 0
+            return 0, None
         token = ops.resume_token(self.tgt, self.tgt_ds, self.tcaps)
         if not token:
-            return 0
+            return 0, None
         # A dry run tells whether the token's snapshot still exists on the source (FACTS: -A only then).
         check = self.src.run(["zfs", "send", "-nP", "-t", token])
         if not check.ok:
             if "no longer exists" in check.err or "does not exist" in check.err:
                 ops.abort_partial(self.tgt, self.tgt_ds)
                 self.note("a partial receive was abandoned (zfs receive -A): its snapshot no longer exists on the source")
-                return 0
+                return 0, None
             raise TransientError(f"cannot resume into {self.tgt_ds}: zfs send -t failed on {self.src.label}: {check.err.strip()}")
         estimated = ops.parse_size(check.out + check.err)
         log.info("job %s: resuming the partial receive into %s", self.req.job_id, self.tgt_ds)
         self.note("resumed an interrupted transfer from the target's receive_resume_token")
-        return self._stream(["zfs", "send", "-t", token],
-                            lambda n: self.progress(ReplicationProgress(name, None, n, estimated)))
+        self.streaming = True
+        moved = self._stream(["zfs", "send", "-t", token],
+                             lambda n: self.progress(ReplicationProgress(name, None, n, estimated)))
+        self.streaming = False
+        return moved, estimated
 
     def _clean_partial(self) -> None:
         """After a cancel: let the killed receive exit, then drop its partial receive state."""

@@ -1,7 +1,10 @@
 """replication.run through the real dispatcher with ZERFAUX_USE_STUBS=false: rows in, ZFS out.
 
-Includes the crash that matters most: a listener SIGKILLed in the middle of a send, and the retry
-(by another listener, once the lease expires) completing with identical data.
+On zfs-fuse with the source on the listener's machine, and on OpenZFS in the QEMU guest with the
+source and the target both reached over SSH (the group's source_ssh_* columns). Includes the crash
+that matters most: a listener SIGKILLed in the middle of a send, and the retry (by another listener,
+once the lease expires) completing with identical data; on OpenZFS the retry resumes from the
+target's receive_resume_token and releases the holds the killed attempt left.
 """
 
 from __future__ import annotations
@@ -17,13 +20,23 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import GROUP, TARGET
-from tests.integration.test_zfs_backend import MiB, checksums, guids, write
 from tests.support.engine import drain, engine_settings, eventually, running, spawn
 from tests.support.pg import Database
-from tests.support.zfs import mountpoint
+from tests.support.platforms import (
+    FUSE_LOCAL,
+    OPENZFS,
+    MiB,
+    Platform,
+    checksums,
+    create_dataset,
+    guids,
+    held,
+    resume_token,
+    write,
+)
 from tests.support.zfshost import ZFSHost
 
-pytestmark = pytest.mark.zfs
+pytestmark = [pytest.mark.zfs, pytest.mark.parametrize("platform", [FUSE_LOCAL, OPENZFS], indirect=True)]
 
 
 @dataclass
@@ -39,29 +52,32 @@ class Real:
 
 
 @pytest.fixture
-def real(world: Database, zfs_source: ZFSHost, zfs_target: ZFSHost, tmp_path: Path) -> Iterator[Real]:
-    if not zfs_source.local:
-        pytest.skip("the dispatcher tests use a source on the listener's machine")
+def real(world: Database, platform: Platform, tmp_path: Path) -> Iterator[Real]:
+    source_host, target_host = platform.source, platform.target
     tag = uuid.uuid4().hex[:8]
-    source = f"{zfs_source.pool}/vm{tag}"
-    root = f"{zfs_target.pool}/dr{tag}"
-    zfs_source.run(["zfs", "create", "-o", f"mountpoint={mountpoint('dispatch-' + tag)}", source])
-    zfs_target.run(["zfs", "create", "-p", "-o", "mountpoint=none", root])
+    source = f"{source_host.pool}/vm{tag}"
+    root = f"{target_host.pool}/dr{tag}"
+    create_dataset(source_host, source, "dispatch-" + tag)
+    target_host.run(["zfs", "create", "-p", "-o", "mountpoint=none", root])
     secrets = tmp_path / "secrets"
     secrets.mkdir(mode=0o700)
-    key = secrets / "dr-key"
-    key.write_text(zfs_target.private_key)
-    key.chmod(0o600)
+    for name, host in (("dr-key", target_host), ("src-key", source_host)):
+        (secrets / name).write_text(host.private_key)
+        (secrets / name).chmod(0o600)
     world.sql(
         "update replication_targets set ssh_host = %s, ssh_port = %s, ssh_user = %s, ssh_key_secret = 'dr-key',"
         " ssh_host_key = %s, target_root = %s, transport = 'ssh' where id = %s",
-        (zfs_target.ssh_host, zfs_target.ssh_port, zfs_target.ssh_user, zfs_target.host_key, root, TARGET),
+        (target_host.ssh_host, target_host.ssh_port, target_host.ssh_user, target_host.host_key, root, TARGET),
     )
     world.sql("update protection_groups set source_dataset = %s, rpo_minutes = null, retention_snapshots = 3"
               " where id = %s", (source, GROUP))
+    if platform.mode == "ssh":
+        world.sql("update protection_groups set source_ssh_host = %s, source_ssh_port = %s, source_ssh_user = %s,"
+                  " source_ssh_key_secret = 'src-key', source_ssh_host_key = %s where id = %s",
+                  (source_host.ssh_host, source_host.ssh_port, source_host.ssh_user, source_host.host_key, GROUP))
     yield Real(world, {"ZERFAUX_USE_STUBS": "false", "ZERFAUX_SECRETS_DIR": str(secrets)}, source, root)
-    zfs_source.run(["zfs", "destroy", "-r", source], check=False)
-    zfs_target.run(["zfs", "destroy", "-r", root], check=False)
+    source_host.run(["zfs", "destroy", "-R", source], check=False)
+    target_host.run(["zfs", "destroy", "-R", root], check=False)
 
 
 def same_data(real: Real, source: ZFSHost, target: ZFSHost, snap: str) -> None:
@@ -69,8 +85,9 @@ def same_data(real: Real, source: ZFSHost, target: ZFSHost, snap: str) -> None:
     assert checksums(target, f"{real.target}@{snap}") == checksums(source, f"{real.source}@{snap}")
 
 
-async def test_jobs_replicate_through_the_dispatcher(real: Real, zfs_source: ZFSHost, zfs_target: ZFSHost) -> None:
-    write(zfs_source, real.source, "disk-flat.vmdk", 8 * MiB)
+async def test_jobs_replicate_through_the_dispatcher(real: Real, platform: Platform) -> None:
+    zfs_source, zfs_target = platform.source, platform.target
+    write(zfs_source, real.source, "disk-flat.vmdk", platform.size(8, 8))
     real.db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
     await drain(engine_settings(real.db.url, **real.env), timeout=120)
     first = real.db.one("select * from replication_jobs")
@@ -88,7 +105,9 @@ async def test_jobs_replicate_through_the_dispatcher(real: Real, zfs_source: ZFS
     same_data(real, zfs_source, zfs_target, second["snapshot_name"])
 
 
-async def test_a_diverged_target_fails_the_job_in_words(real: Real, zfs_source: ZFSHost, zfs_target: ZFSHost) -> None:
+async def test_a_diverged_target_fails_the_job_in_words(real: Real, platform: Platform) -> None:
+    zfs_target = platform.target
+    zfs_source = platform.source
     write(zfs_source, real.source, "a", 1 * MiB)
     real.db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
     await drain(engine_settings(real.db.url, **real.env), timeout=120)
@@ -100,29 +119,45 @@ async def test_a_diverged_target_fails_the_job_in_words(real: Real, zfs_source: 
     assert "made-at-dr" in guids(zfs_target, real.target)
 
 
-async def test_sigkill_mid_send_then_the_retry_completes_with_identical_data(
-    real: Real, zfs_source: ZFSHost, zfs_target: ZFSHost
-) -> None:
-    write(zfs_source, real.source, "disk-flat.vmdk", 384 * MiB)
+async def test_sigkill_mid_send_then_the_retry_completes_with_identical_data(real: Real, platform: Platform) -> None:
+    source, target = platform.source, platform.target
+    write(source, real.source, "disk-flat.vmdk", platform.size(384, 40))
     listener = spawn(real.db.url, "run", env=real.env)
     try:
         job = real.db.value("insert into replication_jobs (protection_group_id) values (%s) returning id", (GROUP,))
-        await eventually(lambda: real.db.value("select bytes_transferred from replication_jobs") > 0, timeout=60)
+        # Half way where the estimate says (resume then has visibly less to do), else at the first bytes.
+        await eventually(lambda: real.db.value("select bytes_transferred > coalesce(bytes_estimated / 2, 0)"
+                                               " from replication_jobs"), timeout=120)
         listener.send_signal(signal.SIGKILL)
     finally:
         listener.kill()
         listener.communicate(timeout=30)
-    assert real.db.value("select status from replication_jobs") == "running"  # nobody finished it
-    snaps_after_crash = guids(zfs_source, real.source)
+    crashed = real.db.one("select status, snapshot_name, bytes_estimated from replication_jobs")
+    assert crashed["status"] == "running"  # nobody finished it
+    snaps_after_crash = guids(source, real.source)
     assert len(snaps_after_crash) == 1
+    if platform.has("resume"):
+        # The killed listener's ssh ends die with their pipes; the receive keeps what it got.
+        assert await eventually(lambda: resume_token(target, real.target), timeout=60)
+    if platform.has("hold"):  # SIGKILL leaves the attempt's hold: the retry of the same job releases it
+        assert held(source, f"{real.source}@{crashed['snapshot_name']}")
 
     async with running(engine_settings(real.db.url, **real.env)):
         await eventually(lambda: real.db.value("select status from replication_jobs") in ("completed", "failed"),
                          timeout=180, interval=0.5)
     row = real.db.one("select * from replication_jobs where id = %s", (job,))
     assert row["status"] == "completed", row["error"]
-    assert guids(zfs_source, real.source) == snaps_after_crash  # the retry reused the crashed attempt's snapshot
+    assert guids(source, real.source) == snaps_after_crash  # the retry reused the crashed attempt's snapshot
     assert row["snapshot_name"] in snaps_after_crash
-    same_data(real, zfs_source, zfs_target, row["snapshot_name"])
+    same_data(real, source, target, row["snapshot_name"])
+    assert not held(source, f"{real.source}@{row['snapshot_name']}")
+    if platform.has("resume"):
+        assert "resumed" in (row["notes"] or ""), row["notes"]
+        full = crashed["bytes_estimated"]
+        assert full and row["bytes_estimated"], (crashed, row["bytes_estimated"])
+        assert 0 < row["bytes_transferred"] < 0.6 * full, (row["bytes_transferred"], full)
+        assert resume_token(target, real.target) is None
+    else:
+        assert "resume not supported" in (row["notes"] or ""), row["notes"]
     # The killed listener's private-key directory was swept by the next backend to start.
     assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"zerfaux-ssh-{listener.pid}-")]
