@@ -171,7 +171,11 @@ class _Run:
             )
         written = written if self.target_exists else None
         # Decide before making the snapshot: a refused target leaves the source untouched.
-        decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
+        try:
+            decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
+        except PermanentError:
+            tgt_snaps, written = self._settled_target(tgt_snaps, written)
+            decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
         if mine is None:
             ops.create_snapshot(self.src, self.src_ds, name, self.req.job_id)
             log.info("job %s: snapshot %s@%s made on %s", self.req.job_id, self.src_ds, name, self.src.label)
@@ -190,6 +194,26 @@ class _Run:
         log.info("job %s: %s@%s is on %s (%s, %d bytes)", self.req.job_id, self.tgt_ds, name, self.tgt.label,
                  decided.action, transferred)
         return ReplicationOutcome(name, base, transferred, estimated, tuple(self.notes))
+
+    def _settled_target(self, seen: list[Snap] | None, written: int | None,
+                        reads: int = 5) -> tuple[list[Snap] | None, int | None]:
+        """Read the target again before refusing it: only a listing that holds still is trusted.
+
+        A receive aborted a moment ago (a cancel, a killed sender) can still be rolling back in
+        the ZFS daemon after its client exited; zfs-fuse was seen listing no snapshots at all
+        then. A refusal is permanent, so it must rest on two equal reads a second apart.
+        """
+        for _ in range(reads):
+            time.sleep(1.0)
+            again = ops.snapshots(self.tgt, self.tgt_ds, self.tcaps)
+            again_written = ops.written(self.tgt, self.tgt_ds, self.tcaps) if again is not None else None
+            if again == seen and again_written == written:
+                return again, again_written
+            seen, written = again, again_written
+        raise TransientError(
+            f"{self.tgt_ds} on {self.tgt.label} kept changing while it was read (a receive may still be "
+            "ending): the next attempt will look again"
+        )
 
     def _source_snapshots(self) -> list[Snap]:
         found = ops.snapshots(self.src, self.src_ds, self.scaps)
