@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import cast
@@ -61,6 +62,20 @@ def _receive_lock(endpoint: SSHEndpoint, dataset: str, cancel: threading.Event) 
         lock.release()
 
 
+def _connect_both(target: Peer, source: Peer | None, cipher: str) -> tuple[paramiko.SSHClient, paramiko.SSHClient | None]:
+    """Both sessions at once (a handshake is a few round trips each); a failure closes the other one."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfs-connect") as pool:
+        futures = [pool.submit(connect, target, cipher)] + ([pool.submit(connect, source, cipher)] if source else [])
+        wait(futures)
+    failed = [exc for f in futures if (exc := f.exception()) is not None]
+    if failed:
+        for future in futures:
+            if future.exception() is None:
+                future.result().close()
+        raise failed[0]
+    return futures[0].result(), futures[1].result() if source else None
+
+
 class ZFSReplicationReal:
     def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com") -> None:
         self._secrets = secrets
@@ -79,9 +94,8 @@ class ZFSReplicationReal:
         with ExitStack() as stack, _receive_lock(request.target, request.target_dataset, cancel):
             files = KeyFiles()
             stack.callback(files.close)
-            target_client = connect(target, self._cipher)
+            target_client, source_client = _connect_both(target, source, self._cipher)
             stack.callback(target_client.close)
-            source_client = connect(source, self._cipher) if source else None
             if source_client is not None:
                 stack.callback(source_client.close)
             if source_client is None and shutil.which("zfs") is None:
@@ -144,9 +158,10 @@ class _Run:
     def _execute(self) -> ReplicationOutcome:
         # One receive per target dataset, across processes too: an earlier attempt's receive
         # may still be exiting, and the target's snapshots are not to be read until it has.
-        ops.wait_for_receive(self.tgt, self.tgt_ds)
+        # The source's list does not depend on that wait: read it meanwhile.
+        src_snaps = cast("list[Snap]", ops.parallel(partial(ops.wait_for_receive, self.tgt, self.tgt_ds),
+                                                     self._source_snapshots)[1])
         prefix = job_prefix(snapshot_name(self.req.job_id))
-        src_snaps = self._source_snapshots()
         mine = find_job_snapshot(src_snaps, prefix)
         transferred, estimated = self._resume_partial(mine.name if mine else "")
         if transferred:
@@ -186,7 +201,11 @@ class _Run:
             decided = plan(src_snaps + [snap], tgt_snaps, snap, self.tgt_ds, written)
         base = decided.base.name if decided.action == "incremental" and decided.base else None
         if decided.action != "uptodate":
-            estimated = self._estimate(name, base)
+            holds = [(self.src, self.src_ds, name)]
+            if base:
+                holds += [(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)]
+            # Hold the base on both sides (and our snapshot) while the stream flows; estimate meanwhile.
+            estimated = ops.parallel(partial(self._estimate, name, base), *(partial(self._hold, *h) for h in holds))[0]
             self.progress(ReplicationProgress(name, base, transferred, estimated))
             transferred += self._send(name, base, estimated)
         ops.parallel(partial(self._verify, snap), self._release)
@@ -249,8 +268,6 @@ class _Run:
             self.note(f"hold not supported by this ZFS ({runner.label}): {dataset}@{snap} was not held during the send")
 
     def _send(self, name: str, base: str | None, estimated: int | None) -> int:
-        holds = [(self.src, self.src_ds, name)] + ([(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)] if base else [])
-        ops.parallel(*(partial(self._hold, *h) for h in holds))
         self.streaming = True
         send = ["zfs", "send"] + (["-i", f"{self.src_ds}@{base}"] if base else []) + [f"{self.src_ds}@{name}"]
         moved = self._stream(send, lambda n: self.progress(ReplicationProgress(name, base, n, estimated)))
