@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import tempfile
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,8 +94,18 @@ def test_real_backends_missing_their_tools_fail_at_start_saying_what_is_missing(
     assert "ZERFAUX_USE_STUBS=false" in out
 
 
-def test_make_run_path_embedded_postgres_prints_commands_that_work(tmp_path: Path) -> None:
-    home = tmp_path / "zf"
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A home for the embedded Postgres that its server user can reach: as root, pgserver runs
+    Postgres as an unprivileged user, and pytest's own temp dirs are private to root."""
+    home = Path(tempfile.mkdtemp(prefix="zerfaux-embedded-", dir="/tmp"))
+    home.chmod(0o755)
+    yield home / "zf"
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_make_run_path_embedded_postgres_prints_commands_that_work(embedded_home: Path) -> None:
+    home = embedded_home
     proc = spawn(None, "run", env={"ZERFAUX_HOME": str(home), "ZERFAUX_STUB_SECONDS": "0.2"})
     lines: list[str] = []
     try:
@@ -129,8 +142,8 @@ def test_make_run_path_embedded_postgres_prints_commands_that_work(tmp_path: Pat
     assert code == 0, "".join(lines) + out
 
 
-def test_demo_on_the_embedded_default_converges_and_says_so(tmp_path: Path) -> None:
-    proc = spawn(None, "demo", env={"ZERFAUX_HOME": str(tmp_path / "zf"), "ZERFAUX_STUB_SECONDS": "0.5"})
+def test_demo_on_the_embedded_default_converges_and_says_so(embedded_home: Path) -> None:
+    proc = spawn(None, "demo", env={"ZERFAUX_HOME": str(embedded_home), "ZERFAUX_STUB_SECONDS": "0.5"})
     code, out = finish(proc, sig=None, timeout=180)
     assert code == 0, out
     for step in ("1. inventory sync", "2. protect", "3. replicate", "4. create the DR shell"):
