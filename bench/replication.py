@@ -92,9 +92,8 @@ def plain_syncoid(source: str, target: str, sshd: Sshd, key: str, known: str) ->
     subprocess.run(argv, check=True, capture_output=True, timeout=WATCHDOG_SECONDS)
 
 
-def zerfaux(backend: ZFSReplicationReal, sshd: Sshd, source: str, target: str, transport: str) -> int:
-    endpoint = SSHEndpoint("127.0.0.1", sshd.port, "root", "bench", sshd.host_key)
-    request = ReplicationRequest(str(uuid.uuid4()), source, target, transport, endpoint, None, None, None)
+def replicate_bounded(backend: ZFSReplicationReal, request: ReplicationRequest) -> int:
+    """One replication, cancelled by a watchdog if it outlives WATCHDOG_SECONDS; bytes sent."""
     cancel = threading.Event()
     watchdog = threading.Timer(WATCHDOG_SECONDS, cancel.set)
     watchdog.start()
@@ -102,6 +101,11 @@ def zerfaux(backend: ZFSReplicationReal, sshd: Sshd, source: str, target: str, t
         return backend.replicate(request, lambda p: None, cancel).bytes_transferred
     finally:
         watchdog.cancel()
+
+
+def zerfaux(backend: ZFSReplicationReal, sshd: Sshd, source: str, target: str, transport: str) -> int:
+    endpoint = SSHEndpoint("127.0.0.1", sshd.port, "root", "bench", sshd.host_key)
+    return replicate_bounded(backend, ReplicationRequest(str(uuid.uuid4()), source, target, transport, endpoint, None, None, None))
 
 
 def stream_size(snapshot: str) -> int:
@@ -156,15 +160,8 @@ def openzfs_section(size_mib: int, rounds: int) -> float:
         print(f"full stream: {stream / MB:.1f} MB", flush=True)
 
         def zerfaux_guest(into: str) -> int:
-            request = ReplicationRequest(str(uuid.uuid4()), dataset, into, "ssh", guest_endpoint(target),
-                                         guest_endpoint(source), None, None)
-            cancel = threading.Event()
-            watchdog = threading.Timer(WATCHDOG_SECONDS, cancel.set)
-            watchdog.start()
-            try:
-                return backend.replicate(request, lambda p: None, cancel).bytes_transferred
-            finally:
-                watchdog.cancel()
+            return replicate_bounded(backend, ReplicationRequest(
+                str(uuid.uuid4()), dataset, into, "ssh", guest_endpoint(target), guest_endpoint(source), None, None))
 
         # Warm the capability cache, as a long-lived listener has it, with an untimed tiny replication.
         source.run(["zfs", "create", f"{source.pool}/warm"])
