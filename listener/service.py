@@ -101,7 +101,7 @@ def build_listener(settings: Settings, store: Store | None = None) -> Listener:
     )
     listener = Listener(settings, store, handlers, dispatcher, metrics)
     holder["listener"] = listener
-    url = database_url(settings) if not settings.supabase_url or settings.database_url else None
+    url = database_url(settings)  # None with only SUPABASE_URL: no LISTEN, Realtime wakes instead
     if url is not None:
         listener.sources.append(NotifySource(url, dispatcher.wake, dispatcher.poke))
     if settings.supabase_url and settings.supabase_key:
