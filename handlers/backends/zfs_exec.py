@@ -75,13 +75,14 @@ class LocalRunner:
 
     def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> Result:
         args = list(argv)
-        log.debug("local: %s", shlex.join(args))
+        started = time.monotonic()
         try:
             done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
         except FileNotFoundError as exc:
             raise PermanentError(f"{args[0]} is not installed on the listener's machine") from exc
         except subprocess.TimeoutExpired as exc:
             raise TransientError(f"{shlex.join(args)} did not finish within {timeout:.0f} s") from exc
+        log.debug("local: %s (exit %d, %.0f ms)", shlex.join(args), done.returncode, (time.monotonic() - started) * 1000)
         return Result(tuple(args), done.returncode, done.stdout.decode(errors="replace"),
                       done.stderr.decode(errors="replace"))
 
@@ -97,7 +98,7 @@ class ParamikoRunner:
     def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> Result:
         args = tuple(argv)
         command = shlex.join(args)
-        log.debug("%s: %s", self.label, command)
+        started = time.monotonic()
         try:
             transport = self.client.get_transport()
             if transport is None or not transport.is_active():
@@ -127,4 +128,5 @@ class ParamikoRunner:
             chan.close()
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransientError(f"SSH session to {self.label} failed during {command}: {exc}") from None
+        log.debug("%s: %s (exit %d, %.0f ms)", self.label, command, rc, (time.monotonic() - started) * 1000)
         return Result(args, rc, out.decode(errors="replace"), err.decode(errors="replace"))

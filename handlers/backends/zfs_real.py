@@ -303,7 +303,7 @@ class _Run:
         except Ended as exc:
             raise self._explain(exc) from None
         finally:
-            log.debug("job %s: transfer ran %.1f s", self.req.job_id, time.monotonic() - started)
+            log.debug("job %s: transfer ran %.3f s", self.req.job_id, time.monotonic() - started)
 
     def _syncoid_can_list(self) -> bool:
         """syncoid lists the source's snapshots, and the target's once it exists, with `zfs get -t`."""

@@ -94,6 +94,13 @@ def zfs_fuse_running(workdir: str) -> Iterator[None]:
             if not pools.stdout.strip():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(started, signal.SIGTERM)
+                # Wait for it to go: a zfs-fuse started while this one still exits fails to start.
+                for _ in range(100):
+                    try:
+                        os.kill(started, 0)
+                    except ProcessLookupError:
+                        break
+                    time.sleep(0.1)
 
 
 @contextlib.contextmanager
