@@ -7,10 +7,13 @@ list is joined with ``shlex.join`` so the remote shell sees each argument as one
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import shlex
 import subprocess
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +56,10 @@ class Runner(Protocol):
 
     def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> Result: ...
 
+    def run_many(self, commands: Sequence[Sequence[str]], timeout: float = COMMAND_TIMEOUT) -> list[Result]:
+        """Several independent commands, each with its own result, in as few round trips as the host allows."""
+        ...
+
 
 def zfs_error(result: Result, where: str, what: str) -> PermanentError | TransientError:
     """A failed zfs command in words, carrying its stderr."""
@@ -85,6 +92,13 @@ class LocalRunner:
         log.debug("local: %s (exit %d, %.0f ms)", shlex.join(args), done.returncode, (time.monotonic() - started) * 1000)
         return Result(tuple(args), done.returncode, done.stdout.decode(errors="replace"),
                       done.stderr.decode(errors="replace"))
+
+    def run_many(self, commands: Sequence[Sequence[str]], timeout: float = COMMAND_TIMEOUT) -> list[Result]:
+        # Here a command costs a fork, not a round trip: run them side by side, never through a shell.
+        if len(commands) == 1:
+            return [self.run(commands[0], timeout)]
+        with ThreadPoolExecutor(max_workers=len(commands), thread_name_prefix="zfs-local") as pool:
+            return list(pool.map(lambda argv: self.run(argv, timeout), commands))
 
 
 class ParamikoRunner:
@@ -130,3 +144,38 @@ class ParamikoRunner:
             raise TransientError(f"SSH session to {self.label} failed during {command}: {exc}") from None
         log.debug("%s: %s (exit %d, %.0f ms)", self.label, command, rc, (time.monotonic() - started) * 1000)
         return Result(args, rc, out.decode(errors="replace"), err.decode(errors="replace"))
+
+    def run_many(self, commands: Sequence[Sequence[str]], timeout: float = COMMAND_TIMEOUT) -> list[Result]:
+        """All the commands in one session, one after another: one round trip instead of one each.
+
+        Each command is shlex-quoted as ``run`` does; the script only adds separators that carry
+        each command's exit status. The separator holds a fresh random word, so no output can
+        forge one.
+        """
+        if len(commands) == 1:
+            return [self.run(commands[0], timeout)]
+        script = batch_script(commands, mark := "zerfaux-" + secrets.token_hex(8))
+        whole = self.run(["sh", "-c", script], timeout)
+        results = split_batch(commands, mark, whole.out, whole.err)
+        if results is None:
+            raise TransientError(
+                f"a batch of {len(commands)} commands on {self.label} ended early "
+                f"(exit {whole.rc}): {whole.err.strip()[-300:] or 'no output'}"
+            )
+        return results
+
+
+def batch_script(commands: Sequence[Sequence[str]], mark: str) -> str:
+    """A POSIX sh script running each command and then printing ``mark`` with its exit status."""
+    steps = [f"{shlex.join(argv)} </dev/null; s=$?; echo; echo {mark} $s; echo >&2; echo {mark} >&2"
+             for argv in commands]
+    return "\n".join(steps)
+
+
+def split_batch(commands: Sequence[Sequence[str]], mark: str, out: str, err: str) -> list[Result] | None:
+    """The results of ``batch_script``'s commands, or None when the output does not hold them all."""
+    outs = re.split(rf"\n{mark} (\d+)\n", out)
+    errs = re.split(rf"\n{mark}\n", err)
+    if len(outs) != 2 * len(commands) + 1 or len(errs) != len(commands) + 1:
+        return None
+    return [Result(tuple(argv), int(outs[2 * i + 1]), outs[2 * i], errs[i]) for i, argv in enumerate(commands)]

@@ -95,26 +95,38 @@ def capabilities(runner: Runner, pool: str) -> Caps:
 
 
 def exists(runner: Runner, dataset: str) -> bool:
-    result = runner.run(["zfs", "list", "-H", "-o", "name", dataset])
+    return parse_exists(runner.run(exists_argv(dataset)), runner.label, dataset)
+
+
+def exists_argv(dataset: str) -> list[str]:
+    return ["zfs", "list", "-H", "-o", "name", dataset]
+
+
+def parse_exists(result: Result, where: str, dataset: str) -> bool:
     if result.ok:
         return True
     if "does not exist" in result.err:
         return False
-    check(result, runner.label, f"looking up {dataset}")
+    check(result, where, f"looking up {dataset}")
     return False
 
 
 def snapshots(runner: Runner, dataset: str, caps: Caps) -> list[Snap] | None:
-    """The dataset's snapshots oldest first, or None when the dataset does not exist.
+    """The dataset's snapshots oldest first, or None when the dataset does not exist."""
+    return parse_snapshots(runner.run(snapshots_argv(dataset, caps)), runner.label, dataset)
 
-    ``zfs get -d 1`` because zfs-fuse's ``zfs list`` has no guid column and its ``get`` no ``-t``.
-    """
+
+def snapshots_argv(dataset: str, caps: Caps) -> list[str]:
+    # ``zfs get -d 1`` because zfs-fuse's ``zfs list`` has no guid column and its ``get`` no ``-t``.
     props = "guid,createtxg,userrefs" if caps.userrefs else "guid,createtxg"
-    result = runner.run(["zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", props, dataset])
+    return ["zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", props, dataset]
+
+
+def parse_snapshots(result: Result, where: str, dataset: str) -> list[Snap] | None:
     if not result.ok:
         if "does not exist" in result.err:
             return None
-        check(result, runner.label, f"listing snapshots of {dataset}")
+        check(result, where, f"listing snapshots of {dataset}")
     rows: dict[str, dict[str, str]] = {}
     for line in result.out.splitlines():
         parts = line.split("\t")
@@ -129,7 +141,14 @@ def snapshots(runner: Runner, dataset: str, caps: Caps) -> list[Snap] | None:
 
 
 def get_value(runner: Runner, dataset: str, prop: str) -> str | None:
-    result = runner.run(["zfs", "get", "-Hp", "-o", "value", prop, dataset])
+    return parse_value(runner.run(get_argv(dataset, prop)))
+
+
+def get_argv(dataset: str, prop: str) -> list[str]:
+    return ["zfs", "get", "-Hp", "-o", "value", prop, dataset]
+
+
+def parse_value(result: Result) -> str | None:
     if not result.ok:
         return None
     value = result.out.strip()
@@ -141,8 +160,66 @@ def resume_token(runner: Runner, dataset: str, caps: Caps) -> str | None:
 
 
 def written(runner: Runner, dataset: str, caps: Caps) -> int | None:
-    value = get_value(runner, dataset, "written") if caps.written else None
+    return parse_written(get_value(runner, dataset, "written") if caps.written else None)
+
+
+def parse_written(value: str | None) -> int | None:
     return int(value) if value and value.isdigit() else None
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """What one look at the target dataset shows, read in one round trip."""
+
+    receiving: bool | None  # a zfs receive into the dataset is running (None: no pgrep there)
+    snaps: list[Snap] | None  # None: the dataset does not exist
+    parent_ok: bool  # the dataset's parent exists (True when it has none)
+    written: int | None  # bytes written since its newest snapshot, where ZFS can say
+    token: str | None  # receive_resume_token of a partial receive
+
+
+def target_state(runner: Runner, dataset: str, caps: Caps) -> TargetState:
+    """Receive running?, snapshots, parent, ``written`` and resume token: one batch on the host."""
+    parent = dataset.rsplit("/", 1)[0] if "/" in dataset else None
+    commands = [RECEIVE_PGREP, snapshots_argv(dataset, caps)]
+    if parent:
+        commands.append(exists_argv(parent))
+    if caps.written:
+        commands.append(get_argv(dataset, "written"))
+    if caps.resume:
+        commands.append(get_argv(dataset, "receive_resume_token"))
+    results = iter(runner.run_many(commands))
+    receiving = parse_receive_running(next(results), dataset)
+    snaps = parse_snapshots(next(results), runner.label, dataset)
+    parent_ok = parse_exists(next(results), runner.label, parent) if parent else True
+    written_value = parse_written(parse_value(next(results))) if caps.written else None
+    token = parse_value(next(results)) if caps.resume else None
+    if snaps is None:
+        written_value, token = None, None
+    return TargetState(receiving, snaps, parent_ok, written_value, token)
+
+
+def settled_target_state(runner: Runner, dataset: str, caps: Caps, seconds: float = 20.0) -> TargetState:
+    """``target_state`` once no receive into the dataset runs; TransientError if one does not end.
+
+    A receive whose sender was killed (a cancel, a listener SIGKILLed mid-send) goes on for a
+    moment on the target; until it has exited and rolled back, the dataset's snapshot list is
+    not to be trusted, and a second receive must not start.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        state = target_state(runner, dataset, caps)
+        if state.receiving is None:
+            time.sleep(1.0)  # no pgrep there: give a killed receive a moment, then look again
+            return target_state(runner, dataset, caps)
+        if not state.receiving:
+            return state
+        if time.monotonic() >= deadline:
+            raise TransientError(
+                f"a zfs receive into {dataset} is still running on {runner.label}: "
+                "waiting for it to end before another one starts"
+            )
+        time.sleep(0.25)
 
 
 def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str) -> None:
@@ -190,14 +267,15 @@ def parse_size(text: str) -> int | None:
     return None
 
 
-def receive_running(runner: Runner, dataset: str) -> bool | None:
-    """Whether a ``zfs receive`` into ``dataset`` is running on the host (None: cannot tell).
+RECEIVE_PGREP = ["pgrep", "-a", "-f", "zfs rec"]
 
-    A receive whose sender was killed (a cancel, a listener SIGKILLed mid-send) goes on for a
-    moment on the target; until it has exited and rolled back, the dataset's snapshot list is
-    not to be trusted, and a second receive must not start.
-    """
-    result = runner.run(["pgrep", "-a", "-f", "zfs rec"])
+
+def receive_running(runner: Runner, dataset: str) -> bool | None:
+    """Whether a ``zfs receive`` into ``dataset`` is running on the host (None: cannot tell)."""
+    return parse_receive_running(runner.run(RECEIVE_PGREP), dataset)
+
+
+def parse_receive_running(result: Result, dataset: str) -> bool | None:
     if result.rc == 1:
         return False  # pgrep found nothing
     if not result.ok:

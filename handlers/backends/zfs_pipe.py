@@ -94,7 +94,10 @@ class ProcEnd:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
-        self.kill()
+        # Only a command still running is killed: once it was reaped its group id may be reused,
+        # and an ssh master it left (ControlPersist) lives in a session of its own.
+        if self.proc.poll() is None:
+            self.kill()
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             self.pipe.close()
             self.proc.wait(5)

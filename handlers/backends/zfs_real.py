@@ -26,7 +26,14 @@ from handlers.backends import zfs_ops as ops
 from handlers.backends.zfs_exec import LocalRunner, ParamikoRunner, Runner
 from handlers.backends.zfs_pipe import ChannelEnd, Ended, ProcEnd, relay
 from handlers.backends.zfs_plan import Snap, find_job_snapshot, job_prefix, plan, prunable
-from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, connect, sweep_stale_key_dirs
+from handlers.backends.zfs_ssh import (
+    KeyFiles,
+    Peer,
+    SessionPool,
+    SharedConnections,
+    classify_ssh_failure,
+    sweep_stale_key_dirs,
+)
 from handlers.backends.zfs_syncoid import run_syncoid, syncoid_argv
 from handlers.backends.zfs_validate import check_cipher, parse_host_key, validate_request
 from handlers.errors import OperationCancelled, PermanentError, TransientError
@@ -62,10 +69,13 @@ def _receive_lock(endpoint: SSHEndpoint, dataset: str, cancel: threading.Event) 
         lock.release()
 
 
-def _connect_both(target: Peer, source: Peer | None, cipher: str) -> tuple[paramiko.SSHClient, paramiko.SSHClient | None]:
+def _connect_both(sessions: SessionPool, target: Peer, source: Peer | None,
+                  cipher: str) -> tuple[paramiko.SSHClient, paramiko.SSHClient | None]:
     """Both sessions at once (a handshake is a few round trips each); a failure closes the other one."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfs-connect") as pool:
-        futures = [pool.submit(connect, target, cipher)] + ([pool.submit(connect, source, cipher)] if source else [])
+        futures = [pool.submit(sessions.checkout, target, cipher)]
+        if source:
+            futures.append(pool.submit(sessions.checkout, source, cipher))
         wait(futures)
     failed = [exc for f in futures if (exc := f.exception()) is not None]
     if failed:
@@ -80,10 +90,14 @@ class ZFSReplicationReal:
     def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com") -> None:
         self._secrets = secrets
         self._cipher = check_cipher(cipher)
+        self.sessions = SessionPool()
+        self.shared = SharedConnections()
         sweep_stale_key_dirs()
 
     def close(self) -> None:
-        """Nothing pooled: sessions and key files live for one ``replicate`` call."""
+        """Close the SSH sessions and masters kept between replications (key files live for one call)."""
+        self.sessions.close()
+        self.shared.close()
 
     def replicate(self, request: ReplicationRequest, progress: ProgressSink, cancel: threading.Event) -> ReplicationOutcome:
         validate_request(request)  # before anything runs or connects
@@ -94,14 +108,23 @@ class ZFSReplicationReal:
         with ExitStack() as stack, _receive_lock(request.target, request.target_dataset, cancel):
             files = KeyFiles()
             stack.callback(files.close)
-            target_client, source_client = _connect_both(target, source, self._cipher)
-            stack.callback(target_client.close)
-            if source_client is not None:
-                stack.callback(source_client.close)
+            target_client, source_client = _connect_both(self.sessions, target, source, self._cipher)
+            clients = [(target, target_client)] + ([(source, source_client)] if source and source_client else [])
             if source_client is None and shutil.which("zfs") is None:
+                for _, client in clients:
+                    client.close()
                 raise PermanentError("protection_groups.source_ssh_host is empty (a local source) but zfs is not installed here")
-            run = _Run(self._cipher, request, files, target, source, target_client, source_client, progress, cancel)
-            return run.execute()
+            run = _Run(self._cipher, request, files, self.shared, target, source, target_client, source_client,
+                       progress, cancel)
+            try:
+                outcome = run.execute()
+            except BaseException:
+                for _, client in clients:
+                    client.close()  # a session in an unknown state is not lent again
+                raise
+            for peer, client in clients:
+                self.sessions.checkin(peer, self._cipher, client)
+            return outcome
 
     def _peer(self, endpoint: SSHEndpoint, field: str) -> Peer:
         key = self._secrets.resolve(endpoint.key_secret, f"{field}_key_secret")
@@ -111,10 +134,11 @@ class ZFSReplicationReal:
 class _Run:
     """One attempt of one job; holds the state the steps share."""
 
-    def __init__(self, cipher: str, request: ReplicationRequest, files: KeyFiles, target: Peer, source: Peer | None,
+    def __init__(self, cipher: str, request: ReplicationRequest, files: KeyFiles, shared: SharedConnections,
+                 target: Peer, source: Peer | None,
                  target_client: paramiko.SSHClient, source_client: paramiko.SSHClient | None,
                  progress: ProgressSink, cancel: threading.Event) -> None:
-        self.cipher, self.req, self.files = cipher, request, files
+        self.cipher, self.req, self.files, self.shared = cipher, request, files, shared
         self.target_peer, self.source_peer = target, source
         self.target_client = target_client
         self.source_client = source_client
@@ -156,56 +180,58 @@ class _Run:
             self._release()
 
     def _execute(self) -> ReplicationOutcome:
-        # One receive per target dataset, across processes too: an earlier attempt's receive
-        # may still be exiting, and the target's snapshots are not to be read until it has.
-        # The source's list does not depend on that wait: read it meanwhile.
-        src_snaps = cast("list[Snap]", ops.parallel(partial(ops.wait_for_receive, self.tgt, self.tgt_ds),
-                                                     self._source_snapshots)[1])
+        # One look at the target (one round trip): a receive still running there (an earlier
+        # attempt's may be exiting: its listing is not to be trusted until it has), its snapshots,
+        # its parent, `written`, a resume token. The source's list is read meanwhile.
+        state, src_snaps = ops.parallel(
+            partial(ops.settled_target_state, self.tgt, self.tgt_ds, self.tcaps), self._source_snapshots)
+        target = cast("ops.TargetState", state)
+        source_snaps = cast("list[Snap]", src_snaps)
         prefix = job_prefix(snapshot_name(self.req.job_id))
-        mine = find_job_snapshot(src_snaps, prefix)
-        transferred, estimated = self._resume_partial(mine.name if mine else "")
+        mine = find_job_snapshot(source_snaps, prefix)
+        transferred, estimated = self._resume_partial(mine.name if mine else "", target.token)
         if transferred:
-            src_snaps = self._source_snapshots()
+            source_snaps = self._source_snapshots()
+            target = ops.target_state(self.tgt, self.tgt_ds, self.tcaps)
         name = mine.name if mine else snapshot_name(self.req.job_id)
-        snap = mine or Snap(name, _PENDING_GUID, max((s.txg for s in src_snaps), default=0) + 1)
-        parent = self.tgt_ds.rsplit("/", 1)[0] if "/" in self.tgt_ds else None
-        listed, parent_ok, written_bytes = ops.parallel(
-            lambda: ops.snapshots(self.tgt, self.tgt_ds, self.tcaps),
-            lambda: ops.exists(self.tgt, parent) if parent else True,
-            lambda: ops.written(self.tgt, self.tgt_ds, self.tcaps),
-        )
-        tgt_snaps = cast("list[Snap] | None", listed)
-        written = cast("int | None", written_bytes)
+        snap = mine or Snap(name, _PENDING_GUID, max((s.txg for s in source_snaps), default=0) + 1)
+        tgt_snaps, written = target.snaps, target.written
         self.target_exists = tgt_snaps is not None
         if mine is not None:
-            self._adopt_holds(src_snaps, tgt_snaps or [])
-        if tgt_snaps is None and not parent_ok:
+            self._adopt_holds(source_snaps, tgt_snaps or [])
+        if tgt_snaps is None and not target.parent_ok:
+            parent = self.tgt_ds.rsplit("/", 1)[0]
             raise PermanentError(
                 f"{parent} (replication_targets.target_root) does not exist on {self.tgt.label}: "
                 f"create it there (zfs create -p {parent}) and run the job again"
             )
-        written = written if self.target_exists else None
         # Decide before making the snapshot: a refused target leaves the source untouched.
         try:
-            decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
+            decided = plan(source_snaps, tgt_snaps, snap, self.tgt_ds, written)
         except PermanentError:
             tgt_snaps, written = self._settled_target(tgt_snaps, written)
-            decided = plan(src_snaps, tgt_snaps, snap, self.tgt_ds, written)
+            decided = plan(source_snaps, tgt_snaps, snap, self.tgt_ds, written)
+        base = decided.base.name if decided.action == "incremental" and decided.base else None
+        holds = [(self.src, self.src_ds, name)]
+        if base:
+            holds += [(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)]
         if mine is None:
             ops.create_snapshot(self.src, self.src_ds, name, self.req.job_id)
             log.info("job %s: snapshot %s@%s made on %s", self.req.job_id, self.src_ds, name, self.src.label)
-            made = find_job_snapshot(self._source_snapshots(), prefix)
+        if decided.action != "uptodate":
+            # Our snapshot exists now, so the base stays the newest common snapshot: hold it on both
+            # sides (and our snapshot) while the stream flows, estimate, and read our GUID, all at once.
+            found = ops.parallel(self._source_snapshots, partial(self._estimate, name, base),
+                                 *(partial(self._hold, *h) for h in holds))
+            source_snaps, estimated = cast("list[Snap]", found[0]), cast("int | None", found[1])
+            made = find_job_snapshot(source_snaps, prefix)
             if made is None:
                 raise TransientError(f"snapshot {self.src_ds}@{name} vanished right after it was made")
             snap = made
-            decided = plan(src_snaps + [snap], tgt_snaps, snap, self.tgt_ds, written)
-        base = decided.base.name if decided.action == "incremental" and decided.base else None
-        if decided.action != "uptodate":
-            holds = [(self.src, self.src_ds, name)]
-            if base:
-                holds += [(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)]
-            # Hold the base on both sides (and our snapshot) while the stream flows; estimate meanwhile.
-            estimated = ops.parallel(partial(self._estimate, name, base), *(partial(self._hold, *h) for h in holds))[0]
+            decided = plan(source_snaps, tgt_snaps, snap, self.tgt_ds, written)
+            if (decided.base.name if decided.action == "incremental" and decided.base else None) != base:
+                raise TransientError(f"the snapshots of {self.src_ds} changed while the replication was planned "
+                                     "(someone else made or destroyed one): the next attempt plans again")
             self.progress(ReplicationProgress(name, base, transferred, estimated))
             transferred += self._send(name, base, estimated)
         ops.parallel(partial(self._verify, snap), self._release)
@@ -224,11 +250,10 @@ class _Run:
         """
         for _ in range(reads):
             time.sleep(1.0)
-            again = ops.snapshots(self.tgt, self.tgt_ds, self.tcaps)
-            again_written = ops.written(self.tgt, self.tgt_ds, self.tcaps) if again is not None else None
-            if again == seen and again_written == written:
-                return again, again_written
-            seen, written = again, again_written
+            again = ops.target_state(self.tgt, self.tgt_ds, self.tcaps)
+            if again.snaps == seen and again.written == written:
+                return again.snaps, again.written
+            seen, written = again.snaps, again.written
         raise TransientError(
             f"{self.tgt_ds} on {self.tgt.label} kept changing while it was read (a receive may still be "
             "ending): the next attempt will look again"
@@ -293,13 +318,18 @@ class _Run:
                     ChannelEnd(self.source_client, send, f"zfs send on {self.src.label}") if self.source_client
                     else ProcEnd(send, "zfs send (local)", "producer"))
                 consumer: ProcEnd | ChannelEnd = ChannelEnd(self.target_client, self._recv_argv(), f"zfs receive on {self.tgt.label}")
-            else:
-                producer = ProcEnd(
-                    self.files.ssh_argv(self.source_peer, self.cipher, shlex.join(send)) if self.source_peer else send,
-                    f"zfs send on {self.src.label}", "producer")
-                consumer = ProcEnd(self.files.ssh_argv(self.target_peer, self.cipher, shlex.join(self._recv_argv())),
+                return relay(producer, consumer, on_bytes, self.cancel)
+            with ExitStack() as stack:
+                if self.source_peer:
+                    shared = stack.enter_context(self.shared.options(self.source_peer, self.cipher))
+                    producer = ProcEnd(self.files.ssh_argv(self.source_peer, self.cipher, shlex.join(send), shared),
+                                       f"zfs send on {self.src.label}", "producer")
+                else:
+                    producer = ProcEnd(send, f"zfs send on {self.src.label}", "producer")
+                shared = stack.enter_context(self.shared.options(self.target_peer, self.cipher))
+                consumer = ProcEnd(self.files.ssh_argv(self.target_peer, self.cipher, shlex.join(self._recv_argv()), shared),
                                    f"zfs receive on {self.tgt.label}", "consumer")
-            return relay(producer, consumer, on_bytes, self.cancel)
+                return relay(producer, consumer, on_bytes, self.cancel)
         except Ended as exc:
             raise self._explain(exc) from None
         finally:
@@ -342,15 +372,12 @@ class _Run:
             return PermanentError(f"{exc.where} failed: {err}")
         return TransientError(f"{exc.where} failed (exit {exc.rc}): {err}")
 
-    def _resume_partial(self, name: str) -> tuple[int, int | None]:
+    def _resume_partial(self, name: str, token: str | None) -> tuple[int, int | None]:
         """Finish an interrupted receive from its token; abandon it only if its snapshot is gone.
 
         Returns the bytes resumed and the resume stream's estimate (the job's ``bytes_estimated``
         when the resume was all that was left to send)."""
-        if not self.resumable:
-            return 0, None
-        token = ops.resume_token(self.tgt, self.tgt_ds, self.tcaps)
-        if not token:
+        if not self.resumable or not token:
             return 0, None
         # A dry run tells whether the token's snapshot still exists on the source (FACTS: -A only then).
         check = self.src.run(["zfs", "send", "-nP", "-t", token])

@@ -372,3 +372,52 @@ def test_retention_keeps_what_it_must(backend: ZFSReplicationReal, platform: Pla
     assert set(on_target) == {made[1], made[3], made[4]}  # held, newest two; -i sends no intermediate snapshot
     p.source.run(["zfs", "release", "keep-me", f"{src}@{made[0]}"])
     p.target.run(["zfs", "release", "keep-me", f"{dst}@{made[1]}"])
+
+
+def _masters(backend: ZFSReplicationReal) -> set[int]:
+    """Pids of the OpenSSH masters the backend keeps (their process title names their socket)."""
+    directory = backend.shared.directory
+    if directory is None:
+        return set()
+    found = subprocess.run(["pgrep", "-f", directory], capture_output=True, text=True, check=False)
+    return {int(pid) for pid in found.stdout.split()}
+
+
+@pytest.mark.parametrize("platform", [FUSE_LOCAL, FUSE_SSH], indirect=True)
+def test_connections_are_kept_between_jobs_and_replaced_when_they_drop(
+        backend: ZFSReplicationReal, platform: Platform, names: tuple[str, str], zfs_sshd: object) -> None:
+    p, (src, dst) = platform, names
+    write(p.source, src, "a", 1 * MiB)
+    replicate(backend, request(str(uuid.uuid4()), src, dst, p))
+    opened, masters = backend.sessions.opened, _masters(backend)
+    assert opened == (1 if p.mode == "local" else 2) and len(masters) == 1, (opened, masters)
+
+    write(p.source, src, "b", 1 * MiB)
+    second = replicate(backend, request(str(uuid.uuid4()), src, dst, p))
+    assert_same(p, src, dst, second.snapshot_name)
+    assert backend.sessions.opened == opened, "the second job to the same host shook hands again"
+    assert _masters(backend) == masters
+
+    # The host drops every connection (a restarted sshd, a network blip): the next job reconnects.
+    sshd_pid = getattr(zfs_sshd, "process").pid
+    subprocess.run(["pkill", "-KILL", "-P", str(sshd_pid)], check=False)
+    write(p.source, src, "c", 1 * MiB)
+    third = replicate(backend, request(str(uuid.uuid4()), src, dst, p))
+    assert third.base_snapshot == second.snapshot_name
+    assert_same(p, src, dst, third.snapshot_name)
+    assert backend.sessions.opened > opened
+    assert _masters(backend) and not _masters(backend) & masters
+
+    directory = backend.shared.directory
+    backend.close()
+    deadline = time.monotonic() + 10
+    while _masters_in(directory) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _masters_in(directory), "an ssh master outlived the backend"
+    assert directory and not os.path.exists(directory)
+
+
+def _masters_in(directory: str | None) -> list[str]:
+    if directory is None:
+        return []
+    return subprocess.run(["pgrep", "-f", directory], capture_output=True, text=True, check=False).stdout.split()
