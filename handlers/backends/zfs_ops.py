@@ -119,6 +119,7 @@ def snapshots(runner: Runner, dataset: str, caps: Caps) -> list[Snap] | None:
 def snapshots_argv(dataset: str, caps: Caps) -> list[str]:
     # ``zfs get -d 1`` because zfs-fuse's ``zfs list`` has no guid column and its ``get`` no ``-t``.
     props = "guid,createtxg,userrefs" if caps.userrefs else "guid,createtxg"
+    props += "," + TARGET_PROPERTY
     return ["zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", props, dataset]
 
 
@@ -136,7 +137,9 @@ def parse_snapshots(result: Result, where: str, dataset: str) -> list[Snap] | No
     snaps = []
     for name, values in rows.items():
         refs = values.get("userrefs", "-")
-        snaps.append(Snap(name, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1))
+        target = values.get(TARGET_PROPERTY, "-")
+        snaps.append(Snap(name, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1,
+                          "" if target == "-" else target))
     return sorted(snaps, key=lambda s: s.txg)
 
 
@@ -222,9 +225,19 @@ def settled_target_state(runner: Runner, dataset: str, caps: Caps, seconds: floa
         time.sleep(0.25)
 
 
-def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str) -> None:
-    # The user property ties the snapshot to its job for people reading `zfs get all`.
-    check(runner.run(["zfs", "snapshot", "-o", f"zerfaux:job={job_id}", f"{dataset}@{name}"]),
+TARGET_PROPERTY = "zerfaux:target"
+
+
+def target_tag(host: str, port: int, dataset: str) -> str:
+    """The ``zerfaux:target`` value of a source snapshot: the replica it was made for."""
+    return f"{host}:{port}/{dataset}"
+
+
+def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str, target: str) -> None:
+    # User properties tie the snapshot to its job (for people reading `zfs get all`) and to its
+    # replica (source retention counts only the snapshots made for the same target).
+    check(runner.run(["zfs", "snapshot", "-o", f"zerfaux:job={job_id}", "-o", f"{TARGET_PROPERTY}={target}",
+                      f"{dataset}@{name}"]),
           runner.label, f"creating snapshot {dataset}@{name}")
 
 

@@ -7,7 +7,8 @@ No I/O here, so every rule is unit-tested. The rules (see docs/replication.md):
 * Initial replication only into a dataset that does not exist yet.
 * An existing target must have a snapshot in common with the source, and nothing newer than the
   newest common one; otherwise it has diverged and we refuse. We never roll back or destroy.
-* Retention prunes only snapshots named like ours, never a held one, never the newest common.
+* Retention prunes only snapshots named like ours (on the source: made for the same target),
+  never a held one, never the newest common.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Snap:
     guid: int
     txg: int  # createtxg: creation order on its own pool
     userrefs: int = 0  # holds; -1 when the ZFS cannot say
+    target: str = ""  # the zerfaux:target property: which replica a source snapshot was made for
 
 
 @dataclass(frozen=True)
@@ -109,13 +111,15 @@ def plan(
     return Plan("incremental", base)
 
 
-def prunable(snaps: Iterable[Snap], keep: int, protect: Iterable[int] = ()) -> list[Snap]:
+def prunable(snaps: Iterable[Snap], keep: int, protect: Iterable[int] = (), target: str | None = None) -> list[Snap]:
     """Snapshots retention may destroy: ours, beyond the newest ``keep`` of ours, not held, not protected.
 
     ``protect`` holds GUIDs never to prune (the newest common snapshot, the one just sent).
-    Oldest first.
+    ``target`` (on the source) counts only snapshots made for that replica: a dataset replicated
+    to two targets keeps each one's base, whatever the other's retention does. Oldest first.
     """
     protected = set(protect)
-    ours = sorted((s for s in snaps if OURS.fullmatch(s.name)), key=lambda s: s.txg)
+    ours = sorted((s for s in snaps if OURS.fullmatch(s.name) and (target is None or s.target == target)),
+                  key=lambda s: s.txg)
     excess = ours[: max(0, len(ours) - keep)]
     return [s for s in excess if s.guid not in protected and s.userrefs == 0]

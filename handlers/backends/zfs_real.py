@@ -151,6 +151,7 @@ class _Run:
         self.held: list[tuple[Runner, str, str]] = []
         self.streaming = False  # a stream was under way when the attempt failed: partial state may be left
         self.tag = job_prefix(snapshot_name(request.job_id)).rstrip("_")
+        self.target_tag = ops.target_tag(request.target.host, request.target.port, request.target_dataset)
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -216,7 +217,7 @@ class _Run:
         if base:
             holds += [(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)]
         if mine is None:
-            ops.create_snapshot(self.src, self.src_ds, name, self.req.job_id)
+            ops.create_snapshot(self.src, self.src_ds, name, self.req.job_id, self.target_tag)
             log.info("job %s: snapshot %s@%s made on %s", self.req.job_id, self.src_ds, name, self.src.label)
         if decided.action != "uptodate":
             # Our snapshot exists now, so the base stays the newest common snapshot: hold it on both
@@ -424,14 +425,16 @@ class _Run:
         keep = self.req.retention_snapshots
         if keep is None:
             return
-        sides = [(self.src, self.src_ds, self.scaps), (self.tgt, self.tgt_ds, self.tcaps)]
-        ops.parallel(*(partial(self._prune, runner, dataset, caps, keep, snap) for runner, dataset, caps in sides))
+        # On the source only the snapshots made for this replica count: another target's base stays.
+        sides = [(self.src, self.src_ds, self.scaps, self.target_tag), (self.tgt, self.tgt_ds, self.tcaps, None)]
+        ops.parallel(*(partial(self._prune, runner, dataset, caps, keep, snap, target)
+                       for runner, dataset, caps, target in sides))
 
-    def _prune(self, runner: Runner, dataset: str, caps: ops.Caps, keep: int, snap: Snap) -> None:
+    def _prune(self, runner: Runner, dataset: str, caps: ops.Caps, keep: int, snap: Snap, target: str | None) -> None:
         if not caps.userrefs:
             self.note(f"retention skipped on {runner.label}: this ZFS cannot say which snapshots are held")
             return
-        for old in prunable(ops.snapshots(runner, dataset, caps) or [], keep, protect={snap.guid}):
+        for old in prunable(ops.snapshots(runner, dataset, caps) or [], keep, protect={snap.guid}, target=target):
             result = ops.destroy_snapshot(runner, dataset, old.name)
             if not result.ok:
                 self.note(f"retention could not destroy {dataset}@{old.name} on {runner.label}: {result.err.strip()}")

@@ -421,3 +421,28 @@ def _masters_in(directory: str | None) -> list[str]:
     if directory is None:
         return []
     return subprocess.run(["pgrep", "-f", directory], capture_output=True, text=True, check=False).stdout.split()
+
+
+@pytest.mark.parametrize("platform", [FUSE_LOCAL], indirect=True)
+def test_one_dataset_to_two_replicas_keeps_both_bases(backend: ZFSReplicationReal, platform: Platform,
+                                                      names: tuple[str, str]) -> None:
+    """Two groups replicating one dataset: each one's retention of 1 leaves the other's base alone."""
+    p, (src, dst) = platform, names
+    replicas = [dst, dst + "-b"]
+    try:
+        last: dict[str, str] = {}
+        for round_ in range(3):
+            write(p.source, src, f"f{round_}", 256 * 1024)
+            for replica in replicas:
+                outcome = replicate(backend, request(str(uuid.uuid4()), src, replica, p, retention=1))
+                assert outcome.base_snapshot == last.get(replica), (round_, replica, outcome)  # incremental after the first
+                assert_same(p, src, replica, outcome.snapshot_name)
+                last[replica] = outcome.snapshot_name
+                time.sleep(1.05)  # snapshot names carry the second
+        assert set(guids(p.source, src)) == set(last.values())  # each replica's newest, nothing else
+        for replica in replicas:
+            assert list(guids(p.target, replica)) == [last[replica]]
+        tags = {zfs_get(p.source, "zerfaux:target", f"{src}@{snap}") for snap in last.values()}
+        assert tags == {f"{p.target.ssh_host}:{p.target.ssh_port}/{replica}" for replica in replicas}
+    finally:
+        p.target.run(["zfs", "destroy", "-R", dst + "-b"], check=False)

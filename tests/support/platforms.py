@@ -18,6 +18,7 @@ import hashlib
 import os
 import shlex
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -121,7 +122,17 @@ def checksums(host: ZFSHost, snapshot: str) -> dict[str, str]:
                         "sh", where]).stdout.decode()
         return {line.split(None, 1)[1].strip(): line.split()[0] for line in out.splitlines()}
     finally:
-        host.run(["zfs", "destroy", clone], check=False)
+        _destroy_clone(host, clone)
+
+
+def _destroy_clone(host: ZFSHost, clone: str) -> None:
+    """Gone for sure: a clone left behind would keep its snapshot from ever being pruned."""
+    for _ in range(20):
+        done = host.run(["zfs", "destroy", "-f", clone], check=False)
+        if done.returncode == 0 or b"does not exist" in done.stderr:
+            return
+        time.sleep(0.25)  # zfs-fuse: the mount may still be busy for a moment after the reads
+    raise AssertionError(f"cannot destroy the verification clone {clone}: {done.stderr.decode(errors='replace')}")
 
 
 def held(host: ZFSHost, snapshot: str, tag_prefix: str = "zerfaux_") -> bool:

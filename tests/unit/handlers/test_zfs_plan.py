@@ -75,3 +75,18 @@ def test_retention_keeps_newest_and_spares_held_foreign_and_protected() -> None:
     assert prunable(snaps, keep=5) == []
     unknown = Snap("zerfaux_eeeeeeeeeeee_20251229T000000Z", 77, 4, userrefs=-1)
     assert unknown not in prunable([unknown, A, B, C], keep=1)
+
+
+def test_source_retention_counts_only_the_snapshots_made_for_the_same_replica() -> None:
+    # One dataset replicated to two targets: each job's retention keeps the other's base.
+    to_a = [Snap(f"zerfaux_{c * 12}_2026010{i}T000000Z", guid=i, txg=i * 10, target="dr-a:22/tank/dr/vm")
+            for i, c in ((1, "a"), (3, "c"), (5, "e"))]
+    to_b = [Snap(f"zerfaux_{c * 12}_2026010{i}T000000Z", guid=i, txg=i * 10, target="dr-b:22/tank/dr/vm")
+            for i, c in ((2, "b"), (4, "d"))]
+    untagged = Snap("zerfaux_ffffffffffff_20251231T000000Z", guid=9, txg=1)  # made before snapshots were tagged
+    snaps = sorted(to_a + to_b + [untagged], key=lambda s: s.txg)
+    assert prunable(snaps, keep=1, target="dr-a:22/tank/dr/vm") == to_a[:2]
+    assert prunable(snaps, keep=1, target="dr-b:22/tank/dr/vm") == to_b[:1]
+    assert prunable(snaps, keep=1, target="dr-c:22/tank/dr/vm") == []
+    # On a target (no target given) every snapshot named like ours counts, as before.
+    assert prunable(snaps, keep=1) == snaps[:-1]
