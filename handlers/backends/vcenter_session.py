@@ -194,6 +194,7 @@ class VCenterSessions:
         # SmartConnect is exactly these steps (version negotiation, stub, Login), but when the
         # login fails it keeps the stub's socket open with no way to close it, and it stores
         # the session in a process-wide global. Doing them here fixes both.
+        self._answers_in_time(endpoint)
         try:
             stub = SmartStubAdapter(
                 host=endpoint.host,
@@ -217,6 +218,29 @@ class VCenterSessions:
             stub.DropConnections()
             raise
         return si
+
+    def _answers_in_time(self, endpoint: VCenterEndpoint) -> None:
+        """Ask for the version list once, bounded by the timeout, before pyVmomi does.
+
+        pyVmomi's version negotiation opens its connection with no timeout: a vCenter that
+        accepts connections and then answers nothing (hung, stopped, a black-holing middlebox)
+        would hold the worker forever. Other failures are left to pyVmomi's own attempt, so
+        they are worded as before.
+        """
+        conn = http.client.HTTPSConnection(endpoint.host, endpoint.port, timeout=self._timeout,
+                                           context=self._ssl_context(endpoint))
+        try:
+            conn.request("GET", "/sdk/vimServiceVersions.xml")
+            conn.getresponse().read()
+        except TimeoutError:
+            raise TransientError(
+                f"{where(endpoint)} accepted the connection but did not answer within {self._timeout:g} s "
+                "(a hung or overloaded vCenter, or a firewall dropping replies): the next attempt will try again"
+            ) from None
+        except (OSError, http.client.HTTPException):
+            pass  # refused, TLS, a proxy's page: pyVmomi's attempt below says it in words
+        finally:
+            conn.close()
 
     def _ssl_context(self, endpoint: VCenterEndpoint) -> ssl.SSLContext:
         # Always hand pyVmomi a context: given none, it silently skips verification for

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import http.server
 import logging
+import os
 import shutil
+import signal
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -241,6 +244,22 @@ def test_slow_vcenter_times_out_as_transient(vcsim_factory: Callable[..., Simula
     sessions = VCenterSessions(sim.secrets(), ca_bundle=sim.cert_file, timeout=0.5)
     with pytest.raises(TransientError, match="cannot be reached"):
         VCenterInventoryReal(sessions).fetch(sim.endpoint())
+    sessions.close()
+
+
+def test_hung_vcenter_is_transient_and_does_not_hold_the_worker(vcsim_factory: Callable[..., Simulator]) -> None:
+    """A vCenter that accepts connections and answers nothing (here: its process stopped)."""
+    sim = vcsim_factory("hung", args=("-cluster", "1", "-host", "1", "-vm", "1"))
+    sessions = VCenterSessions(sim.secrets(), ca_bundle=sim.cert_file, timeout=1.0)
+    os.kill(sim.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="did not answer within 1 s"):
+            VCenterInventoryReal(sessions).fetch(sim.endpoint())
+        assert time.monotonic() - started < 10
+    finally:
+        os.kill(sim.process.pid, signal.SIGCONT)
+    assert len(VCenterInventoryReal(sessions).fetch(sim.endpoint()).vms) == 1  # back: the next attempt works
     sessions.close()
 
 
