@@ -228,4 +228,16 @@ EOF
 touch "$work/ready"
 mv -T "$work" "$final"
 log "done: publish; built $final in ${SECONDS}s"
+
+# Guests of earlier recipes (about 1 GB each) go, unless a build holds their lock or a process
+# (a guest still running from another checkout) has a file of theirs open.
+for old in "$cache_root"/openzfs-*; do
+  [ -d "$old" ] && [ "$old" != "$final" ] || continue
+  if ls -l /proc/[0-9]*/fd 2>/dev/null | grep -qF -- "$old/"; then
+    log "kept $old: in use"
+    continue
+  fi
+  (flock -n 8 && rm -rf --one-file-system "$old" && rm -f "$old.lock" && log "removed $old (an earlier recipe)") \
+    8>"$old.lock" || log "kept $old: locked"
+done
 echo "$final"
