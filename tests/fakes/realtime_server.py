@@ -5,9 +5,13 @@ frames of FACTS.md exactly: ``phx_join`` with ``config.postgres_changes`` answer
 carrying ``response.postgres_changes[].id``; the subscription goes live only with the ``system``
 message "Subscribed to PostgreSQL"; a change arrives as ``postgres_changes`` with ``ids`` and
 ``data{schema, table, commit_timestamp, type, columns, record, old_record, errors}``; heartbeats
-on topic ``phoenix`` are answered. Changes come from real Postgres: the NOTIFYs the triggers send
-(``zerfaux_operations``, ``zerfaux_cancel``) name the row, which is then read; as on the real
-server, a change with no live subscriber is dropped and nothing is replayed.
+on topic ``phoenix`` are answered. Changes come from real Postgres. The real server reads the WAL;
+the fake hears NOTIFYs instead: every INSERT and UPDATE of ``zerfaux.operations`` through a trigger
+the fake adds to the database it serves (``zerfaux_fake_wal``, carrying the row as committed), and
+an UPDATE of ``replication_jobs`` asking for cancellation through the engine's ``zerfaux_cancel``
+(the row is then read). Filters are
+applied to the record as on the server; as there, a change with no live subscriber is dropped and
+nothing is replayed.
 
 Faults the tests use (call them on the fake's loop): ``close_clean()`` (close frame 1000), ``close_abrupt()`` (TCP dropped, no
 close frame), ``subscribed_delay`` (seconds before "Subscribed"), ``drop_events`` (the next n
@@ -39,9 +43,24 @@ PATH = "/realtime/v1/websocket"
 _binding_ids = itertools.count(38_412_551)  # the real server's ids are hashes: arbitrary ints
 
 _ROW = {
-    ("zerfaux", "operations"): "select to_jsonb(o) as record, o.started_at is null as fresh from zerfaux.operations o where o.id = %s",
-    ("public", "replication_jobs"): "select to_jsonb(j) as record, false as fresh from public.replication_jobs j where j.id = %s",
+    ("zerfaux", "operations"): "select to_jsonb(o) as record from zerfaux.operations o where o.id = %s",
+    ("public", "replication_jobs"): "select to_jsonb(j) as record from public.replication_jobs j where j.id = %s",
 }
+# Stands in for the WAL: every INSERT and UPDATE of an operation, with the row as committed (or
+# only its id when the row would not fit in a NOTIFY payload, and is then read).
+_WAL_TRIGGER = """
+create or replace function public.zerfaux_fake_wal() returns trigger language plpgsql as $$
+declare
+    v_row text := to_jsonb(new)::text;
+begin
+    perform pg_notify('zerfaux_fake_wal', json_build_object(
+        'op', tg_op, 'id', new.id, 'row', case when octet_length(v_row) < 7800 then to_jsonb(new) end)::text);
+    return null;
+end $$;
+drop trigger if exists zerfaux_fake_wal on zerfaux.operations;
+create trigger zerfaux_fake_wal after insert or update on zerfaux.operations
+    for each row execute function public.zerfaux_fake_wal();
+"""
 _COLUMNS = """
 select a.attname as name, format_type(a.atttypid, null) as type
   from pg_attribute a where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped
@@ -87,8 +106,9 @@ class RealtimeFake:
     async def start(self) -> None:
         self._reader = await psycopg.AsyncConnection.connect(self._database_url, autocommit=True, row_factory=dict_row)
         listener = await psycopg.AsyncConnection.connect(self._database_url, autocommit=True)
-        await listener.execute("listen zerfaux_operations")
+        await listener.execute(_WAL_TRIGGER)
         await listener.execute("listen zerfaux_cancel")
+        await listener.execute("listen zerfaux_fake_wal")
         self._feed = asyncio.create_task(self._follow(listener))
         self._server = await serve(self._session, self._host, 0, process_request=self._authorize)
         self.port = list(self._server.sockets)[0].getsockname()[1]
@@ -179,19 +199,21 @@ class RealtimeFake:
         async with listener:
             async for note in listener.notifies():
                 if note.channel == "zerfaux_cancel":
-                    await self._change("public", "replication_jobs", note.payload)
+                    await self._change("public", "replication_jobs", note.payload, "UPDATE")
                 else:
-                    await self._change("zerfaux", "operations", json.loads(note.payload)["id"])
+                    change = json.loads(note.payload)
+                    await self._change("zerfaux", "operations", change["id"], change["op"], change["row"])
 
-    async def _change(self, schema: str, table: str, row_id: str) -> None:
-        row = await (await self._reader.execute(_ROW[(schema, table)], (row_id,))).fetchone()
-        if row is None:
-            return
+    async def _change(self, schema: str, table: str, row_id: str, kind: str,
+                      record: dict[str, Any] | None = None) -> None:
+        if record is None:
+            row = await (await self._reader.execute(_ROW[(schema, table)], (row_id,))).fetchone()
+            if row is None:
+                return
+            record = row["record"]
         if (schema, table) not in self._columns:
             cur = await self._reader.execute(_COLUMNS, (f"{schema}.{table}",))
             self._columns[(schema, table)] = list(await cur.fetchall())
-        kind = "INSERT" if row["fresh"] else "UPDATE"
-        record = row["record"]
         data = {
             "schema": schema, "table": table,
             "commit_timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),

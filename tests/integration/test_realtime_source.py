@@ -117,3 +117,22 @@ async def test_a_wrong_key_never_connects(fake: FakeSupabase) -> None:
     assert not source.connected and source.reconnects >= 2 and hints.wakes == 0
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_work_given_back_wakes_and_other_updates_do_not(seeded_db: Database, fake: FakeSupabase) -> None:
+    async with started(fake) as (source, hints):
+        await eventually(lambda: source.connected)
+        request_sync(seeded_db)  # the INSERT of an operation
+        await eventually(lambda: hints.wakes == 2)
+        op = seeded_db.value("select id from zerfaux.operations order by created_at desc limit 1")
+        # A listener takes it and renews its lease: UPDATEs that are no work for anyone else.
+        seeded_db.sql("update zerfaux.operations set status = 'running', worker_id = 'w1', started_at = now(),"
+                      " lease_expires_at = now() + interval '1 minute' where id = %s", (op,))
+        seeded_db.sql("update zerfaux.operations set lease_expires_at = now() + interval '2 minutes' where id = %s",
+                      (op,))
+        await asyncio.sleep(0.5)
+        assert hints.wakes == 2 and fake.realtime.events_sent == 1
+        # It gives the work back (a graceful shutdown): the UPDATE to 'queued' wakes the others.
+        assert seeded_db.value("select zerfaux.release('w1', array[%s]::uuid[])", (op,)) == 1
+        await eventually(lambda: hints.wakes == 3)
+        assert fake.realtime.events_sent == 2 and hints.pokes == 0
