@@ -280,6 +280,12 @@ def parse_size(text: str) -> int | None:
     return None
 
 
+def parse_token_from_guid(text: str) -> int | None:
+    """The ``fromguid`` of a resume token, from ``zfs send -nv -t`` (absent for a full stream)."""
+    found = re.search(r"^\s*fromguid = (0x[0-9a-fA-F]+|\d+)\s*$", text, re.MULTILINE)
+    return int(found.group(1), 0) if found else None
+
+
 RECEIVE_PGREP = ["pgrep", "-a", "-f", "zfs rec"]
 
 

@@ -190,7 +190,8 @@ class _Run:
         source_snaps = cast("list[Snap]", src_snaps)
         prefix = job_prefix(snapshot_name(self.req.job_id))
         mine = find_job_snapshot(source_snaps, prefix)
-        transferred, estimated = self._resume_partial(mine.name if mine else "", target.token)
+        transferred, estimated, resumed_base = self._resume_partial(mine.name if mine else "", target.token,
+                                                                    source_snaps)
         if transferred:
             source_snaps = self._source_snapshots()
             target = ops.target_state(self.tgt, self.tgt_ds, self.tcaps)
@@ -239,6 +240,8 @@ class _Run:
         self._retain(snap)
         log.info("job %s: %s@%s is on %s (%s, %d bytes)", self.req.job_id, self.tgt_ds, name, self.tgt.label,
                  decided.action, transferred)
+        if decided.action == "uptodate" and transferred:
+            base = resumed_base  # the resume was the whole transfer: its base is the job's base
         return ReplicationOutcome(name, base, transferred, estimated, tuple(self.notes))
 
     def _settled_target(self, seen: list[Snap] | None, written: int | None,
@@ -373,29 +376,34 @@ class _Run:
             return PermanentError(f"{exc.where} failed: {err}")
         return TransientError(f"{exc.where} failed (exit {exc.rc}): {err}")
 
-    def _resume_partial(self, name: str, token: str | None) -> tuple[int, int | None]:
+    def _resume_partial(self, name: str, token: str | None,
+                        source_snaps: list[Snap]) -> tuple[int, int | None, str | None]:
         """Finish an interrupted receive from its token; abandon it only if its snapshot is gone.
 
-        Returns the bytes resumed and the resume stream's estimate (the job's ``bytes_estimated``
-        when the resume was all that was left to send)."""
+        Returns the bytes resumed, the resume stream's estimate (the job's ``bytes_estimated``
+        when the resume was all that was left to send) and the name of the stream's base on the
+        source (None for a full stream). The token names its base by GUID only; ``zfs send -nv -t``
+        prints the token's contents, and the source's listing turns the GUID into a name."""
         if not self.resumable or not token:
-            return 0, None
+            return 0, None, None
         # A dry run tells whether the token's snapshot still exists on the source (FACTS: -A only then).
-        check = self.src.run(["zfs", "send", "-nP", "-t", token])
+        check = self.src.run(["zfs", "send", "-nvP", "-t", token])
         if not check.ok:
             if "no longer exists" in check.err or "does not exist" in check.err:
                 ops.abort_partial(self.tgt, self.tgt_ds)
                 self.note("a partial receive was abandoned (zfs receive -A): its snapshot no longer exists on the source")
-                return 0, None
+                return 0, None, None
             raise TransientError(f"cannot resume into {self.tgt_ds}: zfs send -t failed on {self.src.label}: {check.err.strip()}")
         estimated = ops.parse_size(check.out + check.err)
+        from_guid = ops.parse_token_from_guid(check.out + check.err)
+        base = next((s.name for s in source_snaps if s.guid == from_guid), None) if from_guid else None
         log.info("job %s: resuming the partial receive into %s", self.req.job_id, self.tgt_ds)
         self.note("resumed an interrupted transfer from the target's receive_resume_token")
         self.streaming = True
         moved = self._stream(["zfs", "send", "-t", token],
-                             lambda n: self.progress(ReplicationProgress(name, None, n, estimated)))
+                             lambda n: self.progress(ReplicationProgress(name, base, n, estimated)))
         self.streaming = False
-        return moved, estimated
+        return moved, estimated, base
 
     def _clean_partial(self) -> None:
         """After a cancel: let the killed receive exit, then drop its partial receive state."""

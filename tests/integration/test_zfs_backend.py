@@ -185,8 +185,10 @@ def test_same_job_twice_is_a_no_op(backend: ZFSReplicationReal, platform: Platfo
 def test_retry_after_interrupted_attempt(backend: ZFSReplicationReal, platform: Platform,
                                          names: tuple[str, str], transport: str) -> None:
     p, (src, dst) = platform, names
+    write(p.source, src, "disk.vmdk", 1 * MiB)
+    first = replicate(backend, request(str(uuid.uuid4()), src, dst, p, transport))
     write(p.source, src, "disk-flat.vmdk", p.size(48, 24))
-    req = request(str(uuid.uuid4()), src, dst, p, transport)
+    req = request(str(uuid.uuid4()), src, dst, p, transport)  # an incremental from ``first``
     full = [0]
 
     def die(progress: ReplicationProgress) -> None:
@@ -198,14 +200,16 @@ def test_retry_after_interrupted_attempt(backend: ZFSReplicationReal, platform: 
     with pytest.raises(Interrupted):
         replicate(backend, req, die)
     before = guids(p.source, src)
-    assert len(before) == 1  # the attempt's snapshot stays for the retry
+    assert len(before) == 2  # the attempt's snapshot stays for the retry
+    attempt = next(name for name in before if name != first.snapshot_name)
     if p.has("resume"):
         assert resume_token(p.target, dst), "an interrupted resumable receive leaves a token"
         # ... and its holds, which keep the snapshots the resume needs until the retry releases them.
-        assert held(p.source, f"{src}@{next(iter(before))}")
+        assert held(p.source, f"{src}@{attempt}") and held(p.source, f"{src}@{first.snapshot_name}")
     outcome = replicate_retrying(backend, req)
     assert guids(p.source, src) == before  # the retry reused it
-    assert outcome.snapshot_name in before
+    assert outcome.snapshot_name == attempt
+    assert outcome.base_snapshot == first.snapshot_name  # a resumed stream too: its token names the base by GUID
     assert_same(p, src, dst, outcome.snapshot_name)
     if p.has("resume"):
         assert any("resumed" in n for n in outcome.notes), outcome.notes
