@@ -169,7 +169,7 @@ def batch_script(commands: Sequence[Sequence[str]], mark: str) -> str:
     """A POSIX sh script running each command and then printing ``mark`` with its exit status."""
     steps = [f"{shlex.join(argv)} </dev/null; s=$?; echo; echo {mark} $s; echo >&2; echo {mark} >&2"
              for argv in commands]
-    return "\n".join(steps)
+    return "; ".join(steps)  # one line: the login shell that passes it to sh may not be a POSIX one
 
 
 def split_batch(commands: Sequence[Sequence[str]], mark: str, out: str, err: str) -> list[Result] | None:
