@@ -320,24 +320,29 @@ class SessionPool:
         self.ping_seconds = ping_seconds
         self._idle: dict[str, list[tuple[float, paramiko.SSHClient]]] = {}
         self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
         self.opened = 0  # sessions opened; read by tests and the benchmark
 
     @staticmethod
     def _key(peer: Peer, cipher: str) -> str:
         return _identity(peer, cipher)
 
-    def _take_idle(self, key: str) -> paramiko.SSHClient | None:
-        now = time.monotonic()
+    def _expire_locked(self, now: float) -> list[paramiko.SSHClient]:
+        """Drop sessions idle for ``idle_seconds``; returns them, to be closed outside the lock."""
         expired: list[paramiko.SSHClient] = []
+        for k, entries in list(self._idle.items()):
+            keep = [(t, c) for t, c in entries if now - t < self.idle_seconds]
+            expired += [c for t, c in entries if now - t >= self.idle_seconds]
+            if keep:
+                self._idle[k] = keep
+            else:
+                del self._idle[k]
+        return expired
+
+    def _take_idle(self, key: str) -> paramiko.SSHClient | None:
         found: paramiko.SSHClient | None = None
         with self._lock:
-            for k, entries in list(self._idle.items()):
-                keep = [(t, c) for t, c in entries if now - t < self.idle_seconds]
-                expired += [c for t, c in entries if now - t >= self.idle_seconds]
-                if keep:
-                    self._idle[k] = keep
-                else:
-                    del self._idle[k]
+            expired = self._expire_locked(time.monotonic())
             mine = self._idle.get(key)
             if mine:
                 found = mine.pop()[1]
@@ -346,6 +351,20 @@ class SessionPool:
         for client in expired:
             client.close()
         return found
+
+    def _reap(self) -> None:
+        """Close sessions nobody took back in time; ends when none is left idle."""
+        while True:
+            time.sleep(min(30.0, self.idle_seconds / 2))
+            with self._lock:
+                expired = self._expire_locked(time.monotonic())
+                done = not self._idle
+                if done:
+                    self._reaper = None
+            for client in expired:
+                client.close()
+            if done:
+                return
 
     def _answers(self, client: paramiko.SSHClient) -> bool:
         transport = client.get_transport()
@@ -386,6 +405,9 @@ class SessionPool:
             return
         with self._lock:
             self._idle.setdefault(self._key(peer, cipher), []).append((time.monotonic(), client))
+            if self._reaper is None:  # an idle session is not kept open for ever when no job comes
+                self._reaper = threading.Thread(target=self._reap, name="zfs-ssh-reaper", daemon=True)
+                self._reaper.start()
 
     def close(self) -> None:
         with self._lock:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
-from handlers.backends.zfs_ssh import Peer, _identity
+from handlers.backends.zfs_ssh import Peer, SessionPool, _identity
 from handlers.backends.zfs_validate import parse_host_key
 from handlers.types import SSHEndpoint
 
@@ -27,3 +28,33 @@ def test_the_same_row_shares_and_any_trust_or_login_change_does_not() -> None:
     assert _identity(peer(), "chacha20-poly1305@openssh.com") != base
     # The secret itself never appears in the name (it becomes a socket path).
     assert "KEY 1" not in base and dataclasses.replace(peer()).key_text not in base
+
+
+class _Client:
+    """Stands for a paramiko client: open until closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def get_transport(self) -> "_Client":
+        return self
+
+    def is_active(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_session_nobody_takes_back_is_closed_after_its_idle_time() -> None:
+    pool = SessionPool(idle_seconds=0.4)
+    kept, dead = _Client(), _Client()
+    dead.close()
+    pool.checkin(peer(), "aes128-gcm@openssh.com", kept)  # type: ignore[arg-type]
+    pool.checkin(peer(), "aes128-gcm@openssh.com", dead)  # type: ignore[arg-type]  # not kept at all
+    time.sleep(0.1)
+    assert not kept.closed
+    deadline = time.monotonic() + 5
+    while not kept.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kept.closed, "an idle session outlived its idle time with no job coming"
