@@ -14,9 +14,8 @@ import shlex
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from typing import cast
 
@@ -26,14 +25,8 @@ from handlers.backends import zfs_ops as ops
 from handlers.backends.zfs_exec import LocalRunner, ParamikoRunner, Runner
 from handlers.backends.zfs_pipe import ChannelEnd, Ended, ProcEnd, relay
 from handlers.backends.zfs_plan import Snap, find_job_snapshot, job_prefix, plan, prunable
-from handlers.backends.zfs_ssh import (
-    KeyFiles,
-    Peer,
-    SessionPool,
-    SharedConnections,
-    classify_ssh_failure,
-    sweep_stale_key_dirs,
-)
+from handlers.backends.zfs_connections import SessionPool, SharedConnections, receive_lock
+from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, sweep_stale_key_dirs
 from handlers.backends.zfs_syncoid import run_syncoid, syncoid_argv
 from handlers.backends.zfs_validate import check_cipher, parse_host_key, validate_request
 from handlers.errors import OperationCancelled, PermanentError, TransientError
@@ -45,45 +38,9 @@ log = logging.getLogger(__name__)
 
 _PENDING_GUID = 0  # no real snapshot has GUID 0: stands for "this job's snapshot, not made yet"
 
-_locks: dict[tuple[str, int, str], threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
 def missing_tools() -> list[str]:
     """Programs the real backend cannot work without (syncoid is checked when a job asks for it)."""
     return [tool for tool in ("ssh",) if shutil.which(tool) is None]
-
-
-@contextmanager
-def _receive_lock(endpoint: SSHEndpoint, dataset: str, cancel: threading.Event) -> Iterator[None]:
-    """One receive per target dataset in this process; across processes the DB runs one op per job."""
-    key = (endpoint.host, endpoint.port, dataset)
-    with _locks_guard:
-        lock = _locks.setdefault(key, threading.Lock())
-    while not lock.acquire(timeout=0.5):
-        if cancel.is_set():
-            raise OperationCancelled(f"cancelled while waiting for another receive into {dataset}")
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _connect_both(sessions: SessionPool, target: Peer, source: Peer | None,
-                  cipher: str) -> tuple[paramiko.SSHClient, paramiko.SSHClient | None]:
-    """Both sessions at once (a handshake is a few round trips each); a failure closes the other one."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="zfs-connect") as pool:
-        futures = [pool.submit(sessions.checkout, target, cipher)]
-        if source:
-            futures.append(pool.submit(sessions.checkout, source, cipher))
-        wait(futures)
-    failed = [exc for f in futures if (exc := f.exception()) is not None]
-    if failed:
-        for future in futures:
-            if future.exception() is None:
-                future.result().close()
-        raise failed[0]
-    return futures[0].result(), futures[1].result() if source else None
 
 
 class ZFSReplicationReal:
@@ -105,10 +62,10 @@ class ZFSReplicationReal:
             raise OperationCancelled("cancelled before the replication started")
         target = self._peer(request.target, "replication_targets.ssh")
         source = self._peer(request.source, "protection_groups.source_ssh") if request.source else None
-        with ExitStack() as stack, _receive_lock(request.target, request.target_dataset, cancel):
+        with ExitStack() as stack, receive_lock(request.target, request.target_dataset, cancel):
             files = KeyFiles()
             stack.callback(files.close)
-            target_client, source_client = _connect_both(self.sessions, target, source, self._cipher)
+            target_client, source_client = self.sessions.checkout_both(target, source, self._cipher)
             clients = [(target, target_client)] + ([(source, source_client)] if source and source_client else [])
             if source_client is None and shutil.which("zfs") is None:
                 for _, client in clients:

@@ -14,7 +14,7 @@ from handlers.context import OperationContext
 from listener.dispatcher import DispatchSettings, Dispatcher
 from listener.service import make_store
 from listener.store import Store
-from tests.integration.conftest import GROUP, PRIMARY, add_vm, protect
+from tests.integration.conftest import GROUP, PRIMARY, protect
 from tests.support.engine import drain, engine_settings, eventually, running
 from tests.support.pg import Database
 

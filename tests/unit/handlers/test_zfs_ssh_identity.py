@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from handlers.backends.zfs_ssh import Peer, SessionPool, _identity
+from handlers.backends.zfs_connections import SessionPool, _identity
+from handlers.backends.zfs_ssh import Peer
 from handlers.backends.zfs_validate import parse_host_key
 from handlers.types import SSHEndpoint
 
