@@ -15,13 +15,13 @@ ADMIN_URL = os.environ.get("ZERFAUX_BENCH_DATABASE_URL") or os.environ.get("DATA
 def scratch_database(prefix: str) -> tuple[str, str]:
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'create database "{name}"')  # type: ignore[arg-type]
+        conn.execute(f'create database "{name}"')
     return name, urlunsplit(urlsplit(ADMIN_URL)._replace(path="/" + name))
 
 
 def drop_database(name: str) -> None:
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')  # type: ignore[arg-type]
+        conn.execute(f'drop database if exists "{name}" with (force)')
 
 
 def percentile(values: list[float], q: float) -> float:

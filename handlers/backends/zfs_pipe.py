@@ -123,12 +123,14 @@ class ChannelEnd:
 
     def read(self) -> bytes:
         self._drain_stderr()
-        return self.chan.recv(CHUNK)
+        data: bytes = self.chan.recv(CHUNK)
+        return data
 
     def write(self, data: memoryview) -> int:
         self._drain_stderr()
         # send, not sendall: a sendall that times out cannot say how much it sent.
-        return self.chan.send(data)
+        sent: int = self.chan.send(data)
+        return sent
 
     def close_input(self) -> None:
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):

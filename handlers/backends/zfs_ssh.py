@@ -53,7 +53,7 @@ def load_private_key(text: str, field: str) -> paramiko.PKey:
     classes: list[Any] = [paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey]
     for cls in classes:
         try:
-            return cls.from_private_key(io.StringIO(text))  # type: ignore[no-any-return]
+            return cls.from_private_key(io.StringIO(text))
         except (paramiko.SSHException, ValueError, IndexError, TypeError):
             continue
     raise PermanentError(
@@ -158,7 +158,7 @@ class KeyFiles:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class _PinnedReject(paramiko.RejectPolicy):
+class _PinnedReject(paramiko.RejectPolicy):  # type: ignore[misc]  # paramiko's policy classes are untyped
     """RejectPolicy that remembers what the server offered, so the error can show its fingerprint."""
 
     def __init__(self) -> None:
