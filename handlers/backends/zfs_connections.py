@@ -23,8 +23,9 @@ from contextlib import contextmanager
 
 import paramiko
 
+from handlers.backends.zfs_exec import ParamikoRunner
 from handlers.backends.zfs_ssh import KEY_DIR_PREFIX, Peer, connect
-from handlers.errors import OperationCancelled
+from handlers.errors import OperationCancelled, TransientError
 from handlers.types import SSHEndpoint
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,6 @@ class SessionPool:
         self._reaper: threading.Thread | None = None
         self.opened = 0  # sessions opened; read by tests and the benchmark
 
-    @staticmethod
-    def _key(peer: Peer, cipher: str) -> str:
-        return _identity(peer, cipher)
-
     def _expire_locked(self, now: float) -> list[paramiko.SSHClient]:
         """Drop sessions idle for ``idle_seconds``; returns them, to be closed outside the lock."""
         expired: list[paramiko.SSHClient] = []
@@ -163,29 +160,16 @@ class SessionPool:
             if done:
                 return
 
-    def _answers(self, client: paramiko.SSHClient) -> bool:
-        transport = client.get_transport()
-        if transport is None or not transport.is_active():
-            return False
+    def _answers(self, client: paramiko.SSHClient, peer: Peer) -> bool:
         try:
-            chan = transport.open_session(timeout=self.ping_seconds)
-            chan.settimeout(self.ping_seconds)
-            chan.exec_command("true")
-            deadline = time.monotonic() + self.ping_seconds
-            while not chan.exit_status_ready():
-                if time.monotonic() > deadline or not transport.is_active():
-                    chan.close()
-                    return False
-                chan.status_event.wait(0.05)
-            chan.close()
-            return True
-        except (paramiko.SSHException, OSError, EOFError):
+            return ParamikoRunner(client, peer).run(["true"], timeout=self.ping_seconds).ok
+        except TransientError:
             return False
 
     def checkout(self, peer: Peer, cipher: str) -> paramiko.SSHClient:
-        key = self._key(peer, cipher)
+        key = _identity(peer, cipher)
         while (client := self._take_idle(key)) is not None:
-            if self._answers(client):
+            if self._answers(client, peer):
                 log.debug("reusing the SSH session to %s", peer.label)
                 return client
             log.info("a kept SSH session to %s stopped answering: opening a new one", peer.label)
@@ -217,7 +201,7 @@ class SessionPool:
             client.close()
             return
         with self._lock:
-            self._idle.setdefault(self._key(peer, cipher), []).append((time.monotonic(), client))
+            self._idle.setdefault(_identity(peer, cipher), []).append((time.monotonic(), client))
             if self._reaper is None:  # an idle session is not kept open for ever when no job comes
                 self._reaper = threading.Thread(target=self._reap, name="zfs-ssh-reaper", daemon=True)
                 self._reaper.start()
@@ -228,7 +212,6 @@ class SessionPool:
         for entries in idle.values():
             for _, client in entries:
                 client.close()
-
 
 
 _receive_locks: dict[tuple[str, int, str], threading.Lock] = {}
