@@ -94,10 +94,6 @@ def capabilities(runner: Runner, pool: str) -> Caps:
     return caps
 
 
-def exists(runner: Runner, dataset: str) -> bool:
-    return parse_exists(runner.run(exists_argv(dataset)), runner.label, dataset)
-
-
 def exists_argv(dataset: str) -> list[str]:
     return ["zfs", "list", "-H", "-o", "name", dataset]
 
@@ -160,10 +156,6 @@ def parse_value(result: Result) -> str | None:
 
 def resume_token(runner: Runner, dataset: str, caps: Caps) -> str | None:
     return get_value(runner, dataset, "receive_resume_token") if caps.resume else None
-
-
-def written(runner: Runner, dataset: str, caps: Caps) -> int | None:
-    return parse_written(get_value(runner, dataset, "written") if caps.written else None)
 
 
 def parse_written(value: str | None) -> int | None:
@@ -289,11 +281,6 @@ def parse_token_from_guid(text: str) -> int | None:
 RECEIVE_PGREP = ["pgrep", "-a", "-f", "zfs rec"]
 
 
-def receive_running(runner: Runner, dataset: str) -> bool | None:
-    """Whether a ``zfs receive`` into ``dataset`` is running on the host (None: cannot tell)."""
-    return parse_receive_running(runner.run(RECEIVE_PGREP), dataset)
-
-
 def parse_receive_running(result: Result, dataset: str) -> bool | None:
     if result.rc == 1:
         return False  # pgrep found nothing
@@ -305,24 +292,6 @@ def parse_receive_running(result: Result, dataset: str) -> bool | None:
                 and words[-1] == dataset:
             return True
     return False
-
-
-def wait_for_receive(runner: Runner, dataset: str, seconds: float = 20.0) -> None:
-    """Wait for a running receive into ``dataset`` to end; TransientError if it does not."""
-    deadline = time.monotonic() + seconds
-    while True:
-        running = receive_running(runner, dataset)
-        if running is None:
-            time.sleep(1.0)  # no pgrep there: give a killed receive a moment, as before
-            return
-        if not running:
-            return
-        if time.monotonic() >= deadline:
-            raise TransientError(
-                f"a zfs receive into {dataset} is still running on {runner.label}: "
-                "waiting for it to end before another one starts"
-            )
-        time.sleep(0.25)
 
 
 def abort_partial(runner: Runner, dataset: str) -> Result:

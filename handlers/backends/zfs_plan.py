@@ -38,6 +38,11 @@ class Plan:
     action: str  # "full" | "incremental" | "uptodate"
     base: Snap | None  # the newest common snapshot (source side), None for a full send
 
+    @property
+    def base_name(self) -> str | None:
+        """The incremental stream's base; None when nothing is sent from one."""
+        return self.base.name if self.action == "incremental" and self.base else None
+
 
 def job_prefix(snapshot: str) -> str:
     """``zerfaux_<job>_``: what a retry looks for to reuse this job's snapshot."""

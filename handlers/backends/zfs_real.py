@@ -170,7 +170,7 @@ class _Run:
         except PermanentError:
             tgt_snaps, written = self._settled_target(tgt_snaps, written)
             decided = plan(source_snaps, tgt_snaps, snap, self.tgt_ds, written)
-        base = decided.base.name if decided.action == "incremental" and decided.base else None
+        base = decided.base_name
         holds = [(self.src, self.src_ds, name)]
         if base:
             holds += [(self.src, self.src_ds, base), (self.tgt, self.tgt_ds, base)]
@@ -188,7 +188,7 @@ class _Run:
                 raise TransientError(f"snapshot {self.src_ds}@{name} vanished right after it was made")
             snap = made
             decided = plan(source_snaps, tgt_snaps, snap, self.tgt_ds, written)
-            if (decided.base.name if decided.action == "incremental" and decided.base else None) != base:
+            if decided.base_name != base:
                 raise TransientError(f"the snapshots of {self.src_ds} changed while the replication was planned "
                                      "(someone else made or destroyed one): the next attempt plans again")
             self.progress(ReplicationProgress(name, base, transferred, estimated))
@@ -365,7 +365,7 @@ class _Run:
     def _clean_partial(self) -> None:
         """After a cancel: let the killed receive exit, then drop its partial receive state."""
         try:
-            ops.wait_for_receive(self.tgt, self.tgt_ds)
+            ops.settled_target_state(self.tgt, self.tgt_ds, self.tcaps)
         except (TransientError, PermanentError) as exc:
             log.warning("job %s: after cancel: %s", self.req.job_id, exc)
         if not self.resumable:
