@@ -39,8 +39,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from handlers.backends.vcenter_inventory import VCenterInventoryReal  # noqa: E402
-from handlers.backends.vcenter_session import VCenterSessions  # noqa: E402
+from handlers.backends.vcenter.inventory import VCenterInventoryReal  # noqa: E402
+from handlers.backends.vcenter.session import VCenterSessions  # noqa: E402
 from handlers.secrets import SecretResolver  # noqa: E402
 from handlers.types import VCenterEndpoint  # noqa: E402
 

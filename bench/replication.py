@@ -34,7 +34,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from handlers.backends.zfs_real import ZFSReplicationReal
+from handlers.backends.zfs.real import ZFSReplicationReal
 from handlers.replication import ReplicationRequest
 from handlers.secrets import SecretResolver
 from handlers.types import SSHEndpoint

@@ -9,9 +9,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from handlers.context import OperationContext
+from handlers.context import OperationContext, StopSignal
 from handlers.dr_shell import DRShellHandler
-from handlers.errors import HandlerError, OperationCancelled, PermanentError, TransientError
+from handlers.errors import HandlerError, OperationCancelled, OperationStopped, PermanentError, TransientError
 from handlers.replication import ReplicationHandler
 from handlers.secrets import SecretResolver
 from handlers.storage_vmotion import StorageVMotionHandler
@@ -26,7 +26,9 @@ __all__ = [
     "HandlerSet",
     "OperationCancelled",
     "OperationContext",
+    "OperationStopped",
     "PermanentError",
+    "StopSignal",
     "TransientError",
     "build_handlers",
 ]
@@ -67,8 +69,8 @@ class BackendUnavailable(RuntimeError):
 
 def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> HandlerSet:
     if settings.use_stubs:
-        from handlers.backends import stubs
-        from handlers.backends.stub_world import StubWorld
+        from handlers.backends.stub import backends as stubs
+        from handlers.backends.stub.world import StubWorld
 
         seconds, jitter = settings.stub_seconds, settings.stub_seconds_jitter
         world = StubWorld(settings.stub_world) if settings.stub_world else None
@@ -88,7 +90,8 @@ def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> Handle
 
 def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSet:
     try:
-        from handlers.backends import vcenter_real, zfs_real
+        from handlers.backends.vcenter import real as vcenter_real
+        from handlers.backends.zfs import real as zfs_real
     except ImportError as exc:
         raise BackendUnavailable(
             f"ZERFAUX_USE_STUBS=false needs the real backends, but {exc.name or exc} cannot be "

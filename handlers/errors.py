@@ -20,3 +20,11 @@ class TransientError(HandlerError):
 
 class OperationCancelled(HandlerError):
     """The operation stopped because somebody asked it to (``cancel_requested``)."""
+
+
+class OperationStopped(HandlerError):
+    """The engine stopped this attempt (shutdown, lease lost): not a failure, not a cancel.
+
+    Resumable state was kept on purpose; the dispatcher writes nothing for the attempt (its
+    operation was released or belongs to another worker by now).
+    """

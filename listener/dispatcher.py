@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from uuid import UUID
 
 from tenacity import RetryCallState, wait_exponential_jitter
 
-from handlers import Handler, HandlerError, OperationCancelled, PermanentError
+from handlers import Handler, HandlerError, OperationCancelled, PermanentError, StopSignal
 from listener.metrics import Metrics
 from listener.store import ClaimedOperation, Store
 
@@ -59,7 +58,8 @@ class _Run:
         self.operation_id = op.id
         self.kind = op.kind
         self.attempt = op.attempts
-        self.cancel = threading.Event()
+        self.stop = StopSignal()
+        self.cancel = self.stop  # the older name handlers still use
         self.lost = False  # lease gone or released: write nothing more
         self.settling = False  # the handler returned; its outcome is being written
         self.cancel_requested = op.cancel_requested
@@ -70,11 +70,11 @@ class _Run:
 
     def mark_lost(self) -> None:
         self.lost = True
-        self.cancel.set()
+        self.stop.stop("lease lost")
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
-        self.cancel.set()
+        self.stop.cancel()
 
     async def report(self, progress: Mapping[str, Any]) -> None:
         if self.lost:

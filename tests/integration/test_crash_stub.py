@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from handlers.backends.stub_world import StubWorld
+from handlers.backends.stub.world import StubWorld
 from tests.support.pg import Database
 from tests.support.workload import (
     PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, ask_mix, audit, listener_env, prepare, protect,

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from pyVmomi import vim
 
-from handlers.backends.vcenter_real import (
+from handlers.backends.vcenter.real import (
     DRShellBuilderReal,
     StorageMoverReal,
     VCenterInventoryReal,
     VCenterSessions,
 )
-from handlers.backends.vcenter_shell import MARK_KEY
+from handlers.backends.vcenter.shell import MARK_KEY
 from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import OperationCancelled, PermanentError, TransientError
 from handlers.secrets import SecretResolver

@@ -10,8 +10,8 @@ import pytest
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from handlers.backends.vcenter_query import collect, collect_pages
-from handlers.backends.vcenter_session import VCenterSessions
+from handlers.backends.vcenter.query import collect, collect_pages
+from handlers.backends.vcenter.session import VCenterSessions
 from tests.support.vcsim import Simulator
 
 pytestmark = pytest.mark.vcsim

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import paramiko
 import pytest
 
-from handlers.backends.zfs_real import ZFSReplicationReal
+from handlers.backends.zfs.real import ZFSReplicationReal
 from handlers.errors import OperationCancelled, PermanentError, TransientError
 from handlers.replication import (
     ReplicationOutcome,

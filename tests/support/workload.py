@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from handlers.backends.stub_world import StubWorld
+from handlers.backends.stub.world import StubWorld
 from tests.support.engine import spawn
 
 PRIMARY = "00000000-0000-4000-a000-000000000001"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from handlers.backends.stub_world import StubWorld
-from handlers.backends.stubs import DRShellBuilderStub, StorageMoverStub, VCenterInventoryStub, ZFSReplicationStub
+from handlers.backends.stub.world import StubWorld
+from handlers.backends.stub.backends import DRShellBuilderStub, StorageMoverStub, VCenterInventoryStub, ZFSReplicationStub
 from handlers.dr_shell import ShellSpec
 from handlers.errors import OperationCancelled
 from handlers.replication import ReplicationRequest

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from handlers.backends.stubs import DRShellBuilderStub, VCenterInventoryStub, ZFSReplicationStub
+from handlers.backends.stub.backends import DRShellBuilderStub, VCenterInventoryStub, ZFSReplicationStub
 from handlers.dr_shell import build_spec, map_disk_path
 from handlers.errors import OperationCancelled, PermanentError
 from handlers.replication import ReplicationRequest, snapshot_name

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from pyVmomi import vim, vmodl
 
-from handlers.backends.vcenter_inventory import controller_type, datastore_of_path, disks_of
-from handlers.backends.vcenter_session import name_list, translate
-from handlers.backends.vcenter_shell import MARK_KEY, Placement, build_config
-from handlers.backends.vcenter_vmotion import already_there
+from handlers.backends.vcenter.inventory import controller_type, datastore_of_path, disks_of
+from handlers.backends.vcenter.session import name_list, translate
+from handlers.backends.vcenter.shell import MARK_KEY, Placement, build_config
+from handlers.backends.vcenter.vmotion import already_there
 from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import PermanentError, TransientError
 from handlers.types import VCenterEndpoint
@@ -222,7 +222,7 @@ class _PagingCollector:
 def test_retrieval_follows_the_servers_pages() -> None:
     from types import SimpleNamespace
 
-    from handlers.backends.vcenter_query import _retrieve
+    from handlers.backends.vcenter.query import _retrieve
 
     collector = _PagingCollector([["vm-1", "vm-2"], ["vm-3"], ["vm-4"]])
     si = SimpleNamespace(content=SimpleNamespace(propertyCollector=collector))

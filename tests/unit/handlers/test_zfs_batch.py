@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from handlers.backends.zfs_exec import batch_script, split_batch
+from handlers.backends.zfs.exec import batch_script, split_batch
 
 
 def _run_batch(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:

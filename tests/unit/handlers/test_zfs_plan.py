@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.backends.zfs_plan import Snap, find_job_snapshot, job_prefix, plan, prunable
+from handlers.backends.zfs.plan import Snap, find_job_snapshot, job_prefix, plan, prunable
 from handlers.errors import PermanentError
 from handlers.replication import snapshot_name
 

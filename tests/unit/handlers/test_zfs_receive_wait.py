@@ -4,8 +4,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from handlers.backends import zfs_ops
-from handlers.backends.zfs_exec import Result
+from handlers.backends.zfs import ops as zfs_ops
+from handlers.backends.zfs.exec import Result
 from handlers.errors import TransientError
 
 CAPS = zfs_ops.Caps(resume=False, estimate=False, written=False, userrefs=True)

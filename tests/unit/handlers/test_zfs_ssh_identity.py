@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from handlers.backends.zfs_connections import SessionPool, _identity
-from handlers.backends.zfs_ssh import Peer
-from handlers.backends.zfs_validate import parse_host_key
+from handlers.backends.zfs.connections import SessionPool, _identity
+from handlers.backends.zfs.ssh import Peer
+from handlers.backends.zfs.validate import parse_host_key
 from handlers.types import SSHEndpoint
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.backends.zfs_validate import check_dataset, check_host, parse_host_key, validate_request
+from handlers.backends.zfs.validate import check_dataset, check_host, parse_host_key, validate_request
 from handlers.errors import PermanentError
 from handlers.replication import ReplicationRequest
 from handlers.types import SSHEndpoint

@@ -22,7 +22,7 @@ from typing import Any
 
 import paramiko
 
-from handlers.backends.zfs_validate import PinnedKey
+from handlers.backends.zfs.validate import PinnedKey
 from handlers.errors import PermanentError, TransientError
 from handlers.types import SSHEndpoint
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 
-from handlers.backends.stub_world import StubWorld
+from handlers.backends.stub.world import StubWorld
 from handlers.dr_shell import ShellResult, ShellSpec
 from handlers.errors import OperationCancelled
 from handlers.replication import (

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 
 import paramiko
 
-from handlers.backends.zfs_exec import ParamikoRunner
-from handlers.backends.zfs_ssh import KEY_DIR_PREFIX, Peer, connect
+from handlers.backends.zfs.exec import ParamikoRunner
+from handlers.backends.zfs.ssh import KEY_DIR_PREFIX, Peer, connect
 from handlers.errors import OperationCancelled, TransientError
 from handlers.types import SSHEndpoint
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, host_key_algorithms
+from handlers.backends.zfs.ssh import KeyFiles, Peer, classify_ssh_failure, host_key_algorithms
 from handlers.errors import OperationCancelled, PermanentError, TransientError
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from typing import Any
 
 from pyVmomi import vim
 
-from handlers.backends.vcenter_query import Props, collect, collect_pages
-from handlers.backends.vcenter_session import VCenterSessions, where
+from handlers.backends.vcenter.query import Props, collect, collect_pages
+from handlers.backends.vcenter.session import VCenterSessions, where
 from handlers.types import VCenterEndpoint
 from handlers.vcenter_sync import DatastoreRecord, Disk, Inventory, VMRecord
 

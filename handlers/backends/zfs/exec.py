@@ -19,7 +19,7 @@ from typing import Protocol
 
 import paramiko
 
-from handlers.backends.zfs_ssh import Peer
+from handlers.backends.zfs.ssh import Peer
 from handlers.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)

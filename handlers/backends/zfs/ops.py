@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from handlers.backends.zfs_exec import Result, Runner, check
-from handlers.backends.zfs_plan import Snap
+from handlers.backends.zfs.exec import Result, Runner, check
+from handlers.backends.zfs.plan import Snap
 from handlers.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)

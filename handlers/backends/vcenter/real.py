@@ -7,9 +7,9 @@ The work lives in small modules beside this one:
 
 from __future__ import annotations
 
-from handlers.backends.vcenter_inventory import VCenterInventoryReal
-from handlers.backends.vcenter_session import VCenterSessions
-from handlers.backends.vcenter_shell import DRShellBuilderReal
-from handlers.backends.vcenter_vmotion import StorageMoverReal
+from handlers.backends.vcenter.inventory import VCenterInventoryReal
+from handlers.backends.vcenter.session import VCenterSessions
+from handlers.backends.vcenter.shell import DRShellBuilderReal
+from handlers.backends.vcenter.vmotion import StorageMoverReal
 
 __all__ = ["DRShellBuilderReal", "StorageMoverReal", "VCenterInventoryReal", "VCenterSessions"]

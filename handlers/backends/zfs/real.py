@@ -21,14 +21,14 @@ from typing import cast
 
 import paramiko
 
-from handlers.backends import zfs_ops as ops
-from handlers.backends.zfs_exec import LocalRunner, ParamikoRunner, Runner
-from handlers.backends.zfs_pipe import ChannelEnd, Ended, ProcEnd, relay
-from handlers.backends.zfs_plan import Snap, find_job_snapshot, job_prefix, plan, prunable
-from handlers.backends.zfs_connections import SessionPool, SharedConnections, receive_lock
-from handlers.backends.zfs_ssh import KeyFiles, Peer, classify_ssh_failure, sweep_stale_key_dirs
-from handlers.backends.zfs_syncoid import run_syncoid, syncoid_argv
-from handlers.backends.zfs_validate import check_cipher, parse_host_key, validate_request
+from handlers.backends.zfs import ops
+from handlers.backends.zfs.exec import LocalRunner, ParamikoRunner, Runner
+from handlers.backends.zfs.pipe import ChannelEnd, Ended, ProcEnd, relay
+from handlers.backends.zfs.plan import Snap, find_job_snapshot, job_prefix, plan, prunable
+from handlers.backends.zfs.connections import SessionPool, SharedConnections, receive_lock
+from handlers.backends.zfs.ssh import KeyFiles, Peer, classify_ssh_failure, sweep_stale_key_dirs
+from handlers.backends.zfs.syncoid import run_syncoid, syncoid_argv
+from handlers.backends.zfs.validate import check_cipher, parse_host_key, validate_request
 from handlers.errors import OperationCancelled, PermanentError, TransientError
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationProgress, ReplicationRequest, snapshot_name
 from handlers.secrets import SecretResolver

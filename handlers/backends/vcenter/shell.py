@@ -17,8 +17,8 @@ from typing import Any
 
 from pyVmomi import vim
 
-from handlers.backends.vcenter_query import Props, collect, properties, wait_for_task
-from handlers.backends.vcenter_session import VCenterSessions, name_list, where
+from handlers.backends.vcenter.query import Props, collect, properties, wait_for_task
+from handlers.backends.vcenter.session import VCenterSessions, name_list, where
 from handlers.dr_shell import ShellResult, ShellSpec
 from handlers.errors import PermanentError
 from handlers.types import VCenterEndpoint

@@ -1,0 +1,1 @@
+"""vCenter backends on pyVmomi: inventory, Storage vMotion, DR shells."""

@@ -1,0 +1,1 @@
+"""ZFS replication over SSH: plans, commands, streams, connections (docs/replication.md)."""
