@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from tenacity import RetryCallState, wait_exponential_jitter
-
 from handlers import Handler, HandlerError, OperationCancelled, PermanentError, StopSignal
+from listener.backoff import Backoff
 from listener.metrics import Metrics
 from listener.store import ClaimedOperation, Store
 
@@ -35,19 +34,6 @@ class DispatchSettings:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     shutdown_grace_seconds: float = 20.0
-
-
-class Backoff:
-    """Delay before retry n (1-based), from tenacity's exponential-with-jitter wait."""
-
-    def __init__(self, base: float, maximum: float) -> None:
-        self._wait = wait_exponential_jitter(multiplier=base, max=maximum, jitter=max(base, 0.0))
-        self._max = maximum
-
-    def __call__(self, attempt: int) -> float:
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-        state.attempt_number = attempt
-        return min(float(self._wait(state)), self._max)
 
 
 class _Run:

@@ -11,8 +11,8 @@ import asyncio
 import logging
 
 import psycopg
-from tenacity import RetryCallState, wait_exponential_jitter
 
+from listener.backoff import Backoff
 from listener.sources import Wake
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class NotifySource:
         self._conninfo = conninfo
         self._wake = wake
         self._poke = poke
-        self._wait = wait_exponential_jitter(multiplier=0.5, max=max_backoff, jitter=0.5)
+        self._backoff = Backoff(0.5, max_backoff)
         self.connected = False
 
     async def run(self) -> None:
@@ -54,8 +54,6 @@ class NotifySource:
             except (psycopg.Error, OSError) as exc:
                 self.connected = False
                 failures += 1
-                state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-                state.attempt_number = failures
-                delay = float(self._wait(state))
+                delay = self._backoff(failures)
                 log.warning("notify: connection lost (%s); reconnecting in %.1fs", exc, delay)
                 await asyncio.sleep(delay)

@@ -20,8 +20,8 @@ import re
 from typing import Any
 
 from realtime import AsyncRealtimeClient, RealtimePostgresChangesListenEvent, RealtimeSubscribeStates
-from tenacity import RetryCallState, wait_exponential_jitter
 
+from listener.backoff import Backoff
 from listener.sources import Wake
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class RealtimeSource:
         self._key = key
         self._wake = wake
         self._poke = poke
-        self._backoff = wait_exponential_jitter(multiplier=0.5, max=max_backoff, jitter=0.5)
+        self._backoff = Backoff(0.5, max_backoff)
         self._subscribe_timeout = subscribe_timeout
         self._check_seconds = check_seconds
         self.connected = False
@@ -74,9 +74,7 @@ class RealtimeSource:
                 failures += 1
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.connected = False
-            state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
-            state.attempt_number = max(failures, 1)
-            delay = float(self._backoff(state))
+            delay = self._backoff(failures)
             log.warning("realtime: %s; reconnecting in %.1fs", reason, delay)
             await asyncio.sleep(delay)
             self.reconnects += 1

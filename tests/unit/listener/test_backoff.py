@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from listener.dispatcher import Backoff
+from listener.backoff import Backoff
 
 
 def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
