@@ -21,6 +21,17 @@ def env_key(name: str) -> str:
     return "ZERFAUX_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
+def _without_final_newline(text: str) -> str:
+    """``echo secret > file`` (and most editors) end the file with a newline that is not part of
+    the secret; only that one line ending goes, so a key file keeps its inner lines and a
+    password its spaces."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith("\n"):
+        return text[:-1]
+    return text
+
+
 class SecretResolver:
     def __init__(
         self,
@@ -46,7 +57,9 @@ class SecretResolver:
         if self._dir is not None:
             path = self._dir / name
             if path.is_file():
-                return path.read_text()
+                # newline="": the value as written, no line-ending translation inside it.
+                with path.open(encoding="utf-8", newline="") as fh:
+                    return _without_final_newline(fh.read())
         if self._vault is not None:
             found = self._vault(name)
             if found:
