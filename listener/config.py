@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -47,17 +48,30 @@ def _int(environ: Mapping[str, str], key: str, default: int, minimum: int) -> in
     return int(value)
 
 
+# libpq's secret keywords, as a keyword/value pair (``password=p``, ``password = 'a b'``, quotes
+# escaped with a backslash) or as a URL query parameter (``?password=p&sslmode=require``).
+_SECRET_KEYS = "password|sslpassword"
+_KEYWORD_SECRET = re.compile(rf"(?i)(?<![\w.])({_SECRET_KEYS})(\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s']\S*)")
+_QUERY_SECRET = re.compile(rf"(?i)(^|[&;])({_SECRET_KEYS})=[^&;]*")
+_URL = re.compile(r"^\s*[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe for logs and errors."""
+    """A connection string (URL or libpq ``key=value`` form) with every password hidden, safe
+    for logs and errors."""
+    if not _URL.match(url):
+        return _KEYWORD_SECRET.sub(r"\1\2***", url)
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if password is not None:
+        host = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        parts = parts._replace(query=_QUERY_SECRET.sub(r"\1\2=***", parts.query))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)

@@ -36,3 +36,29 @@ def test_supabase_url_without_the_key_says_which_key() -> None:
 def test_redact_url_hides_only_the_password() -> None:
     assert redact_url("postgresql://me:s3cret@db:5432/x") == "postgresql://me:***@db:5432/x"
     assert redact_url("postgresql://db/x") == "postgresql://db/x"
+
+
+@pytest.mark.parametrize(("conninfo", "shown"), [
+    ("host=h password=p dbname=x", "host=h password=*** dbname=x"),
+    ("host=h password = p dbname=x", "host=h password = *** dbname=x"),
+    ("host=h password='a b c' user=me", "host=h password=*** user=me"),
+    (r"password='it\'s a secret' host=h", "password=*** host=h"),
+    ("sslpassword=k host=h", "sslpassword=*** host=h"),
+    ("PASSWORD=p host=h", "PASSWORD=*** host=h"),
+    ("host=h user=password", "host=h user=password"),  # a value, not the keyword
+])
+def test_redact_url_hides_passwords_in_libpq_keyword_strings(conninfo: str, shown: str) -> None:
+    assert redact_url(conninfo) == shown
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://db/x?password=s3cret", "postgresql://db/x?password=***"),
+    ("postgresql://me@db/x?sslmode=require&password=s3cret&application_name=z",
+     "postgresql://me@db/x?sslmode=require&password=***&application_name=z"),
+    ("postgresql://me:a@db/x?password=b", "postgresql://me:***@db/x?password=***"),
+    ("postgres://db/x?sslpassword=k", "postgres://db/x?sslpassword=***"),
+    ("postgresql://db/x?application_name=password", "postgresql://db/x?application_name=password"),
+])
+def test_redact_url_hides_password_query_parameters(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3cret" not in redact_url(url)
