@@ -63,6 +63,23 @@ class HandlerSet:
             close()
 
 
+class _Stamped:
+    """A handler whose result names the backends that produced it: ``"mode": "stub" | "real"``,
+    so a result the stubs made up never passes for a real one (issue 11 §5)."""
+
+    def __init__(self, inner: Handler, mode: str) -> None:
+        self.kind = inner.kind
+        self._inner = inner
+        self._mode = mode
+
+    async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
+        return {**await self._inner(ctx, payload), "mode": self._mode}
+
+
+def _handler_set(handlers: list[Handler], mode: str, closers: list[Callable[[], None]] | None = None) -> HandlerSet:
+    return HandlerSet({h.kind: _Stamped(h, mode) for h in handlers}, mode, closers or [])
+
+
 class BackendUnavailable(RuntimeError):
     """Real backends were asked for and cannot be built here; the message says what is missing."""
 
@@ -84,7 +101,7 @@ def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> Handle
             StorageVMotionHandler(stubs.StorageMoverStub(seconds, jitter=jitter, world=world)),
             DRShellHandler(stubs.DRShellBuilderStub(seconds, jitter=jitter, world=world)),
         ]
-        return HandlerSet({h.kind: h for h in handlers}, "stub")
+        return _handler_set(handlers, "stub")
     return _build_real(settings, secrets)
 
 
@@ -113,4 +130,4 @@ def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSe
         StorageVMotionHandler(vcenter_real.StorageMoverReal(sessions)),
         DRShellHandler(vcenter_real.DRShellBuilderReal(sessions)),
     ]
-    return HandlerSet({h.kind: h for h in handlers}, "real", [sessions.close, zfs.close])
+    return _handler_set(handlers, "real", [sessions.close, zfs.close])

@@ -1,4 +1,4 @@
-"""``zerfaux``: migrate · run [--until-idle] · demo · status."""
+"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub]."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from handlers import BackendUnavailable
 from listener.config import ConfigError, Settings, redact_url
 from listener.migrate import MigrationError, migrate, seed
+from listener.mode import ModeMismatch
 from listener.store import StoreUnavailable
 
 log = logging.getLogger("zerfaux")
@@ -92,6 +93,26 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return print_status(settings)
 
 
+def cmd_mode(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.mode import change_message, describe
+    from listener.service import make_store
+
+    _prepare(settings, apply_seed=False)
+
+    async def run() -> str:
+        store = make_store(settings)
+        await store.open()
+        try:
+            if args.mode is None:
+                return f"mode: {describe(await store.database_mode())}"
+            return change_message(await store.set_mode(args.mode), args.mode)
+        finally:
+            await store.close()
+
+    print(asyncio.run(run()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zerfaux", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -103,9 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="ask for each kind of work and watch it converge")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each step")
     sub.add_parser("status", help="queue depth, workers, recent operations")
+    p = sub.add_parser("mode", help="show or set the database's mode (stub or real)")
+    p.add_argument("mode", nargs="?", choices=("real", "stub"),
+                   help="set it: only listeners of this mode start against the database")
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status}
+    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status, "mode": cmd_mode}
     try:
         settings = Settings.from_environ()
         return commands[args.command](settings, args)
@@ -121,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackendUnavailable as exc:
         print(f"zerfaux: {exc}", file=sys.stderr)
         return 5
+    except ModeMismatch as exc:
+        print(f"zerfaux: {exc}", file=sys.stderr)
+        return 6
     except KeyboardInterrupt:
         return 130
 

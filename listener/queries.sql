@@ -40,3 +40,12 @@ select decrypted_secret from vault.decrypted_secrets where name = %(name)s limit
 
 -- name: status_report
 select zerfaux.status_report(%(recent)s, %(seconds)s) as report;
+
+-- name: claim_mode
+select zerfaux.claim_mode(%(mode)s) as mode;
+
+-- name: set_mode
+select zerfaux.set_mode(%(mode)s) as previous;
+
+-- name: database_mode
+select zerfaux.database_mode() as mode;

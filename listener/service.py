@@ -15,6 +15,7 @@ from handlers.secrets import SecretResolver
 from listener.config import Settings
 from listener.dispatcher import DispatchSettings, Dispatcher
 from listener.metrics import Metrics
+from listener.mode import check_mode
 from listener.sources import Source
 from listener.sources.notify import NotifySource
 from listener.sources.sweep import SweepSource
@@ -126,6 +127,12 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
     """Run until a signal (or, with ``until_idle``, until nothing is left to do)."""
     listener.loop = asyncio.get_running_loop()
     await listener.store.open()
+    try:
+        await check_mode(listener.store, listener.handlers.mode)
+    except BaseException:
+        await asyncio.to_thread(listener.handlers.close)
+        await listener.store.close()
+        raise
     loop = listener.loop
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

@@ -102,6 +102,16 @@ class Store(Protocol):
     async def vault_secret(self, name: str) -> str | None:
         """A secret from Supabase Vault, or None where there is no Vault or no such secret."""
 
+    async def claim_mode(self, mode: str) -> str:
+        """The database's mode ('stub' | 'real'); ``mode`` is recorded first when none is yet.
+        Atomic: listeners starting at once get the same answer."""
+
+    async def set_mode(self, mode: str) -> str | None:
+        """Record ``mode`` on purpose (``zerfaux mode``); answer the mode it replaced, or None."""
+
+    async def database_mode(self) -> str | None:
+        """The recorded mode, None before any listener started."""
+
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         """What `zerfaux status` shows (zerfaux.status_report): by_kind, recent, workers,
         oldest_queued_seconds; timestamps as ISO text."""

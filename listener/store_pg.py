@@ -134,6 +134,17 @@ class PostgresStore:
         rows = await self._rows("vault_secret", {"name": name})
         return str(rows[0]["decrypted_secret"]) if rows else None
 
+    async def claim_mode(self, mode: str) -> str:
+        return str((await self._one("claim_mode", {"mode": mode}))["mode"])
+
+    async def set_mode(self, mode: str) -> str | None:
+        previous = (await self._one("set_mode", {"mode": mode}))["previous"]
+        return None if previous is None else str(previous)
+
+    async def database_mode(self) -> str | None:
+        mode = (await self._one("database_mode"))["mode"]
+        return None if mode is None else str(mode)
+
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         row = await self._one("status_report", {"recent": recent, "seconds": worker_seconds})
         return dict(row["report"])

@@ -174,6 +174,17 @@ class PostgrestStore:
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         return dict(await self._call("status_report", {"p_recent": recent, "p_worker_seconds": worker_seconds}))
 
+    async def claim_mode(self, mode: str) -> str:
+        return str(await self._call("claim_mode", {"p_mode": mode}))
+
+    async def set_mode(self, mode: str) -> str | None:
+        previous = await self._call("set_mode", {"p_mode": mode})
+        return None if previous is None else str(previous)
+
+    async def database_mode(self) -> str | None:
+        mode = await self._call("database_mode", {})
+        return None if mode is None else str(mode)
+
     async def vault_secret(self, name: str) -> str | None:
         value = await self._call("vault_secret", {"p_name": name})
         return None if value is None else str(value)

@@ -75,6 +75,7 @@ POLICY: dict[str, dict[str, Access]] = {
     },
     "zerfaux.operations": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "zerfaux.workers": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
+    "zerfaux.settings": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
     "supabase_migrations.schema_migrations": {"anon": NOTHING, "authenticated": NOTHING, "service_role": NOTHING},
 }
 
@@ -89,6 +90,7 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "public.replication_jobs": {"protection_group_id": f"'{GROUP}'"},
     "zerfaux.operations": {"kind": "'rls.test'", "subject_id": "gen_random_uuid()"},
     "zerfaux.workers": {"worker_id": "'rls-' || gen_random_uuid()"},
+    "zerfaux.settings": {"name": "'rls-' || gen_random_uuid()", "value": "'x'", "set_by": "'rls'"},
     "supabase_migrations.schema_migrations": {"version": "'rls-' || gen_random_uuid()"},
 }
 
@@ -117,6 +119,7 @@ def populate(db: Database) -> None:
     db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
     db.sql("insert into vcenter_datastores (vcenter_id, moref, name) values (%s, 'ds-1', 'nfs-01')", (PRIMARY,))
     db.sql("insert into zerfaux.workers (worker_id) values ('w-1')")
+    db.sql("select zerfaux.claim_mode('stub')")
 
 
 @pytest.fixture(scope="module", params=["bare", "supabase-defaults"])
