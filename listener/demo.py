@@ -73,67 +73,80 @@ async def _demo(settings: Settings, url: str, timeout: float) -> int:
 
     listener = build_listener(replace(settings, sweep_seconds=min(settings.sweep_seconds, 2.0)))
     engine = asyncio.create_task(serve(listener))
-    failures = 0
+    steps = asyncio.create_task(_steps(url, timeout))
     try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as db:
-
-            async def one(name: str, **params: Any) -> Row | None:
-                cur = await db.execute(DEMO[name], params)
-                return await cur.fetchone()
-
-            print("1. inventory sync of vc-primary", flush=True)
-            await db.execute(DEMO["request_sync"])
-            row = await _wait_for(
-                "vcenters", lambda: one("sync_state"),
-                lambda r: bool(r["done"]) or bool(r["last_sync_error"]),
-                lambda r: f"{r['vms']} VMs" + (f", error: {r['last_sync_error']}" if r["last_sync_error"] else ""),
-                timeout,
-            )
-            failures += row is None or bool(row["last_sync_error"])
-
-            print("2. protect vc-primary-vm-0001 and Storage vMotion it", flush=True)
-            protected = await one("protect_vm")
-            if protected is None:
-                print("  no VM named vc-primary-vm-0001: the sync did not bring it", flush=True)
-                return 1
-            pid = protected["id"]
-            row = await _wait_for(
-                "protected_vms", lambda: one("vmotion_state", id=pid),
-                lambda r: not r["needs_storage_vmotion"] or bool(r["last_error"]),
-                lambda r: f"needs_storage_vmotion={r['needs_storage_vmotion']} datastore={r['datastore']}"
-                + (f" error: {r['last_error']}" if r["last_error"] else ""),
-                timeout,
-            )
-            failures += row is None or bool(row["last_error"])
-
-            print("3. replicate the gold group's dataset", flush=True)
-            job = await one("insert_job")
-            assert job is not None
-            row = await _wait_for(
-                "replication_jobs", lambda: one("job_state", id=job["id"]),
-                lambda r: r["status"] in ("completed", "failed", "cancelled"),
-                lambda r: f"{r['status']} {r['bytes_transferred']}/{r['bytes_estimated'] or '?'} bytes"
-                + (f" snapshot {r['snapshot_name']}" if r["snapshot_name"] else "")
-                + (f" error: {r['error']}" if r["error"] else ""),
-                timeout,
-            )
-            failures += row is None or row["status"] != "completed"
-
-            print("4. create the DR shell VM", flush=True)
-            await db.execute(DEMO["request_dr_shell"], {"id": pid})
-            row = await _wait_for(
-                "protected_vms", lambda: one("dr_shell_state", id=pid),
-                lambda r: bool(r["dr_shell_vm_created"]) or bool(r["last_error"]),
-                lambda r: f"dr_shell_vm_created={r['dr_shell_vm_created']} dr_shell_vm_id={r['dr_shell_vm_id']}"
-                + (f" error: {r['last_error']}" if r["last_error"] else ""),
-                timeout,
-            )
-            failures += row is None or not row["dr_shell_vm_created"]
+        # A listener that cannot start (another mode's database, no backends) ends the demo at
+        # once with its reason, instead of every step waiting out its timeout.
+        await asyncio.wait({engine, steps}, return_when=asyncio.FIRST_COMPLETED)
+        if engine.done() and not steps.done():
+            engine.result()
+        failures = await steps
     finally:
+        steps.cancel()
         listener.dispatcher.stop()
         await engine
     print("demo: everything converged" if not failures else f"demo: {failures} step(s) did not converge")
     return 0 if not failures else 1
+
+
+async def _steps(url: str, timeout: float) -> int:
+    """Ask for each kind of work in turn; answer how many steps did not converge."""
+    failures = 0
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True, row_factory=dict_row) as db:
+
+        async def one(name: str, **params: Any) -> Row | None:
+            cur = await db.execute(DEMO[name], params)
+            return await cur.fetchone()
+
+        print("1. inventory sync of vc-primary", flush=True)
+        await db.execute(DEMO["request_sync"])
+        row = await _wait_for(
+            "vcenters", lambda: one("sync_state"),
+            lambda r: bool(r["done"]) or bool(r["last_sync_error"]),
+            lambda r: f"{r['vms']} VMs" + (f", error: {r['last_sync_error']}" if r["last_sync_error"] else ""),
+            timeout,
+        )
+        failures += row is None or bool(row["last_sync_error"])
+
+        print("2. protect vc-primary-vm-0001 and Storage vMotion it", flush=True)
+        protected = await one("protect_vm")
+        if protected is None:
+            print("  no VM named vc-primary-vm-0001: the sync did not bring it", flush=True)
+            return 1
+        pid = protected["id"]
+        row = await _wait_for(
+            "protected_vms", lambda: one("vmotion_state", id=pid),
+            lambda r: not r["needs_storage_vmotion"] or bool(r["last_error"]),
+            lambda r: f"needs_storage_vmotion={r['needs_storage_vmotion']} datastore={r['datastore']}"
+            + (f" error: {r['last_error']}" if r["last_error"] else ""),
+            timeout,
+        )
+        failures += row is None or bool(row["last_error"])
+
+        print("3. replicate the gold group's dataset", flush=True)
+        job = await one("insert_job")
+        assert job is not None
+        row = await _wait_for(
+            "replication_jobs", lambda: one("job_state", id=job["id"]),
+            lambda r: r["status"] in ("completed", "failed", "cancelled"),
+            lambda r: f"{r['status']} {r['bytes_transferred']}/{r['bytes_estimated'] or '?'} bytes"
+            + (f" snapshot {r['snapshot_name']}" if r["snapshot_name"] else "")
+            + (f" error: {r['error']}" if r["error"] else ""),
+            timeout,
+        )
+        failures += row is None or row["status"] != "completed"
+
+        print("4. create the DR shell VM", flush=True)
+        await db.execute(DEMO["request_dr_shell"], {"id": pid})
+        row = await _wait_for(
+            "protected_vms", lambda: one("dr_shell_state", id=pid),
+            lambda r: bool(r["dr_shell_vm_created"]) or bool(r["last_error"]),
+            lambda r: f"dr_shell_vm_created={r['dr_shell_vm_created']} dr_shell_vm_id={r['dr_shell_vm_id']}"
+            + (f" error: {r['last_error']}" if r["last_error"] else ""),
+            timeout,
+        )
+        failures += row is None or not row["dr_shell_vm_created"]
+    return failures
 
 
 def run_demo(settings: Settings, url: str, timeout: float) -> int:

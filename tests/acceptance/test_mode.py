@@ -56,3 +56,11 @@ def test_zerfaux_mode_refuses_a_word_that_is_not_a_mode(db: Database) -> None:
     code, out = finish(spawn(db.url, "mode", "prod"))
     assert code == 2 and "invalid choice: 'prod'" in out, out
     assert db.value("select zerfaux.database_mode()") is None
+
+
+def test_zerfaux_demo_on_a_real_database_stops_at_once_with_the_reason(db: Database) -> None:
+    db.sql("select zerfaux.set_mode('real')")
+    # Each step would wait 600 s for a listener that never started; the refusal comes first.
+    code, out = finish(spawn(db.url, "demo", "--timeout", "600"), timeout=90)
+    assert code == 6 and "real database" in out and "zerfaux mode stub" in out, out
+    assert db.value("select count(*) from zerfaux.operations where status = 'succeeded'") == 0
