@@ -30,13 +30,16 @@ async def _report(settings: Settings) -> dict[str, Any]:
     store = make_store(settings)
     await store.open()
     try:
-        return await store.status_report()
+        report = await store.status_report()
+        report["mode"] = await store.database_mode()
+        return report
     finally:
         await store.close()
 
 
 def print_status(settings: Settings) -> int:
     report = asyncio.run(_report(settings))
+    print(f"Mode: {report['mode'] or 'not set (the first listener records its own)'}")
     print("Queue (operations by kind and status):")
     if not report["by_kind"]:
         print("  empty")

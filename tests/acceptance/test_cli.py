@@ -72,6 +72,7 @@ def test_status_shows_the_queue_workers_and_recent_operations(seeded_db: Databas
     assert re.search(r"vcenter\.sync\s+succeeded\s+2", out)
     assert re.search(r"replication\.run\s+queued\s+1", out)
     assert "Oldest queued operation:" in out and "Live workers" in out
+    assert "Mode: stub" in out
 
 
 def test_an_unreachable_database_stops_start_up_naming_it_without_the_password() -> None:
