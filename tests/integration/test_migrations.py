@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from listener.migrate import MIGRATIONS_DIR, MigrationError, discover, migrate
+from listener.migrate import MigrationError, discover, migrate
 from tests.support.pg import Database
 
 TABLES = {
@@ -36,8 +35,8 @@ def test_a_second_run_changes_nothing(empty_db: Database) -> None:
 
 
 def test_a_broken_migration_is_named_and_leaves_nothing_half_applied(empty_db: Database, tmp_path: Path) -> None:
-    for path in MIGRATIONS_DIR.glob("*.sql"):
-        shutil.copy(path, tmp_path / path.name)
+    for found in discover():
+        (tmp_path / found.path.name).write_text(found.path.read_text())
     (tmp_path / "29990101000000_broken.sql").write_text(
         "create table public.half_applied (id int);\nselect * from no_such_table;\n"
     )
@@ -67,3 +66,9 @@ def test_migration_files_follow_the_supabase_naming() -> None:
     names = [m.path.name for m in discover()]
     assert names == sorted(names)
     assert all(len(m.version) == 14 for m in discover())
+
+
+def test_no_migration_files_is_an_error_not_up_to_date(empty_db: Database, tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="no migrations found in"):
+        migrate(empty_db.url, tmp_path)
+    assert empty_db.value("select to_regclass('supabase_migrations.schema_migrations') is null")
