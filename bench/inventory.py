@@ -182,6 +182,7 @@ def _database() -> tuple[str | None, str | None, str]:
     url = admin.rsplit("/", 1)[0] + "/" + name
     migrate(url)
     with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("select zerfaux.set_mode('real')")  # its listener runs the real backends
         row = conn.execute(
             "insert into public.vcenters (name, host, port, username, password_secret) "
             "values ('bench', '127.0.0.1', 443, 'zerfaux', 'bench') returning id"

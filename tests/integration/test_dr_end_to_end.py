@@ -189,6 +189,7 @@ def site(
         " retention_snapshots = 3 where id = %s",
         (source, SOURCE_DS, GROUP),
     )
+    world.sql("select zerfaux.set_mode('real')")  # a real database on purpose, whoever starts first
     s = Site(world, zfs_source, zfs_target, source, source_dir, root, secrets, tmp_path / "ca.pem", vcsim_factory)
     try:
         yield s

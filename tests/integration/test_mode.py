@@ -79,3 +79,20 @@ def test_set_mode_answers_what_it_replaced_and_refuses_other_words(db: Database)
     assert db.value("select zerfaux.claim_mode('real')") == "stub"
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="mode must be 'stub' or 'real'"):
         db.sql("select zerfaux.set_mode('prod')")
+
+
+async def test_both_stores_read_claim_and_set_the_mode(db: Database, store_env: dict[str, str]) -> None:
+    from listener.service import make_store
+
+    store = make_store(engine_settings(db.url, **store_env))
+    await store.open()
+    try:
+        assert await store.database_mode() is None
+        assert await store.claim_mode("stub") == "stub"
+        assert await store.claim_mode("real") == "stub"  # recorded once, by the first
+        assert await store.set_mode("real") == "stub"  # on purpose: answers what it replaced
+        assert await store.database_mode() == "real"
+    finally:
+        await store.close()
+    assert db.one("select value, set_by from zerfaux.settings where name = 'mode'") == {
+        "value": "real", "set_by": "zerfaux mode"}
