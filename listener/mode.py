@@ -9,7 +9,9 @@ changes it, on purpose.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 
 from listener.store import Store
 
@@ -51,6 +53,27 @@ async def check_mode(store: Store, mode: str) -> None:
         raise ModeMismatch(mismatch_message(recorded, mode, store.description))
 
 
+async def watch_mode(store: Store, mode: str, every: float, changed: Callable[[ModeMismatch], None]) -> None:
+    """Re-read the database's mode every ``every`` seconds; once someone changed it away from
+    ``mode`` (``zerfaux mode``), call ``changed`` and end: this listener must not write another
+    result of the old mode."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            recorded = await store.database_mode()
+        except Exception as exc:  # an outage: the store, the sweep and /readyz report it
+            log.debug("mode: could not read the database's mode: %s", exc)
+            continue
+        if recorded is not None and recorded != mode:
+            changed(ModeMismatch(
+                f"the mode of {store.description} was changed to '{recorded}' while this listener "
+                f"ran {mode} backends: it stops (running work finishes or is released for another "
+                f"listener); start it again with {_SWITCH[recorded]}, or set the mode back with "
+                f"`zerfaux mode {mode}`"
+            ))
+            return
+
+
 def describe(mode: str | None) -> str:
     if mode is None:
         return ("not set: the first listener to start records its own (stub by default, real "
@@ -78,5 +101,6 @@ def change_message(previous: str | None, mode: str) -> str:
             "will write made-up results into this database's rows (jobs completed, inventory, DR "
             "shells); real listeners refuse to start."
         )
-    return (f"mode: {before} -> {mode}. {effect} Listeners already running keep their backends "
-            "until they restart: stop those of the old mode.")
+    return (f"mode: {before} -> {mode}. {effect} Listeners of the old mode still running stop "
+            "within ZERFAUX_SWEEP_SECONDS (what they run finishes within "
+            "ZERFAUX_SHUTDOWN_GRACE_SECONDS or is released).")

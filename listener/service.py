@@ -15,7 +15,7 @@ from handlers.secrets import SecretResolver
 from listener.config import Settings
 from listener.dispatcher import DispatchSettings, Dispatcher
 from listener.metrics import Metrics
-from listener.mode import check_mode
+from listener.mode import ModeMismatch, check_mode, watch_mode
 from listener.sources import Source
 from listener.sources.notify import NotifySource
 from listener.sources.sweep import SweepSource
@@ -143,6 +143,16 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
     extra = _http_task(listener)
     if extra is not None:
         tasks.append(extra)
+    changed: list[ModeMismatch] = []
+
+    def mode_changed(exc: ModeMismatch) -> None:
+        log.error("%s", exc)
+        changed.append(exc)
+        listener.dispatcher.stop()
+
+    tasks.append(asyncio.create_task(
+        watch_mode(listener.store, listener.handlers.mode, listener.settings.sweep_seconds, mode_changed),
+        name="mode"))
     log.info(
         "listening as %s on %s (%s backends, concurrency %d)",
         listener.settings.worker_id, listener.store.description, listener.handlers.mode,
@@ -161,6 +171,8 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
                 pass
         await asyncio.to_thread(listener.handlers.close)
         await listener.store.close()
+    if changed:
+        raise changed[0]
 
 
 def _on_signal(listener: Listener, sig: signal.Signals) -> None:

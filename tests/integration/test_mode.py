@@ -96,3 +96,31 @@ async def test_both_stores_read_claim_and_set_the_mode(db: Database, store_env: 
         await store.close()
     assert db.one("select value, set_by from zerfaux.settings where name = 'mode'") == {
         "value": "real", "set_by": "zerfaux mode"}
+
+
+async def test_a_running_listener_stops_when_the_mode_is_changed_under_it(world: Database) -> None:
+    import asyncio
+
+    # The running stub job outlasts the shutdown grace, so it is released, not finished.
+    listener = build_listener(engine_settings(world.url, ZERFAUX_STUB_SECONDS="30", ZERFAUX_SHUTDOWN_GRACE_SECONDS="1"))
+    engine = asyncio.create_task(serve(listener))
+    try:
+        for _ in range(100):
+            if world.value("select zerfaux.database_mode()") == "stub":
+                break
+            await asyncio.sleep(0.1)
+        world.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+        for _ in range(100):  # a stub job is running when the mode changes
+            if world.value("select status from replication_jobs") == "running":
+                break
+            await asyncio.sleep(0.1)
+        world.sql("select zerfaux.set_mode('real')")
+        with pytest.raises(ModeMismatch, match="changed to 'real'.*ZERFAUX_USE_STUBS=false"):
+            await asyncio.wait_for(engine, 60)
+    finally:
+        listener.dispatcher.stop()
+        if not engine.done():
+            await asyncio.wait_for(engine, 30)
+    # The stub result was not written into a real database: the job went back to the queue.
+    assert world.value("select status from zerfaux.operations where kind = 'replication.run'") == "queued"
+    assert world.value("select status from replication_jobs") != "completed"
