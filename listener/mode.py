@@ -17,8 +17,6 @@ from listener.store import Store
 
 log = logging.getLogger(__name__)
 
-MODES = ("stub", "real")
-
 _SWITCH = {"stub": "ZERFAUX_USE_STUBS=true", "real": "ZERFAUX_USE_STUBS=false"}
 
 
@@ -26,11 +24,12 @@ class ModeMismatch(RuntimeError):
     """This listener's backends are not the database's mode; the message says what to do."""
 
 
-def mismatch_message(database: str, listener: str, where: str) -> str:
+def mismatch_message(database: str, where: str) -> str:
+    """Why a listener of the other mode does not start against a ``database``-mode database."""
+    recorded = "recorded by the first listener that started there, or set with `zerfaux mode`"
     if database == "stub":
         return (
-            f"{where} is a stub database: its mode was recorded as 'stub' when the first listener "
-            "started there with stub backends (ZERFAUX_USE_STUBS=true, the default). This listener "
+            f"{where} is a stub database: its mode is 'stub' ({recorded}). This listener "
             "runs real backends (ZERFAUX_USE_STUBS=false) and will not start against it. If this "
             "database is meant for real work now, run `zerfaux mode real` against it and start "
             "again (results the stubs wrote stay, marked \"mode\": \"stub\" in "
@@ -38,7 +37,7 @@ def mismatch_message(database: str, listener: str, where: str) -> str:
             "ZERFAUX_USE_STUBS=true."
         )
     return (
-        f"{where} is a real database: its mode was recorded as 'real'. This listener would run "
+        f"{where} is a real database: its mode is 'real' ({recorded}). This listener would run "
         "stub backends (ZERFAUX_USE_STUBS is true or unset, and stubs are the default), which mark "
         "jobs completed with nothing replicated and write made-up VMs over the real inventory, so "
         "it will not start. Set ZERFAUX_USE_STUBS=false to run the real backends; only if this "
@@ -50,7 +49,7 @@ async def check_mode(store: Store, mode: str) -> None:
     """Record ``mode`` when the database has none; raise ``ModeMismatch`` when it has another."""
     recorded = await store.claim_mode(mode)
     if recorded != mode:
-        raise ModeMismatch(mismatch_message(recorded, mode, store.description))
+        raise ModeMismatch(mismatch_message(recorded, store.description))
 
 
 async def watch_mode(store: Store, mode: str, every: float, changed: Callable[[ModeMismatch], None]) -> None:
