@@ -34,7 +34,8 @@ import psycopg  # noqa: E402
 from bench.common import drop_database, scratch_database  # noqa: E402
 from listener.migrate import migrate, seed  # noqa: E402
 from tests.support.workload import (  # noqa: E402
-    GROUP, PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, audit, listener_env, pending, prepare, protect, sql,
+    PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, audit, listener_env, pending, prepare, protect,
+    request_replications, sql,
 )
 
 POOL = 100  # protected VMs per flag, flipped again and again
@@ -75,10 +76,8 @@ class Load:
         """Ask for one operation, the way a frontend would."""
         step = next(self._steps)
         if step == "job":
-            row = self.conn.execute("insert into replication_jobs (protection_group_id) values (%s) returning id",
-                                    (GROUP,)).fetchone()
-            assert row is not None
-            self.asked.jobs.add(str(row[0]))
+            # A group of its own: a group holds one pending or running job at a time.
+            self.asked.jobs.update(request_replications(self.url, 1, "soak"))
         elif step == "move":
             pvm = next(self._mv)
             self.conn.execute("update protected_vms set needs_storage_vmotion = true where id = %s", (pvm,))
