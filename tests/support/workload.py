@@ -80,15 +80,21 @@ def request_syncs(url: str, vcenter_ids: Iterable[str]) -> None:
         (list(vcenter_ids),))
 
 
+ADD_GROUPS = """
+    insert into protection_groups (name, source_vcenter_id, dr_vcenter_id, replication_target_id,
+                                   source_dataset, protection_datastore)
+    select %(p)s || '-group-' || gen_random_uuid(), %(vc)s, %(dr)s, %(t)s, 'tank/' || %(p)s || '-' || i, %(ds)s
+      from generate_series(1, %(n)s) i returning id"""
+
+
+def group_params(n: int, prefix: str) -> dict[str, Any]:
+    return {"p": prefix, "vc": PRIMARY, "dr": DR, "t": TARGET, "ds": PROTECTION_DS, "n": n}
+
+
 def add_groups(url: str, n: int, prefix: str = "load") -> list[str]:
     """Protection groups like the seed's: a group has at most one pending or running job, so
     ``n`` jobs queued at once need ``n`` groups."""
-    rows = sql(url, "insert into protection_groups (name, source_vcenter_id, dr_vcenter_id,"
-                    " replication_target_id, source_dataset, protection_datastore)"
-                    " select %(p)s || '-group-' || gen_random_uuid(), %(vc)s, %(dr)s, %(t)s,"
-                    "        'tank/' || %(p)s || '-' || i, %(ds)s from generate_series(1, %(n)s) i returning id",
-               {"p": prefix, "vc": PRIMARY, "dr": DR, "t": TARGET, "ds": PROTECTION_DS, "n": n})
-    return [str(r["id"]) for r in rows]
+    return [str(r["id"]) for r in sql(url, ADD_GROUPS, group_params(n, prefix))]
 
 
 def request_replications(url: str, n: int, prefix: str = "load") -> list[str]:
