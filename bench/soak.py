@@ -34,7 +34,8 @@ import psycopg  # noqa: E402
 from bench.common import drop_database, scratch_database  # noqa: E402
 from listener.migrate import migrate, seed  # noqa: E402
 from tests.support.workload import (  # noqa: E402
-    GROUP, PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, audit, listener_env, pending, prepare, protect, sql,
+    ADD_GROUPS, PROTECTION_DS, Asked, Proc, add_vcenters, add_vms, audit, group_params, listener_env, pending,
+    prepare, protect, sql,
 )
 
 POOL = 100  # protected VMs per flag, flipped again and again
@@ -75,8 +76,11 @@ class Load:
         """Ask for one operation, the way a frontend would."""
         step = next(self._steps)
         if step == "job":
+            # A group of its own: a group holds one pending or running job at a time.
+            group = self.conn.execute(ADD_GROUPS, group_params(1, "soak")).fetchone()
+            assert group is not None
             row = self.conn.execute("insert into replication_jobs (protection_group_id) values (%s) returning id",
-                                    (GROUP,)).fetchone()
+                                    (group[0],)).fetchone()
             assert row is not None
             self.asked.jobs.add(str(row[0]))
         elif step == "move":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import GROUP
+from tests.integration.conftest import GROUP, add_groups, queue_jobs
 from tests.support.engine import spawn
 from tests.support.pg import Database
 
@@ -55,7 +55,7 @@ def test_run_converges_rows_a_frontend_inserts_and_stops_cleanly_on_sigterm(seed
 
 
 def test_run_until_idle_drains_and_exits_zero(seeded_db: Database) -> None:
-    seeded_db.sql("insert into replication_jobs (protection_group_id) select %s from generate_series(1, 5)", (GROUP,))
+    queue_jobs(seeded_db, add_groups(seeded_db, 5))
     proc = spawn(seeded_db.url, "run", "--until-idle")
     code, out = finish(proc, sig=None, timeout=60)
     assert code == 0, out

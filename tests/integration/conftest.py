@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.support.pg import Database
+from tests.support import workload
 
 PRIMARY = "00000000-0000-4000-a000-000000000001"
 DR = "00000000-0000-4000-a000-000000000002"
@@ -29,6 +30,17 @@ def protect(db: Database, vm_id: Any, **flags: bool) -> Any:
         " values (%s, %s, %s, %s) returning id",
         (GROUP, vm_id, flags.get("needs_storage_vmotion", False), flags.get("needs_dr_shell", False)),
     )
+
+
+def add_groups(db: Database, n: int) -> list[str]:
+    """Groups like the seed's ``gold``; a group has at most one pending or running job."""
+    return workload.add_groups(db.url, n, "test")
+
+
+def queue_jobs(db: Database, groups: list[str]) -> list[str]:
+    """One replication job in each group, inserted at once."""
+    rows = db.sql("insert into replication_jobs (protection_group_id) select unnest(%s::uuid[]) returning id", (groups,))
+    return [str(r["id"]) for r in rows]
 
 
 def operations(db: Database, kind: str | None = None) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from listener.store_pg import PostgresStore
-from tests.integration.conftest import GROUP, PRIMARY, TARGET
+from tests.integration.conftest import GROUP, PRIMARY, TARGET, add_groups, queue_jobs
 from tests.support.pg import Database
 
 
@@ -40,8 +40,9 @@ async def test_two_workers_racing_for_one_row_one_wins(world: Database) -> None:
 async def test_many_rows_many_workers_each_claimed_once(world: Database, store: PostgresStore) -> None:
     world.sql("insert into replication_targets (name, ssh_host, target_root, max_concurrent)"
               " values ('wide', 'h', 'tank/r', 1000)")
+    groups = add_groups(world, 200)
     world.sql("update protection_groups set replication_target_id = (select id from replication_targets where name = 'wide')")
-    world.sql("insert into replication_jobs (protection_group_id) select %s from generate_series(1, 200)", (GROUP,))
+    queue_jobs(world, groups)
     stores = [PostgresStore(world.url, pool_size=2) for _ in range(4)]
     await asyncio.gather(*(s.open() for s in stores))
     try:
@@ -114,7 +115,7 @@ async def test_one_operation_per_subject_at_a_time(world: Database, store: Postg
 
 async def test_max_concurrent_per_target_is_respected(world: Database, store: PostgresStore) -> None:
     world.sql("update replication_targets set max_concurrent = 2")
-    world.sql("insert into replication_jobs (protection_group_id) select %s from generate_series(1, 5)", (GROUP,))
+    queue_jobs(world, add_groups(world, 5))
     assert len(await store.claim("w1", 10, 30)) == 2
     assert await store.claim("w2", 10, 30) == []
     world.sql("update replication_targets set max_concurrent = 3")

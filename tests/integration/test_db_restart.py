@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import GROUP
+from tests.integration.conftest import add_groups, queue_jobs
 from tests.support.engine import spawn
 from tests.support.pg import Database, admin_url
 from tests.support.require import missing
@@ -68,7 +68,7 @@ def test_the_listener_rides_out_a_database_restart_and_readyz_reports_it(world: 
     ready = f"http://127.0.0.1:{port}/readyz"
     try:
         _wait(lambda: httpx.get(ready, timeout=2).status_code == 200, 60)
-        world.sql("insert into replication_jobs (protection_group_id) select %s from generate_series(1, 6)", (GROUP,))
+        queue_jobs(world, add_groups(world, 6))
         _wait(lambda: world.value("select count(*) from replication_jobs where status = 'running'") > 0, 30)
 
         _ctl("stop")

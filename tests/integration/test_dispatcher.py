@@ -14,7 +14,7 @@ from handlers.context import OperationContext
 from listener.dispatcher import DispatchSettings, Dispatcher
 from listener.service import make_store
 from listener.store import Store
-from tests.integration.conftest import GROUP, PRIMARY, protect
+from tests.integration.conftest import GROUP, PRIMARY, add_groups, protect, queue_jobs
 from tests.support.engine import drain, engine_settings, eventually, running
 from tests.support.pg import Database
 
@@ -186,7 +186,7 @@ async def test_shutdown_releases_running_work_for_another_worker(world: Database
 async def test_a_database_that_drops_mid_run_is_reconnected_and_nothing_is_lost(world: Database) -> None:
     settings = engine_settings(world.url, ZERFAUX_STUB_SECONDS="1")
     async with running(settings):
-        world.sql("insert into replication_jobs (protection_group_id) select %s from generate_series(1, 3)", (GROUP,))
+        queue_jobs(world, add_groups(world, 3))
         await eventually(lambda: world.value("select count(*) from replication_jobs where status = 'running'") > 0)
         killed = world.value("select count(pg_terminate_backend(pid)) from pg_stat_activity"
                              " where datname = current_database() and pid <> pg_backend_pid()")
@@ -200,7 +200,7 @@ async def test_a_database_that_drops_mid_run_is_reconnected_and_nothing_is_lost(
 @pytest.mark.parametrize("concurrency", ["1", "4"])
 async def test_global_concurrency_limits_what_runs_at_once(world: Database, concurrency: str) -> None:
     world.sql("update replication_targets set max_concurrent = 100")
-    world.sql("insert into replication_jobs (protection_group_id) select %s from generate_series(1, 6)", (GROUP,))
+    queue_jobs(world, add_groups(world, 6))
     peak = 0
     async with running(engine_settings(world.url, ZERFAUX_STUB_SECONDS="0.5", ZERFAUX_CONCURRENCY=concurrency)):
         for _ in range(200):

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from listener.migrate import MigrationError, discover, migrate
+from listener.migrate import MigrationError, discover, migrate, seed, sql_root
+from tests.integration.conftest import GROUP
 from tests.support.pg import Database
 
 TABLES = {
     ("public", "vcenters"), ("public", "vcenter_vms"), ("public", "vcenter_datastores"),
     ("public", "replication_targets"), ("public", "protection_groups"), ("public", "protected_vms"),
-    ("public", "replication_jobs"), ("zerfaux", "operations"), ("zerfaux", "workers"),
+    ("public", "replication_jobs"), ("zerfaux", "operations"), ("zerfaux", "workers"), ("zerfaux", "operators"),
 }
 
 
@@ -72,3 +75,55 @@ def test_no_migration_files_is_an_error_not_up_to_date(empty_db: Database, tmp_p
     with pytest.raises(MigrationError, match="no migrations found in"):
         migrate(empty_db.url, tmp_path)
     assert empty_db.value("select to_regclass('supabase_migrations.schema_migrations') is null")
+
+
+def test_jobs_queued_before_the_one_job_rule_are_cancelled_but_the_oldest(empty_db: Database, tmp_path: Path) -> None:
+    """A database that queued several jobs of one group before the rule still migrates: the
+    oldest pending job stays, the others end cancelled, and so do their operations."""
+    rule = "20261201100200"
+    for path in Path(str(sql_root() / "migrations")).glob("*.sql"):
+        if path.name < rule:
+            shutil.copy(path, tmp_path / path.name)
+    migrate(empty_db.url, tmp_path)
+    seed(empty_db.url)
+    jobs = [empty_db.value("insert into replication_jobs (protection_group_id, created_at)"
+                           " values (%s, now() + make_interval(secs => %s)) returning id::text", (GROUP, i))
+            for i in range(3)]
+    migrate(empty_db.url)
+    rows = {r["id"]: r for r in empty_db.sql(
+        "select j.id::text, j.status, j.error, o.status as op from replication_jobs j"
+        " join zerfaux.operations o on o.subject_id = j.id")}
+    assert [rows[j]["status"] for j in jobs] == ["pending", "cancelled", "cancelled"]
+    assert [rows[j]["op"] for j in jobs] == ["queued", "cancelled", "cancelled"]
+    assert "one pending or running replication job per group" in rows[jobs[1]]["error"]
+
+
+AUTH_OBJECTS = """
+    select 'function ' || p.oid::regprocedure::text || ' ' || md5(p.prosrc) as obj
+      from pg_proc p where p.pronamespace = 'auth'::regnamespace
+    union all
+    select 'relation ' || c.relname from pg_class c where c.relnamespace = 'auth'::regnamespace
+    order by 1"""
+
+
+def test_on_supabase_nothing_is_created_in_auth_and_roles_follow_auth_users(empty_db: Database) -> None:
+    # Supabase's own auth.uid() and auth.users, as a project has them before any migration.
+    empty_db.sql("""create schema auth;
+        create table auth.users (id uuid primary key);
+        create function auth.uid() returns uuid language sql stable as
+            $$ select nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$;""")
+    before = empty_db.sql(AUTH_OBJECTS)
+    migrate(empty_db.url)
+    assert empty_db.sql(AUTH_OBJECTS) == before
+    user = empty_db.value("insert into auth.users values (gen_random_uuid()) returning id")
+    empty_db.sql("insert into zerfaux.operators (user_id, role) values (%s, 'viewer')", (user,))
+    empty_db.sql("delete from auth.users where id = %s", (user,))
+    assert empty_db.sql("select * from zerfaux.operators") == []
+
+
+def test_on_bare_postgres_auth_uid_reads_the_request_claims(db: Database) -> None:
+    user = "10000000-0000-4000-9000-000000000042"
+    with psycopg.connect(db.url) as conn:
+        assert conn.execute("select auth.uid()").fetchone() == (None,)
+        conn.execute("select set_config('request.jwt.claims', %s, true)", (f'{{"sub": "{user}"}}',))
+        assert str(conn.execute("select auth.uid()").fetchone()[0]) == user  # type: ignore[index]

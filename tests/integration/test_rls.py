@@ -1,18 +1,25 @@
-"""Row Level Security and grants, as one policy table checked against the database.
+"""Row Level Security and grants, as policy tables checked against the database.
 
-Every table of ``public``, ``zerfaux`` and ``supabase_migrations`` and every function of
-``public`` and ``zerfaux`` is found in the catalog (a new one nobody decided about fails here),
-then each API role (anon, authenticated, service_role, under ``set role`` as PostgREST does for a
-JWT's role) tries to select each column, insert each column, update each column, delete, and
-execute each function, in a transaction rolled back afterwards. What it may do is written once,
-below, from DESIGN §4 and the README's RLS paragraph:
+Two tables, both written once below from docs/authorization.md and the README's RLS paragraph:
 
-- anon: nothing at all.
-- authenticated: reads the control plane except the ``*_secret`` columns, and the operations;
-  asks for work as a person does (request a sync, insert or cancel a replication job, protect a
-  VM, flip its two flags, unprotect it); writes nothing else; executes no engine function.
-- service_role: every table of the control plane and the engine, and every engine function.
-- supabase_migrations: no API role (the Supabase CLI's own bookkeeping).
+1. Columns (``POLICY``). Every table of ``public``, ``zerfaux`` and ``supabase_migrations`` and
+   every function of ``public`` and ``zerfaux`` is found in the catalog (a new one nobody decided
+   about fails here); each API role (anon, authenticated, service_role, under ``set role`` as
+   PostgREST does for a JWT's role) tries to select, insert and update each column, delete, and
+   execute each function. ``authenticated`` is tried as a global admin, the most a signed-in user
+   can be given, so what it cannot do no signed-in user can:
+   - anon: nothing at all.
+   - authenticated: reads the control plane except the ``*_secret`` columns, and the operations;
+     writes the configuration columns (an admin's), the request columns (``sync_requested_at``,
+     a job's group and ``cancel_requested``, a protected VM's group, VM and two flags) and roles;
+     executes only the policies' helper functions, no engine function.
+   - service_role: every table of the control plane and the engine, and every engine function.
+   - supabase_migrations: no API role (the Supabase CLI's own bookkeeping).
+
+2. Rows (``CHECKS``). Each persona (anon; a stranger who signed up and has no row in
+   ``zerfaux.operators``; a viewer, an operator and an admin of the seed's group ``gold``; a
+   global admin; service_role) tries each request on a row of its group (``mine``) and of another
+   group (``other``); what it may do follows from the role each request needs.
 
 Both on a bare Postgres and on one whose ``public`` schema has Supabase's default privileges
 (new tables and functions granted to anon, authenticated and service_role), since the same
@@ -21,6 +28,7 @@ migrations must hold on both.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,13 +39,29 @@ import pytest
 from psycopg.rows import dict_row
 
 from listener.migrate import migrate, seed
-from tests.integration.conftest import GROUP, PRIMARY, add_vm, protect
+from tests.integration.conftest import DR, GROUP, PRIMARY, TARGET, add_vm, protect
 from tests.support.pg import Database, create_database, drop_database
 
 ROLES = ("anon", "authenticated", "service_role")
 EVERY = "every column"
 BUT_SECRETS = "every column but *_secret"
 SECRET_LIKE = re.compile(r"secret|password|passwd|private|token|credential", re.I)
+
+# The other group of the world below, with its own vCenter and target.
+OTHER_VC = "00000000-0000-4000-a000-0000000000f1"
+OTHER_TARGET = "00000000-0000-4000-b000-0000000000f1"
+OTHER = "00000000-0000-4000-c000-0000000000f1"
+# A spare vCenter, target and group nothing refers to, for deletes.
+SPARE_VC = "00000000-0000-4000-a000-0000000000e1"
+SPARE_TARGET = "00000000-0000-4000-b000-0000000000e1"
+SPARE_GROUP = "00000000-0000-4000-c000-0000000000e1"
+# Users (JWT `sub`); BYSTANDER is a viewer in both groups whose rows admins manage.
+STRANGER = "10000000-0000-4000-9000-000000000000"
+VIEWER = "10000000-0000-4000-9000-000000000001"
+OPERATOR = "10000000-0000-4000-9000-000000000002"
+GROUP_ADMIN = "10000000-0000-4000-9000-000000000003"
+ADMIN = "10000000-0000-4000-9000-000000000004"
+BYSTANDER = "10000000-0000-4000-9000-000000000005"
 
 
 @dataclass(frozen=True)
@@ -51,17 +75,31 @@ class Access:
 NOTHING = Access()
 ALL = Access(select=EVERY, insert=EVERY, update=EVERY, delete=True)
 READ = Access(select=EVERY)
+VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
+TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
+                 "dr_datastore", "transport", "max_concurrent")
+GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
+                "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
+                "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",
+                "dr_resource_pool", "dr_folder", "dr_network", "dr_vm_suffix")
 
-# The policy, once. Rows: tables; columns: roles.
+# The column grants, once. Rows: tables; columns: roles.
 POLICY: dict[str, dict[str, Access]] = {
     "public.vcenters": {
         "anon": NOTHING, "service_role": ALL,
-        "authenticated": Access(select=BUT_SECRETS, update=("sync_requested_at",)),
+        "authenticated": Access(select=BUT_SECRETS, insert=(*VCENTER_CONFIG, "sync_requested_at"),
+                                update=(*VCENTER_CONFIG, "sync_requested_at"), delete=True),
     },
     "public.vcenter_vms": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "public.vcenter_datastores": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
-    "public.replication_targets": {"anon": NOTHING, "service_role": ALL, "authenticated": Access(select=BUT_SECRETS)},
-    "public.protection_groups": {"anon": NOTHING, "service_role": ALL, "authenticated": Access(select=BUT_SECRETS)},
+    "public.replication_targets": {
+        "anon": NOTHING, "service_role": ALL,
+        "authenticated": Access(select=BUT_SECRETS, insert=TARGET_CONFIG, update=TARGET_CONFIG, delete=True),
+    },
+    "public.protection_groups": {
+        "anon": NOTHING, "service_role": ALL,
+        "authenticated": Access(select=BUT_SECRETS, insert=GROUP_CONFIG, update=GROUP_CONFIG, delete=True),
+    },
     "public.protected_vms": {
         "anon": NOTHING, "service_role": ALL,
         "authenticated": Access(select=EVERY,
@@ -76,8 +114,17 @@ POLICY: dict[str, dict[str, Access]] = {
     "zerfaux.operations": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "zerfaux.workers": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "zerfaux.settings": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.operators": {
+        "anon": NOTHING, "service_role": ALL,
+        "authenticated": Access(select=EVERY, insert=("user_id", "role", "protection_group_id"),
+                                update=("role",), delete=True),
+    },
     "supabase_migrations.schema_migrations": {"anon": NOTHING, "authenticated": NOTHING, "service_role": NOTHING},
 }
+
+# The policies' helpers: executable by authenticated (a policy runs them as the caller).
+POLICY_HELPERS = {"zerfaux.role_rank", "zerfaux.has_role", "zerfaux.is_member", "zerfaux.group_ids",
+                  "zerfaux.vcenter_ids", "zerfaux.target_ids", "zerfaux.operation_subjects"}
 
 # The smallest valid row of each table, for insert checks (SQL expressions).
 MINIMAL_ROW: dict[str, dict[str, str]] = {
@@ -87,10 +134,11 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "public.replication_targets": {"name": "'rls-' || gen_random_uuid()", "ssh_host": "'h'", "target_root": "'t'"},
     "public.protection_groups": {"name": "'rls-' || gen_random_uuid()"},
     "public.protected_vms": {"protection_group_id": f"'{GROUP}'"},
-    "public.replication_jobs": {"protection_group_id": f"'{GROUP}'"},
+    "public.replication_jobs": {"protection_group_id": f"'{SPARE_GROUP}'"},  # a group with no job running
     "zerfaux.operations": {"kind": "'rls.test'", "subject_id": "gen_random_uuid()"},
     "zerfaux.workers": {"worker_id": "'rls-' || gen_random_uuid()"},
     "zerfaux.settings": {"name": "'rls-' || gen_random_uuid()", "value": "'x'", "set_by": "'rls'"},
+    "zerfaux.operators": {"user_id": "gen_random_uuid()", "role": "'viewer'"},
     "supabase_migrations.schema_migrations": {"version": "'rls-' || gen_random_uuid()"},
 }
 
@@ -113,13 +161,31 @@ SUPABASE_DEFAULTS = """
 
 
 def populate(db: Database) -> None:
-    """At least one row in every table, so an allowed update or delete visibly touches one."""
+    """At least one row in every table, in two groups, so an allowed request visibly touches one
+    and a refused one is refused by its policy, not for want of rows."""
+    db.sql("insert into vcenters (id, name, host) values (%s, 'vc-other', 'vc-other.example'),"
+           " (%s, 'vc-spare', 'vc-spare.example')", (OTHER_VC, SPARE_VC))
+    db.sql("insert into replication_targets (id, name, ssh_host, target_root) values"
+           " (%s, 'other-zfs', 'other-zfs.example', 'tank/other'), (%s, 'spare-zfs', 'spare.example', 'tank/spare')",
+           (OTHER_TARGET, SPARE_TARGET))
+    db.sql("insert into protection_groups (id, name, source_vcenter_id, replication_target_id, source_dataset)"
+           " values (%s, 'other', %s, %s, 'tank/other'), (%s, 'spare', null, null, null)",
+           (OTHER, OTHER_VC, OTHER_TARGET, SPARE_GROUP))
     db.sql("update vcenters set sync_requested_at = now()")
     protect(db, add_vm(db), needs_storage_vmotion=True)
-    db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
-    db.sql("insert into vcenter_datastores (vcenter_id, moref, name) values (%s, 'ds-1', 'nfs-01')", (PRIMARY,))
+    other_vm = db.value("insert into vcenter_vms (vcenter_id, moref, name) values (%s, 'vm-7', 'other-01')"
+                        " returning id", (OTHER_VC,))
+    db.sql("insert into protected_vms (protection_group_id, vm_id, needs_storage_vmotion) values (%s, %s, true)",
+           (OTHER, other_vm))
+    db.sql("insert into replication_jobs (protection_group_id) values (%s), (%s)", (GROUP, OTHER))
+    db.sql("insert into vcenter_datastores (vcenter_id, moref, name) values (%s, 'ds-1', 'nfs-01'),"
+           " (%s, 'ds-2', 'nfs-02')", (PRIMARY, OTHER_VC))
     db.sql("insert into zerfaux.workers (worker_id) values ('w-1')")
     db.sql("select zerfaux.claim_mode('stub')")
+    db.sql("insert into zerfaux.operators (user_id, role, protection_group_id) values"
+           " (%s, 'viewer', %s), (%s, 'operator', %s), (%s, 'admin', %s), (%s, 'admin', null),"
+           " (%s, 'viewer', %s), (%s, 'viewer', %s)",
+           (VIEWER, GROUP, OPERATOR, GROUP, GROUP_ADMIN, GROUP, ADMIN, BYSTANDER, GROUP, BYSTANDER, OTHER))
 
 
 @pytest.fixture(scope="module", params=["bare", "supabase-defaults"])
@@ -147,12 +213,24 @@ def conn(policy_db: Database) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         yield connection
 
 
-def attempt(conn: psycopg.Connection[Any], role: str, sql: str) -> tuple[str, int]:
+def become(conn: psycopg.Connection[Any], role: str, user: str | None = None) -> None:
+    """What PostgREST does for a request: the JWT's role, and its claims for auth.uid()."""
+    conn.execute(f"set local role {role}")  # type: ignore[arg-type]
+    claims = {"role": role} | ({"sub": user} if user else {})
+    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+
+
+def attempt(conn: psycopg.Connection[Any], role: str, sql: str, user: str | None = ADMIN,
+            setup: str = "") -> tuple[str, int]:
     """('denied', 0), ('ok', rowcount) or ('error', 0): an error other than a privilege error
-    comes after the privilege checks (a constraint, a null argument), so the role was allowed."""
+    comes after the privilege checks (a constraint, a null argument), so the role was allowed.
+    An RLS refusal of a new row is a privilege error too; one of rows to read, update or delete
+    is ('ok', 0). `authenticated` acts as `user` (by default a global admin)."""
     try:
         with conn.transaction(force_rollback=True):
-            conn.execute(f"set local role {role}")
+            if setup:
+                conn.execute(setup)  # type: ignore[arg-type]
+            become(conn, role, user if role == "authenticated" else None)
             cur = conn.execute(sql)  # type: ignore[arg-type]
             return "ok", cur.rowcount
     except psycopg.errors.InsufficientPrivilege:
@@ -179,7 +257,7 @@ def row_count(conn: psycopg.Connection[Any], table: str) -> int:
     return int(conn.execute(f"select count(*) as n from {table}").fetchone()["n"])  # type: ignore[index]
 
 
-# --- the matrix -------------------------------------------------------------------------------
+# --- the column matrix ------------------------------------------------------------------------
 
 def test_the_policy_names_every_table_and_rls_is_on_for_ours(conn: psycopg.Connection[Any]) -> None:
     assert sorted(POLICY) == catalog_tables(conn), "a table was added or removed: decide its policy here"
@@ -189,6 +267,16 @@ def test_the_policy_names_every_table_and_rls_is_on_for_ours(conn: psycopg.Conne
     assert [r["name"] for r in rows if not r["rls"]] == []
 
 
+def test_no_policy_lets_everyone_through(conn: psycopg.Connection[Any]) -> None:
+    """Supabase's advisor lint 0024: a permissive policy whose condition is always true."""
+    rows = conn.execute("""select schemaname || '.' || tablename || ' ' || policyname as name, qual, with_check
+                             from pg_policies where schemaname in ('public', 'zerfaux')""").fetchall()
+    assert rows
+    assert [r["name"] for r in rows
+            if re.sub(r"[\s()]", "", r["qual"] or "") in ("true", "1=1")
+            or re.sub(r"[\s()]", "", r["with_check"] or "") in ("true", "1=1")] == []
+
+
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("table", sorted(POLICY))
 def test_select(conn: psycopg.Connection[Any], table: str, role: str) -> None:
@@ -196,7 +284,7 @@ def test_select(conn: psycopg.Connection[Any], table: str, role: str) -> None:
     expected = allowed_columns(POLICY[table][role].select, cols)
     seen = {c for c in cols if attempt(conn, role, f"select {c} from {table} limit 1")[0] != "denied"}
     assert seen == expected
-    if expected:  # allowed columns show every row (policies read `using (true)`)
+    if expected:  # allowed columns show every row to a global admin
         some = sorted(expected)[0]
         assert attempt(conn, role, f"select {some} from {table}") == ("ok", row_count(conn, table)) != ("ok", 0)
 
@@ -224,9 +312,11 @@ def test_insert(conn: psycopg.Connection[Any], table: str, role: str) -> None:
 def test_update(conn: psycopg.Connection[Any], table: str, role: str) -> None:
     cols = columns(conn, table)
     expected = allowed_columns(POLICY[table][role].update, cols)
-    outcomes = {c: attempt(conn, role, f"update {table} set {c} = {c}") for c in cols}
+    # `set c = c` reads c too; a secret column may be written but not read.
+    outcomes = {c: attempt(conn, role, f"update {table} set {c} = {'default' if c.endswith('_secret') else c}")
+                for c in cols}
     assert {c for c, o in outcomes.items() if o[0] != "denied"} == expected
-    for c in expected:  # and the policy lets it reach the rows
+    for c in expected:  # and the policy lets a global admin reach the rows
         assert outcomes[c][0] == "error" or outcomes[c][1] > 0, (c, outcomes[c])
 
 
@@ -237,7 +327,7 @@ def test_delete(conn: psycopg.Connection[Any], table: str, role: str) -> None:
     if POLICY[table][role].delete:
         assert outcome[0] == "error" or outcome[1] > 0, outcome  # a foreign key may refuse, RLS may not
     else:
-        assert outcome[0] == "denied"
+        assert outcome[0] == "denied" or outcome == ("ok", 0)
 
 
 def functions(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
@@ -252,7 +342,8 @@ def functions(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("role", ROLES)
 def test_execute(conn: psycopg.Connection[Any], role: str) -> None:
-    """Engine functions: service_role only. Trigger functions: no API role (they run as triggers).
+    """Engine functions: service_role only. The policies' helpers: authenticated and
+    service_role. Trigger functions: no API role (they run as triggers).
 
     Every function is found in the catalog, so one a later migration adds without revoking
     PUBLIC's EXECUTE fails here. (Default privileges cannot do this for us: a per-schema
@@ -261,9 +352,11 @@ def test_execute(conn: psycopg.Connection[Any], role: str) -> None:
     project, not just this schema.)"""
     found = functions(conn)
     assert len(found) >= 20
+    assert POLICY_HELPERS <= {fn["name"] for fn in found}
     wrong = []
     for fn in found:
-        may = role == "service_role" and fn["name"].startswith("zerfaux.") and not fn["is_trigger"]
+        may = (role == "service_role" and fn["name"].startswith("zerfaux.") and not fn["is_trigger"]) or (
+            role == "authenticated" and fn["name"] in POLICY_HELPERS)
         if fn["is_trigger"]:
             can = conn.execute("select has_function_privilege(%s, %s::oid, 'execute') as ok",
                                (role, fn["oid"])).fetchone()["ok"]  # type: ignore[index]
@@ -284,17 +377,171 @@ def test_no_credential_is_readable_through_an_api_role(conn: psycopg.Connection[
     assert attempt(conn, role, "select zerfaux.vault_secret('vc-primary-password')")[0] == "denied"
 
 
+# --- the row matrix ---------------------------------------------------------------------------
+
+# Persona -> (database role, JWT sub, level). A group-scoped persona holds its level in `gold`
+# only; ADMIN holds it everywhere.
+PERSONAS: dict[str, tuple[str, str | None, int]] = {
+    "anon": ("anon", None, 0),
+    "stranger": ("authenticated", STRANGER, 0),
+    "viewer": ("authenticated", VIEWER, 1),
+    "operator": ("authenticated", OPERATOR, 2),
+    "group_admin": ("authenticated", GROUP_ADMIN, 3),
+    "admin": ("authenticated", ADMIN, 4),
+    "service_role": ("service_role", None, 5),
+}
+GLOBAL = {"admin", "service_role"}
+NEED = {"viewer": 1, "operator": 2, "group_admin": 3, "admin": 4, "service_role": 5}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A request, on the row of a group: `{group}`, `{vc}`, `{target}` name `gold`'s or the other
+    group's. `need` is the least persona that may; `scoped` says whether a group-scoped persona
+    may only in its own group (else the request concerns no group)."""
+
+    name: str
+    sql: str
+    need: str
+    scoped: bool = True
+    setup: str = ""
+
+
+SCOPES = {"mine": {"group": GROUP, "vc": PRIMARY, "target": TARGET},
+          "other": {"group": OTHER, "vc": OTHER_VC, "target": OTHER_TARGET}}
+NEW_VM = ("insert into vcenter_vms (id, vcenter_id, moref, name) values"
+          " ('20000000-0000-4000-9000-000000000001', '{vc}', 'vm-new', 'new-01')")
+
+CHECKS = [
+    Check("read its vCenter", "select 1 from vcenters where id = '{vc}'", "viewer"),
+    Check("ask for a sync", "update vcenters set sync_requested_at = now() where id = '{vc}'", "operator"),
+    Check("move a vCenter", "update vcenters set host = 'moved.example' where id = '{vc}'", "admin"),
+    Check("add a vCenter", "insert into vcenters (name, host) values ('vc-new', 'new.example')", "admin", False),
+    Check("remove a vCenter", f"delete from vcenters where id = '{SPARE_VC}'", "admin", False),
+    Check("read the inventory", "select 1 from vcenter_vms where vcenter_id = '{vc}'", "viewer"),
+    Check("read the datastores", "select 1 from vcenter_datastores where vcenter_id = '{vc}'", "viewer"),
+    Check("rename a VM", "update vcenter_vms set name = 'x' where vcenter_id = '{vc}'", "service_role"),
+    Check("read its target", "select 1 from replication_targets where id = '{target}'", "viewer"),
+    Check("change a target", "update replication_targets set max_concurrent = 9 where id = '{target}'", "admin"),
+    Check("add a target", "insert into replication_targets (name, ssh_host, target_root)"
+                          " values ('t-new', 'h', 'tank/new')", "admin", False),
+    Check("remove a target", f"delete from replication_targets where id = '{SPARE_TARGET}'", "admin", False),
+    Check("read its group", "select 1 from protection_groups where id = '{group}'", "viewer"),
+    Check("change a group", "update protection_groups set retention_snapshots = 1 where id = '{group}'", "admin"),
+    Check("add a group", "insert into protection_groups (name) values ('g-new')", "admin", False),
+    Check("remove a group", f"delete from protection_groups where id = '{SPARE_GROUP}'", "admin", False),
+    Check("read protected VMs", "select 1 from protected_vms where protection_group_id = '{group}'", "viewer"),
+    Check("protect a VM", "insert into protected_vms (protection_group_id, vm_id) values"
+                          " ('{group}', '20000000-0000-4000-9000-000000000001')", "operator", setup=NEW_VM),
+    Check("ask for a DR shell", "update protected_vms set needs_dr_shell = true"
+                                " where protection_group_id = '{group}'", "operator"),
+    Check("unprotect a VM", "delete from protected_vms where protection_group_id = '{group}'", "operator"),
+    Check("read jobs", "select 1 from replication_jobs where protection_group_id = '{group}'", "viewer"),
+    Check("ask for a replication", "insert into replication_jobs (protection_group_id) values ('{group}')",
+          "operator", setup="update replication_jobs set status = 'completed' where protection_group_id = '{group}'"),
+    Check("cancel a job", "update replication_jobs set cancel_requested = true"
+                          " where protection_group_id = '{group}'", "operator"),
+    Check("delete a job", "delete from replication_jobs where protection_group_id = '{group}'", "service_role"),
+    Check("read its sync operation", "select 1 from zerfaux.operations where subject_id = '{vc}'", "viewer"),
+    Check("read its job's operation", "select 1 from zerfaux.operations o join replication_jobs j"
+                                      " on j.id = o.subject_id where j.protection_group_id = '{group}'", "viewer"),
+    Check("read its VM's operation", "select 1 from zerfaux.operations o join protected_vms p"
+                                     " on p.id = o.subject_id where p.protection_group_id = '{group}'", "viewer"),
+    Check("cancel an operation", "update zerfaux.operations set cancel_requested = true"
+                                 " where subject_id = '{vc}'", "service_role"),
+    Check("read the workers", "select 1 from zerfaux.workers", "viewer", False),
+    Check("read another's role", f"select 1 from zerfaux.operators where user_id = '{BYSTANDER}'"
+                                 " and protection_group_id = '{group}'", "group_admin"),
+    Check("grant a role", "insert into zerfaux.operators (user_id, role, protection_group_id)"
+                          " values (gen_random_uuid(), 'operator', '{group}')", "group_admin"),
+    Check("change a role", f"update zerfaux.operators set role = 'admin' where user_id = '{BYSTANDER}'"
+                           " and protection_group_id = '{group}'", "group_admin"),
+    Check("revoke a role", f"delete from zerfaux.operators where user_id = '{BYSTANDER}'"
+                           " and protection_group_id = '{group}'", "group_admin"),
+    Check("grant a global role", "insert into zerfaux.operators (user_id, role) values (gen_random_uuid(), 'viewer')",
+          "admin", False),
+]
+
+
+def expected(persona: str, check: Check, scope: str) -> bool:
+    level = PERSONAS[persona][2]
+    if level < NEED[check.need]:
+        return False
+    return not check.scoped or scope == "mine" or persona in GLOBAL
+
+
+@pytest.mark.parametrize(("check", "scope"), [
+    pytest.param(c, scope, id=f"{c.name}-{scope}") for c in CHECKS for scope in (SCOPES if c.scoped else ["any"])])
+@pytest.mark.parametrize("persona", list(PERSONAS))
+def test_row_matrix(conn: psycopg.Connection[Any], persona: str, check: Check, scope: str) -> None:
+    role, user, _ = PERSONAS[persona]
+    names = SCOPES.get(scope, SCOPES["mine"])
+    sql, setup = check.sql.format(**names), check.setup.format(**names)
+    outcome = attempt(conn, role, sql, user=user, setup=setup)
+    did = outcome[0] == "ok" and outcome[1] > 0
+    assert did == expected(persona, check, scope), outcome
+
+
+@pytest.mark.parametrize("persona", ["viewer", "operator", "group_admin", "admin"])
+def test_a_user_reads_its_own_roles(conn: psycopg.Connection[Any], persona: str) -> None:
+    role, user, _ = PERSONAS[persona]
+    with conn.transaction(force_rollback=True):
+        become(conn, role, user)
+        mine = conn.execute("select role, protection_group_id from zerfaux.operators"
+                            " where user_id = (select auth.uid())").fetchall()
+    assert len(mine) == 1
+
+
+def test_a_stranger_sees_nothing_anywhere(conn: psycopg.Connection[Any]) -> None:
+    """Signed up, no row in zerfaux.operators: every table it may select from reads empty."""
+    seen = {}
+    with conn.transaction(force_rollback=True):
+        become(conn, "authenticated", STRANGER)
+        for table, access in POLICY.items():
+            if access["authenticated"].select:
+                col = "id" if "id" in columns(conn, table) else "worker_id"
+                seen[table] = len(conn.execute(f"select {col} from {table}").fetchall())  # type: ignore[arg-type]
+    assert seen and set(seen.values()) == {0}, seen
+
+
 # --- what a person does, end to end ------------------------------------------------------------
 
-def test_authenticated_asks_for_work_as_a_person_does(policy_db: Database) -> None:
+def ask_for_everything(session: psycopg.Connection[Any], persona: str) -> dict[str, Any]:
+    """A frontend's requests as `persona`; then what they changed, read as the owner."""
+    role, user, _ = PERSONAS[persona]
+    with session.transaction(force_rollback=True):
+        session.execute("update public.replication_jobs set status = 'completed'")
+        become(session, role, user)
+        session.execute("update public.vcenters set sync_requested_at = now() + interval '1 hour'")
+        session.execute("update public.protected_vms set needs_dr_shell = true")
+        try:
+            with session.transaction():
+                session.execute("insert into public.replication_jobs (protection_group_id) values (%s)", (GROUP,))
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        session.execute("update public.replication_jobs set cancel_requested = true")
+        session.execute("reset role")
+        return {
+            "synced": sorted(r[0] for r in session.execute(
+                "select id::text from vcenters where sync_requested_at > now() + interval '30 minutes'")),
+            "shells": sorted(r[0] for r in session.execute(
+                "select protection_group_id::text from protected_vms where needs_dr_shell")),
+            "jobs": [r[0] for r in session.execute("select status from replication_jobs where status <> 'completed'")],
+            "cancelled": [r[0] for r in session.execute(
+                "select distinct protection_group_id::text from replication_jobs where cancel_requested")],
+            "shell_ops": int(session.execute(
+                "select count(*) from zerfaux.operations where kind = 'vm.dr_shell'").fetchone()[0]),  # type: ignore[index]
+        }
+
+
+def test_an_operator_asks_for_work_in_its_group_only(policy_db: Database) -> None:
     with psycopg.connect(policy_db.url, autocommit=True) as session:
-        with session.transaction(force_rollback=True):
-            session.execute("set local role authenticated")
-            session.execute("update public.vcenters set sync_requested_at = now() + interval '1 hour'")
-            session.execute("insert into public.replication_jobs (protection_group_id) values (%s)", (GROUP,))
-            session.execute("update public.protected_vms set needs_dr_shell = true")
-            session.execute("update public.replication_jobs set cancel_requested = true")
-            session.execute("reset role")
-            kinds = [r[0] for r in session.execute(
-                "select kind from zerfaux.operations where status = 'queued'").fetchall()]
-    assert kinds.count("vm.dr_shell") == 1 and kinds.count("vcenter.sync") == 2
+        done = ask_for_everything(session, "operator")
+    assert done == {"synced": sorted([PRIMARY, DR]), "shells": [GROUP], "jobs": ["cancelled"],
+                    "cancelled": [GROUP], "shell_ops": 1}
+
+
+def test_a_stranger_who_signed_up_changes_nothing(policy_db: Database) -> None:
+    with psycopg.connect(policy_db.url, autocommit=True) as session:
+        done = ask_for_everything(session, "stranger")
+    assert done == {"synced": [], "shells": [], "jobs": [], "cancelled": [], "shell_ops": 0}

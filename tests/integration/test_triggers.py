@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import psycopg
 import pytest
 
@@ -107,3 +109,43 @@ def test_oversized_or_malformed_values_are_refused_and_change_nothing(world: Dat
     with pytest.raises(psycopg.errors.CheckViolation, match=constraint):
         world.sql(statement)
     assert (world.sql("select * from protection_groups"), world.sql("select * from replication_targets")) == before
+
+
+def test_a_second_pending_job_of_a_group_is_refused_naming_the_group_and_the_job(world: Database) -> None:
+    job = world.value("insert into replication_jobs (protection_group_id) values (%s) returning id", (GROUP,))
+    with pytest.raises(psycopg.errors.UniqueViolation) as refused:
+        world.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+    message = str(refused.value)
+    assert "gold" in message and GROUP in message and str(job) in message and "pending" in message
+    assert refused.value.diag.constraint_name == "replication_jobs_one_active_per_group"
+    assert len(operations(world, "replication.run")) == 1
+    # A finished job frees the group.
+    world.sql("update replication_jobs set status = 'completed' where id = %s", (job,))
+    world.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+    assert world.value("select count(*) from replication_jobs where status = 'pending'") == 1
+
+
+def test_two_racing_inserts_of_one_group_give_one_job(world: Database) -> None:
+    """Both pass the trigger before either commits: the index refuses the second."""
+    with psycopg.connect(world.url) as first, psycopg.connect(world.url) as second:
+        first.execute("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+        second.execute("set lock_timeout = '10s'")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            committer = threading.Timer(0.5, first.commit)
+            committer.start()
+            try:
+                second.execute("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+            finally:
+                committer.join()
+    assert world.value("select count(*) from replication_jobs") == 1
+
+
+def test_a_vm_joins_only_a_group_of_its_vcenter(world: Database) -> None:
+    elsewhere = world.value("select id from vcenters where site = 'dr'")
+    vm = world.value("insert into vcenter_vms (vcenter_id, moref, name) values (%s, 'vm-dr-1', 'dr-only-01')"
+                     " returning id", (elsewhere,))
+    with pytest.raises(psycopg.errors.CheckViolation) as refused:
+        protect(world, vm)
+    assert "dr-only-01" in str(refused.value) and "vc-dr" in str(refused.value)
+    assert "gold" in str(refused.value) and "vc-primary" in str(refused.value)
+    assert world.sql("select * from protected_vms") == []

@@ -25,6 +25,7 @@ from handlers.backends.stub.world import StubWorld
 from tests.support.engine import spawn
 
 PRIMARY = "00000000-0000-4000-a000-000000000001"
+DR = "00000000-0000-4000-a000-000000000002"
 TARGET = "00000000-0000-4000-b000-000000000001"
 GROUP = "00000000-0000-4000-c000-000000000001"
 PROTECTION_DS = "zfs-protect-01"
@@ -79,9 +80,27 @@ def request_syncs(url: str, vcenter_ids: Iterable[str]) -> None:
         (list(vcenter_ids),))
 
 
-def request_replications(url: str, n: int) -> list[str]:
-    rows = sql(url, "insert into replication_jobs (protection_group_id) select %s from generate_series(1, %s)"
-                    " returning id", (GROUP, n))
+ADD_GROUPS = """
+    insert into protection_groups (name, source_vcenter_id, dr_vcenter_id, replication_target_id,
+                                   source_dataset, protection_datastore)
+    select %(p)s || '-group-' || gen_random_uuid(), %(vc)s, %(dr)s, %(t)s, 'tank/' || %(p)s || '-' || i, %(ds)s
+      from generate_series(1, %(n)s) i returning id"""
+
+
+def group_params(n: int, prefix: str) -> dict[str, Any]:
+    return {"p": prefix, "vc": PRIMARY, "dr": DR, "t": TARGET, "ds": PROTECTION_DS, "n": n}
+
+
+def add_groups(url: str, n: int, prefix: str = "load") -> list[str]:
+    """Protection groups like the seed's: a group has at most one pending or running job, so
+    ``n`` jobs queued at once need ``n`` groups."""
+    return [str(r["id"]) for r in sql(url, ADD_GROUPS, group_params(n, prefix))]
+
+
+def request_replications(url: str, n: int, prefix: str = "load") -> list[str]:
+    """``n`` jobs queued at once, one in each of ``n`` new groups."""
+    rows = sql(url, "insert into replication_jobs (protection_group_id) select unnest(%s::uuid[]) returning id",
+               (add_groups(url, n, prefix),))
     return [str(r["id"]) for r in rows]
 
 
@@ -106,7 +125,7 @@ def ask_mix(url: str, asked: Asked, syncs: int, jobs: int, moves: int, shells: i
         request_syncs(url, vcs)
         asked.syncs.update(vcs)
     if jobs:
-        asked.jobs.update(request_replications(url, jobs))
+        asked.jobs.update(request_replications(url, jobs, f"{tag}-job"))
     if moves:
         asked.moves.update(protect(url, add_vms(url, moves, "nfs-01", f"{tag}-mv"), vmotion=True))
     if shells:
