@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from handlers import BackendSettings, HandlerSet, build_handlers
 from handlers.secrets import SecretResolver
+from listener import executor
 from listener.config import Settings
 from listener.dispatcher import DispatchSettings, Dispatcher
 from listener.metrics import Metrics
@@ -143,6 +144,7 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
         listener.settings.worker_id, listener.store.description, listener.handlers.mode,
         listener.settings.concurrency,
     )
+    executor.install(loop, listener.settings.concurrency)  # a thread for every slot
     try:
         await listener.dispatcher.run(until_idle=until_idle)
     finally:
@@ -155,6 +157,7 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
             except (NotImplementedError, RuntimeError):
                 pass
         await asyncio.to_thread(listener.handlers.close)
+        executor.uninstall(loop)
         await listener.store.close()
 
 
