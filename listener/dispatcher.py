@@ -118,7 +118,11 @@ class _Run:
     async def report(self, progress: Mapping[str, Any]) -> None:
         if self.lost:
             return
-        state = await self._store.progress(self.op.id, self._worker, progress)
+        try:
+            state = await self._store.progress(self.op.id, self._worker, progress)
+        except StoreUnavailable as exc:  # progress is a courtesy: the next report tries again
+            log.warning("operation %s (%s): progress not written: %s", self.op.id, self.kind, exc)
+            return
         if state == "lost":
             log.warning("operation %s (%s): lease lost, stopping", self.op.id, self.kind)
             self.mark_lost()
@@ -234,6 +238,8 @@ class Dispatcher:
                     continue
                 for op in claimed:
                     self._start(op, sent)
+                if claimed and time.monotonic() - sent > self._settings.heartbeat_seconds:
+                    self._poke.set()  # a slow claim: renew now, before the watchdog counts it lost
             if claimed and len(claimed) == free:
                 # Full slots: the next finished operation wakes us.
                 await self._wait(self._settings.idle_seconds)

@@ -56,12 +56,11 @@ class PostgresStore:
         await self._pool.close()
 
     async def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Run a named query, riding out a database restart for up to ``retry_seconds``; a call
-        made for a running attempt ends within ``attempt_retry_seconds``, hung or not."""
-        if name in ATTEMPT_CALLS:
-            seconds = self._attempt_seconds
-            return await within(seconds, self._retrying(name, params, seconds), f"{self.description}: {name}")
-        return await self._retrying(name, params, self._retry_seconds)
+        """Run a named query, riding out a database restart for up to ``retry_seconds`` (a call
+        made for a running attempt: ``attempt_retry_seconds``). The budget bounds the whole call,
+        hung or not: a half-open connection gives no error, only silence."""
+        seconds = self._attempt_seconds if name in ATTEMPT_CALLS else self._retry_seconds
+        return await within(seconds, self._retrying(name, params, seconds), f"{self.description}: {name}")
 
     async def _retrying(self, name: str, params: Mapping[str, Any] | None, seconds: float) -> list[dict[str, Any]]:
         async for attempt in AsyncRetrying(

@@ -76,10 +76,11 @@ class PostgrestStore:
     async def _call(self, fn: str, params: Mapping[str, Any], retry_seconds: float | None = None) -> Any:
         """One RPC, riding out a restart of PostgREST or the database for ``retry_seconds``; a
         call made for a running attempt ends within ``attempt_retry_seconds``, hung or not."""
-        if retry_seconds is None and fn in ATTEMPT_CALLS:
-            seconds = self._attempt_seconds
-            return await within(seconds, self._retrying(fn, params, seconds), f"{self.description}: {fn}")
-        return await self._retrying(fn, params, self._retry_seconds if retry_seconds is None else retry_seconds)
+        if retry_seconds is None:
+            retry_seconds = self._attempt_seconds if fn in ATTEMPT_CALLS else self._retry_seconds
+        # At least one request's own timeout: ping retries for 0 s but may wait that long.
+        bound = retry_seconds if fn in ATTEMPT_CALLS else max(retry_seconds, self._timeout)
+        return await within(bound, self._retrying(fn, params, retry_seconds), f"{self.description}: {fn}")
 
     async def _retrying(self, fn: str, params: Mapping[str, Any], seconds: float) -> Any:
         if self._client is None:
