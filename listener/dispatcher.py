@@ -48,13 +48,15 @@ class DispatchSettings:
     @property
     def lease_margin_seconds(self) -> float:
         """How long before the lease runs out a worker that could not renew it stops the attempt:
-        max(1 s, lease/5), never more than half the lease (6 s of the default 30 s lease)."""
-        return min(max(1.0, self.lease_seconds / 5.0), self.lease_seconds / 2.0)
+        max(1 s, lease/5), at most a quarter of the lease (6 s of the default 30 s lease). It
+        covers the time a backend takes to see the stop and the two clocks' rates."""
+        return min(max(1.0, self.lease_seconds / 5.0), self.lease_seconds / 4.0)
 
     @property
     def heartbeat_seconds(self) -> float:
-        """Renewal period: three renewals per lease, so one lost renewal is not yet fatal."""
-        return max(self.lease_seconds / 3.0, 0.05)
+        """Renewal period, start to start: three per (lease - margin), so two renewals, each with
+        its full timeout, can still answer before the watchdog stops the attempt (8 s of 30 s)."""
+        return max((self.lease_seconds - self.lease_margin_seconds) / 3.0, 0.05)
 
     @property
     def heartbeat_timeout_seconds(self) -> float:
@@ -381,12 +383,14 @@ class Dispatcher:
 
     async def _heartbeat_loop(self) -> None:
         period = self._settings.heartbeat_seconds
+        due = time.monotonic() + period
         while True:
             try:
-                await asyncio.wait_for(self._poke.wait(), timeout=period)
+                await asyncio.wait_for(self._poke.wait(), timeout=max(0.0, due - time.monotonic()))
             except asyncio.TimeoutError:
                 pass
             self._poke.clear()
+            due = time.monotonic() + period  # start to start: a slow answer does not shift the next
             await self._heartbeat()
 
     async def _heartbeat(self) -> None:
