@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from enum import Enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,15 +76,6 @@ class Backoff:
         return min(float(self._wait(state)), self._max)
 
 
-class Outcome(Enum):
-    """How an attempt ended, as far as this worker is concerned."""
-
-    RUNNING = "running"
-    WRITTEN = "written"  # succeeded, failed or cancelled, and written back (or refused by the SQL)
-    STOPPED = "stopped"  # told to stop by the engine (shutdown): nothing written, to be released
-    LOST = "lost"  # lease lost or fenced: nothing written, nothing released
-
-
 class _Run:
     """The engine's side of one attempt: what the handler sees as its OperationContext."""
 
@@ -106,7 +96,7 @@ class _Run:
         # Monotonic time at which the last renewal that succeeded (or the claim) was SENT: the
         # lease runs from no later than that, whatever the database's clock says.
         self.renewed_at = renewed_at
-        self.outcome = Outcome.RUNNING
+        self.stopped = False  # ended by the engine's stop, lease still held, nothing written: release it
 
     def mark_lost(self, why: str = "lease lost") -> None:
         """Write nothing more for this attempt and tell its backend to stop (keeping state)."""
@@ -322,14 +312,13 @@ class Dispatcher:
             return
         run.settling = True
         if run.lost:
-            run.outcome = Outcome.LOST
             log.warning("operation %s kind=%s finished after its lease was lost: result dropped", op.id, op.kind)
             return
         await self._write_success(run, result)
 
     def _stopped(self, run: _Run, raised: str) -> None:
         op = run.op
-        run.outcome = Outcome.LOST if run.lost else Outcome.STOPPED
+        run.stopped = not run.lost
         log.info("operation %s kind=%s attempt=%d stopped (%s); nothing written: %s",
                  op.id, op.kind, op.attempts, run.stop.why, raised)
 
@@ -347,7 +336,6 @@ class Dispatcher:
 
     async def _write_success(self, run: _Run, result: Mapping[str, Any]) -> None:
         op = run.op
-        run.outcome = Outcome.WRITTEN
         done, error = await self._completer.complete(op.id, result)
         if error:
             await self._fail(run, f"the result could not be written back: {error}", permanent=True)
@@ -362,9 +350,7 @@ class Dispatcher:
     async def _fail(self, run: _Run, error: str, permanent: bool) -> None:
         op = run.op
         if run.lost:
-            run.outcome = Outcome.LOST
             return
-        run.outcome = Outcome.WRITTEN
         delay = self._backoff(op.attempts)
         outcome = await self._store.fail(op.id, self.worker_id, error[:4000], permanent, delay)
         if outcome == "retrying":
@@ -376,7 +362,6 @@ class Dispatcher:
         self._metrics.operations.labels(op.kind, outcome).inc()
 
     async def _cancelled(self, run: _Run, message: str) -> None:
-        run.outcome = Outcome.WRITTEN
         if await self._store.finish_cancelled(run.op.id, self.worker_id, message):
             self._metrics.operations.labels(run.op.kind, "cancelled").inc()
             log.info("operation %s kind=%s cancelled: %s", run.op.id, run.op.kind, message)
@@ -473,7 +458,7 @@ class Dispatcher:
                       "to stop; NOT releasing it: its lease expires within %.0fs and another worker takes "
                       "it over, while this process waits for the thread to end", run.op.id, run.kind,
                       run.attempt, bound, self._settings.lease_seconds)
-        ids = [r.op.id for r in left if r.task not in stuck and r.outcome is Outcome.STOPPED]
+        ids = [r.op.id for r in left if r.task not in stuck and r.stopped]
         try:
             released = await self._store.release(self.worker_id, ids)
             if ids:
