@@ -91,6 +91,19 @@ language sql stable security definer set search_path = zerfaux, public, pg_temp 
                       where p_key like 'target:%' and id::text = substr(p_key, 8)), 1)
 $$;
 
+-- A new job is queued under its target's concurrency key.
+create or replace function zerfaux.on_replication_job_insert() returns trigger
+language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
+declare
+    v_target uuid;
+begin
+    select replication_target_id into v_target from public.protection_groups
+     where id = new.protection_group_id;
+    perform zerfaux.enqueue('replication.run', new.id,
+                            case when v_target is null then null else 'target:' || v_target end);
+    return null;
+end $$;
+
 -- Cancelling a job that has not started ends it at once; a running one is told through its
 -- heartbeat (and a NOTIFY, so it hears within a moment rather than a heartbeat period). The
 -- person's UPDATE has locked the job row already: job, then operation, the engine's order.

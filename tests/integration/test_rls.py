@@ -75,6 +75,8 @@ POLICY: dict[str, dict[str, Access]] = {
     },
     "zerfaux.operations": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "zerfaux.workers": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
+    # The kinds' registry is written by migrations only (the database owner).
+    "zerfaux.kinds": {"anon": NOTHING, "service_role": READ, "authenticated": NOTHING},
     "supabase_migrations.schema_migrations": {"anon": NOTHING, "authenticated": NOTHING, "service_role": NOTHING},
 }
 
@@ -89,6 +91,7 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "public.replication_jobs": {"protection_group_id": f"'{GROUP}'"},
     "zerfaux.operations": {"kind": "'rls.test'", "subject_id": "gen_random_uuid()"},
     "zerfaux.workers": {"worker_id": "'rls-' || gen_random_uuid()"},
+    "zerfaux.kinds": {"kind": "'rls-' || gen_random_uuid()", "input_fn": "'zerfaux.ping'"},
     "supabase_migrations.schema_migrations": {"version": "'rls-' || gen_random_uuid()"},
 }
 
