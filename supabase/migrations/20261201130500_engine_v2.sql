@@ -83,8 +83,13 @@ declare
     v_keys_held text[] := '{}';
     v_keys_full text[] := '{}';
     v_kind zerfaux.kinds;
+    v_kinds jsonb;  -- the registry, read once per claim: {kind: row}
+    v_waits text[];
+    v_found boolean;
     v_window interval := make_interval(secs => p_retry_window_seconds);
 begin
+    select coalesce(jsonb_object_agg(k.kind, to_jsonb(k)), '{}') into v_kinds from zerfaux.kinds k;
+
     -- The worker row first, as heartbeat does: the worker row before operation rows.
     insert into zerfaux.workers as w (worker_id) values (p_worker)
     on conflict (worker_id) do update set last_seen_at = now();
@@ -196,14 +201,20 @@ begin
                 or (o.status = 'running' and o.lease_expires_at < now()))
            for update skip locked;
         continue when not found;
-        continue when not zerfaux.lock_subject(r.kind, r.subject_id, false);
+        v_kind := jsonb_populate_record(null::zerfaux.kinds, v_kinds -> r.kind);
+        if v_kind.subject_table is not null then
+            -- The subject's row, tried: held by another transaction means busy right now.
+            execute format('select true from %s where id = $1 for no key update skip locked', v_kind.subject_table)
+               into v_found using r.subject_id;
+            continue when v_found is null and zerfaux.lock_subject(r.kind, r.subject_id, false) is false;
+        end if;
         -- Under the subject's lock: nothing else of it started since the snapshot above.
+        v_waits := coalesce(v_kind.waits_for, '{}');
         continue when exists (
             select 1 from zerfaux.operations b
              where b.subject_id = r.subject_id and b.id <> r.id
                and ((b.status = 'running' and b.lease_expires_at >= now())
-                    or (b.status in ('queued', 'running')
-                        and b.kind = any(coalesce((select k.waits_for from zerfaux.kinds k where k.kind = r.kind), '{}')))));
+                    or (b.status in ('queued', 'running') and b.kind = any(v_waits))));
 
         update zerfaux.operations o
            set status = 'running', worker_id = p_worker, attempts = o.attempts + 1,
@@ -216,14 +227,17 @@ begin
                                     else o.failing_since end
          where o.id = r.id
         returning o.* into v_op;
-        select * into v_kind from zerfaux.kinds k where k.kind = v_op.kind;
         if v_kind.claimed_fn is not null then
             execute format('select %s($1, $2)', v_kind.claimed_fn) using v_op.subject_id, v_op.attempts;
         end if;
         id := v_op.id; kind := v_op.kind; subject_id := v_op.subject_id; attempts := v_op.attempts;
         max_attempts := v_op.max_attempts; cancel_requested := v_op.cancel_requested;
         waited_seconds := extract(epoch from clock_timestamp() - v_op.run_after)::double precision;
-        payload := zerfaux.operation_input(v_op.kind, v_op.subject_id);
+        if v_kind.input_fn is null then
+            payload := '{}'::jsonb;  -- a kind this schema does not know: the listener may (or says it cannot)
+        else
+            execute format('select %s($1)', v_kind.input_fn) into payload using v_op.subject_id;
+        end if;
         v_taken := v_taken + 1;
         return next;
     end loop;

@@ -13,7 +13,7 @@ from tests.integration.conftest import PRIMARY, operations
 from tests.integration.test_claim_fairness import many_groups_on_one_target
 from tests.support.pg import Database
 
-INVENTORY = {"vms": [], "datastores": []}
+INVENTORY: dict[str, list[object]] = {"vms": [], "datastores": []}
 
 
 @pytest.fixture
