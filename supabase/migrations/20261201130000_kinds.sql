@@ -27,6 +27,13 @@ alter table zerfaux.operations
 update zerfaux.operations set max_attempts = null
  where status in ('queued', 'running') and max_attempts = 5;
 
+-- The same rule (one queued or running operation per kind and subject), with the subject
+-- first: the claim asks "is anything of this subject running?" for each candidate, and an index
+-- led by kind made that a scan of the whole index. ON CONFLICT (kind, subject_id) still infers it.
+drop index zerfaux.operations_active_subject;
+create unique index operations_active_subject on zerfaux.operations (subject_id, kind)
+    where status in ('queued', 'running');
+
 -- The claim counts running operations per concurrency key.
 create index operations_running_key on zerfaux.operations (concurrency_key)
     where status = 'running' and concurrency_key is not null;

@@ -282,3 +282,37 @@ async def test_dr_sshd_back_before_the_attempts_run_out_and_the_job_completes(
     assert list(source_snaps) == [row["snapshot_name"]]  # one snapshot: made once, by the attempt that got through
     assert target_snaps[row["snapshot_name"]] == source_snaps[row["snapshot_name"]]
     _figures(tmp_path, {"case": "sshd back", "attempts": row["attempts"], "recovered_seconds": round(recovered, 2)})
+
+
+async def test_dr_sshd_down_90_seconds_with_default_retries_and_the_job_completes(
+    down_target: DownTarget, zfs_source: ZFSHost, zfs_target: ZFSHost, tmp_path: Path
+) -> None:
+    """Issue 11 §3: an outage of minutes does not fail work. Default retry settings (backoff
+    from 2 s up to 300 s, an hour's window, no count cap): five attempts, the old cap, pass
+    inside the outage, and the job still completes once sshd is back."""
+    db = down_target.db
+    write(zfs_source, down_target.source, "disk-flat.vmdk", 4 * MiB)
+    job = db.value("insert into replication_jobs (protection_group_id) values (%s) returning id", (GROUP,))
+    # The defaults, over the fast ones the other tests use.
+    env = {**down_target.env, "ZERFAUX_RETRY_BASE_SECONDS": "2", "ZERFAUX_RETRY_MAX_SECONDS": "300"}
+    settings = engine_settings(db.url, **env)
+    assert (settings.retry_base_seconds, settings.retry_max_seconds, settings.retry_window_seconds) == (2, 300, 3600)
+    seen: list[Any] = []
+    async with running(settings):
+        started = time.monotonic()
+        while time.monotonic() - started < 90:
+            value = db.value("select error from replication_jobs where id = %s", (job,))
+            if not seen or seen[-1] != value:
+                seen.append(value)
+            await asyncio.sleep(0.1)
+        down_target.restarted = _restart_sshd(down_target.sshd)
+        await _watch(db, "select status from replication_jobs where id = %s", (job,),
+                     lambda s: s in ("completed", "failed"), 240, [])
+    row = db.one("select * from replication_jobs where id = %s", (job,))
+    assert row["status"] == "completed" and row["next_attempt_at"] is None, row["error"]
+    assert row["attempts"] >= 6, row  # past the old cap of 5
+    texts = _retry_texts(seen)
+    assert texts[:5] == [f"attempt {n}" for n in range(1, 6)], seen
+    source_snaps, target_snaps = guids(zfs_source, down_target.source), guids(zfs_target, down_target.target)
+    assert target_snaps[row["snapshot_name"]] == source_snaps[row["snapshot_name"]]
+    _figures(tmp_path, {"case": "sshd down 90 s, default retries", "attempts": row["attempts"]})
