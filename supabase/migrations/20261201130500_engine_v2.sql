@@ -100,8 +100,10 @@ begin
     for r in
         update zerfaux.operations o
            set lease_expires_at = now() + make_interval(secs => p_lease_seconds)
-         where p_held is not null and o.worker_id = p_worker and o.status = 'running'
-           and o.id <> all(p_held)
+         where o.id = any(array(
+                   select b.id from zerfaux.operations b
+                    where p_held is not null and b.worker_id = p_worker and b.status = 'running'
+                      and b.id <> all(p_held)))
         returning o.*
     loop
         id := r.id; kind := r.kind; subject_id := r.subject_id; attempts := r.attempts;
