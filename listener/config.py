@@ -92,6 +92,7 @@ class Settings:
     retention_days: float
     retry_base_seconds: float
     retry_max_seconds: float
+    retry_window_seconds: float  # transient failures of one operation are retried this long
     shutdown_grace_seconds: float
     secrets_dir: str | None
     vcenter_ca_bundle: str | None
@@ -139,6 +140,7 @@ class Settings:
             retention_days=_number(env, "ZERFAUX_OPERATIONS_RETENTION_DAYS", 30.0, 0.0),
             retry_base_seconds=_number(env, "ZERFAUX_RETRY_BASE_SECONDS", 2.0, 0.0),
             retry_max_seconds=_number(env, "ZERFAUX_RETRY_MAX_SECONDS", 300.0, 0.0),
+            retry_window_seconds=_number(env, "ZERFAUX_RETRY_WINDOW_SECONDS", 3600.0, 0.0),
             shutdown_grace_seconds=_number(env, "ZERFAUX_SHUTDOWN_GRACE_SECONDS", 20.0, 0.0),
             secrets_dir=env.get("ZERFAUX_SECRETS_DIR") or None,
             vcenter_ca_bundle=env.get("ZERFAUX_VCENTER_CA_BUNDLE") or None,

@@ -205,7 +205,7 @@ class Dispatcher:
             claimed: list[ClaimedOperation] = []
             if free > 0:
                 try:
-                    claimed = await self._store.claim(self.worker_id, free, self._settings.lease_seconds)
+                    claimed = await self._store.claim(self.worker_id, free, self._settings.lease_seconds, held=list(self._runs))
                     self.claims += 1
                     failures = 0
                 except Exception as exc:
@@ -249,7 +249,7 @@ class Dispatcher:
         if op.attempts == 1:
             self._metrics.claim_latency.observe(max(op.waited_seconds, 0.0))
         self._metrics.running.set(len(self._runs))
-        log.info("claimed operation %s kind=%s attempt=%d/%d", op.id, op.kind, op.attempts, op.max_attempts)
+        log.info("claimed operation %s kind=%s attempt=%d/%s", op.id, op.kind, op.attempts, op.max_attempts or "-")
         run.task = asyncio.create_task(self._execute(run), name=f"op-{op.id}")
 
     async def _execute(self, run: _Run) -> None:
@@ -340,7 +340,7 @@ class Dispatcher:
         delay = self._backoff(op.attempts)
         outcome = await self._store.fail(op.id, self.worker_id, error[:4000], permanent, delay)
         if outcome == "retrying":
-            log.info("operation %s kind=%s attempt=%d/%d failed, retrying in %.1fs: %s",
+            log.info("operation %s kind=%s attempt=%d/%s failed, retrying in %.1fs: %s",
                      op.id, op.kind, op.attempts, op.max_attempts, delay, error)
             asyncio.get_running_loop().call_later(delay, self._wake.set)
         elif outcome == "failed":

@@ -3,7 +3,7 @@
 
 -- name: claim
 select id, kind, subject_id, attempts, max_attempts, cancel_requested, waited_seconds, payload
-  from zerfaux.claim(%(worker)s, %(limit)s, %(lease)s);
+  from zerfaux.claim(%(worker)s, %(limit)s, %(lease)s, %(held)s::uuid[], %(window)s);
 
 -- name: heartbeat
 select id, cancel_requested from zerfaux.heartbeat(%(worker)s, %(ids)s::uuid[], %(lease)s);
@@ -11,14 +11,11 @@ select id, cancel_requested from zerfaux.heartbeat(%(worker)s, %(ids)s::uuid[], 
 -- name: progress
 select zerfaux.progress(%(id)s, %(worker)s, %(progress)s) as state;
 
--- name: complete
-select zerfaux.complete(%(id)s, %(worker)s, %(result)s) as done;
-
 -- name: complete_many
 select id, done, error from zerfaux.complete_many(%(worker)s, %(items)s);
 
 -- name: fail
-select zerfaux.fail(%(id)s, %(worker)s, %(error)s, %(permanent)s, %(retry)s) as outcome;
+select zerfaux.fail(%(id)s, %(worker)s, %(error)s, %(permanent)s, %(retry)s, %(window)s) as outcome;
 
 -- name: finish_cancelled
 select zerfaux.finish_cancelled(%(id)s, %(worker)s, %(message)s) as done;

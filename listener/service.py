@@ -41,12 +41,14 @@ def make_store(settings: Settings) -> Store:
     url = database_url(settings)
     if url is not None:
         return PostgresStore(url, pool_size=settings.concurrency + 4,
-                             attempt_retry_seconds=settings.attempt_retry_seconds)
+                             attempt_retry_seconds=settings.attempt_retry_seconds,
+                             retry_window_seconds=settings.retry_window_seconds)
     from listener.store_postgrest import PostgrestStore  # issue 6: SUPABASE_URL only
 
     assert settings.supabase_url and settings.supabase_key
     return PostgrestStore(settings.supabase_url, settings.supabase_key,
-                          attempt_retry_seconds=settings.attempt_retry_seconds)
+                          attempt_retry_seconds=settings.attempt_retry_seconds,
+                          retry_window_seconds=settings.retry_window_seconds)
 
 
 @dataclass

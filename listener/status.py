@@ -56,6 +56,7 @@ def print_status(settings: Settings) -> int:
         error = f"  {op['last_error'][:100]}" if op["last_error"] and op["status"] != "succeeded" else ""
         print(
             f"  {_clock(op['created_at'])} {op['kind']:<20} {op['status']:<10} "
-            f"attempt {op['attempts']}/{op['max_attempts']}  {op['subject_id']}{error}"
+            f"attempt {op['attempts']}{'' if op['max_attempts'] is None else '/' + str(op['max_attempts'])}"
+            f"  {op['subject_id']}{error}"
         )
     return 0

@@ -57,7 +57,7 @@ class ClaimedOperation:
     kind: str
     subject_id: UUID
     attempts: int
-    max_attempts: int
+    max_attempts: int | None  # None: no count cap, retried for the retry window instead
     cancel_requested: bool
     waited_seconds: float  # from run_after (the enqueue, for a first attempt) to this claim
     payload: Mapping[str, Any] | None
@@ -69,7 +69,7 @@ class ClaimedOperation:
             kind=row["kind"],
             subject_id=UUID(str(row["subject_id"])),
             attempts=int(row["attempts"]),
-            max_attempts=int(row["max_attempts"]),
+            max_attempts=None if row.get("max_attempts") is None else int(row["max_attempts"]),
             cancel_requested=bool(row["cancel_requested"]),
             waited_seconds=float(row.get("waited_seconds") or 0.0),
             payload=row["payload"],
@@ -106,14 +106,17 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` when the database does not answer."""
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedOperation]: ...
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, held: Sequence[UUID] | None = None
+    ) -> list[ClaimedOperation]:
+        """Claim up to ``limit`` operations. ``held``: the ids this worker knows it runs; any
+        other operation running under ``worker`` (a retried claim whose answer was lost) comes
+        back too, as it is, no attempt counted. None: no such reconciling."""
 
     async def heartbeat(self, worker: str, ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
         """Renew leases; answer {id: cancel_requested} for every id still held."""
 
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str: ...
-
-    async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool: ...
 
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
@@ -122,7 +125,9 @@ class Store(Protocol):
 
     async def fail(
         self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float
-    ) -> str: ...
+    ) -> str:
+        """'retrying' (again after ``retry_seconds``), 'failed' (permanent, past the store's retry
+        window or an explicit max_attempts) or 'lost'."""
 
     async def finish_cancelled(self, op_id: UUID, worker: str, message: str) -> bool: ...
 

@@ -26,12 +26,13 @@ _RETRYABLE = (psycopg.OperationalError, PoolTimeout)
 
 class PostgresStore:
     def __init__(self, conninfo: str, pool_size: int = 10, retry_seconds: float = 60.0,
-                 attempt_retry_seconds: float | None = None) -> None:
+                 attempt_retry_seconds: float | None = None, retry_window_seconds: float = 3600.0) -> None:
         self._conninfo = conninfo
         self.description = redact_url(conninfo)
         self._retry_seconds = retry_seconds
         # Calls for a running attempt (ATTEMPT_CALLS) end, answered or not, within this.
         self._attempt_seconds = retry_seconds if attempt_retry_seconds is None else attempt_retry_seconds
+        self._window = retry_window_seconds  # how long an operation's transient failures are retried
         self._has_vault: bool | None = None
         self._pool = AsyncConnectionPool(
             conninfo,
@@ -90,8 +91,11 @@ class PostgresStore:
         except (psycopg.Error, PoolTimeout) as exc:
             raise StoreUnavailable(f"{self.description} does not answer: {exc}") from exc
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedOperation]:
-        rows = await self._rows("claim", {"worker": worker, "limit": limit, "lease": lease_seconds})
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, held: Sequence[UUID] | None = None
+    ) -> list[ClaimedOperation]:
+        rows = await self._rows("claim", {"worker": worker, "limit": limit, "lease": lease_seconds,
+                                          "held": None if held is None else list(held), "window": self._window})
         return [ClaimedOperation.from_row(row) for row in rows]
 
     async def heartbeat(self, worker: str, ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
@@ -101,10 +105,6 @@ class PostgresStore:
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str:
         row = await self._one("progress", {"id": op_id, "worker": worker, "progress": Jsonb(dict(progress))})
         return str(row["state"])
-
-    async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool:
-        row = await self._one("complete", {"id": op_id, "worker": worker, "result": Jsonb(dict(result))})
-        return bool(row["done"])
 
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
@@ -116,7 +116,8 @@ class PostgresStore:
     async def fail(self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float) -> str:
         row = await self._one(
             "fail",
-            {"id": op_id, "worker": worker, "error": error, "permanent": permanent, "retry": retry_seconds},
+            {"id": op_id, "worker": worker, "error": error, "permanent": permanent, "retry": retry_seconds,
+             "window": self._window},
         )
         return str(row["outcome"])
 

@@ -41,7 +41,8 @@ def _retryable(exc: APIError) -> bool:
 
 class PostgrestStore:
     def __init__(self, url: str, key: str, retry_seconds: float = 60.0, timeout: float = 30.0,
-                 attempt_retry_seconds: float | None = None) -> None:
+                 attempt_retry_seconds: float | None = None, retry_window_seconds: float = 3600.0) -> None:
+        self._window = retry_window_seconds  # how long an operation's transient failures are retried
         self._url = url.rstrip("/")
         self._key = key
         self.description = f"{self._url}/rest/v1 (PostgREST, schema {SCHEMA})"
@@ -135,8 +136,13 @@ class PostgrestStore:
         except APIError as exc:
             raise StoreUnavailable(f"{self.description} does not answer: {_describe(exc)}") from exc
 
-    async def claim(self, worker: str, limit: int, lease_seconds: float) -> list[ClaimedOperation]:
-        rows = await self._rows("claim", {"p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds})
+    async def claim(
+        self, worker: str, limit: int, lease_seconds: float, held: Sequence[UUID] | None = None
+    ) -> list[ClaimedOperation]:
+        rows = await self._rows("claim", {
+            "p_worker": worker, "p_limit": limit, "p_lease_seconds": lease_seconds,
+            "p_held": None if held is None else [str(i) for i in held], "p_retry_window_seconds": self._window,
+        })
         return [ClaimedOperation.from_row(row) for row in rows]
 
     async def heartbeat(self, worker: str, ids: Sequence[UUID], lease_seconds: float) -> dict[UUID, bool]:
@@ -148,10 +154,6 @@ class PostgrestStore:
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str:
         return str(await self._call("progress", {"p_id": str(op_id), "p_worker": worker, "p_progress": dict(progress)}))
 
-    async def complete(self, op_id: UUID, worker: str, result: Mapping[str, Any]) -> bool:
-        # For vcenter.sync the result is the whole inventory: one call writes it (apply_inventory).
-        return bool(await self._call("complete", {"p_id": str(op_id), "p_worker": worker, "p_result": dict(result)}))
-
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
     ) -> dict[UUID, tuple[bool, str | None]]:
@@ -162,7 +164,7 @@ class PostgrestStore:
     async def fail(self, op_id: UUID, worker: str, error: str, permanent: bool, retry_seconds: float) -> str:
         return str(await self._call("fail", {
             "p_id": str(op_id), "p_worker": worker, "p_error": error,
-            "p_permanent": permanent, "p_retry_seconds": retry_seconds,
+            "p_permanent": permanent, "p_retry_seconds": retry_seconds, "p_window_seconds": self._window,
         }))
 
     async def finish_cancelled(self, op_id: UUID, worker: str, message: str) -> bool:

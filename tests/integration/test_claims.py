@@ -83,10 +83,10 @@ async def test_an_expired_lease_is_taken_over_and_the_old_worker_writes_nothing(
     # the first worker comes back from the dead: every write is refused
     assert await store.heartbeat("dead", [first.id], 30) == {}
     assert await store.progress(first.id, "dead", {"x": 1}) == "lost"
-    assert await store.complete(first.id, "dead", {"vms": [], "datastores": []}) is False
+    assert (await store.complete_many("dead", [(first.id, {"vms": [], "datastores": []})]))[first.id][0] is False
     assert await store.fail(first.id, "dead", "boom", True, 0) == "lost"
     assert world.value("select last_synced_at from vcenters where id = %s", (PRIMARY,)) is None
-    assert await store.complete(second.id, "other", {"vms": [], "datastores": []}) is True
+    assert (await store.complete_many("other", [(second.id, {"vms": [], "datastores": []})]))[second.id][0] is True
     assert world.value("select status from zerfaux.operations") == "succeeded"
 
 
@@ -108,7 +108,7 @@ async def test_one_operation_per_subject_at_a_time(world: Database, store: Postg
     first = await store.claim("w1", 10, 30)
     assert len(first) == 1
     assert await store.claim("w2", 10, 30) == []
-    assert await store.complete(first[0].id, "w1", {"datastore": "zfs-protect-01"})
+    assert (await store.complete_many("w1", [(first[0].id, {"datastore": "zfs-protect-01"})]))[first[0].id][0]
     second = await store.claim("w2", 10, 30)
     assert len(second) == 1 and second[0].kind != first[0].kind
 
@@ -170,6 +170,6 @@ async def test_a_dr_shell_waits_for_the_storage_vmotion_of_its_vm(world: Databas
     world.sql("update zerfaux.operations set run_after = now() where id = %s", (first.id,))
     [again] = await store.claim("w", 10, 30)
     assert again.id == first.id
-    assert await store.complete(again.id, "w", {"datastore": "zfs-protect-01"})
+    assert (await store.complete_many("w", [(again.id, {"datastore": "zfs-protect-01"})]))[again.id][0]
     [shell] = await store.claim("w", 10, 30)
     assert shell.kind == "vm.dr_shell"

@@ -119,6 +119,8 @@ POLICY: dict[str, dict[str, Access]] = {
         "authenticated": Access(select=EVERY, insert=("user_id", "role", "protection_group_id"),
                                 update=("role",), delete=True),
     },
+    # The kinds' registry is written by migrations only (the database owner).
+    "zerfaux.kinds": {"anon": NOTHING, "service_role": READ, "authenticated": NOTHING},
     "supabase_migrations.schema_migrations": {"anon": NOTHING, "authenticated": NOTHING, "service_role": NOTHING},
 }
 
@@ -139,6 +141,7 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "zerfaux.workers": {"worker_id": "'rls-' || gen_random_uuid()"},
     "zerfaux.settings": {"name": "'rls-' || gen_random_uuid()", "value": "'x'", "set_by": "'rls'"},
     "zerfaux.operators": {"user_id": "gen_random_uuid()", "role": "'viewer'"},
+    "zerfaux.kinds": {"kind": "'rls-' || gen_random_uuid()", "input_fn": "'zerfaux.ping'"},
     "supabase_migrations.schema_migrations": {"version": "'rls-' || gen_random_uuid()"},
 }
 

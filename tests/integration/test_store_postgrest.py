@@ -41,7 +41,7 @@ async def test_a_sync_claimed_and_completed_writes_the_inventory_in_one_call(db:
     assert await store.progress(op.id, "w1", {"step": "listing"}) == "ok"
     inventory = {"vms": [{"moref": f"vm-{i}", "name": f"vm{i}", "disks": [], "num_cpu": 2} for i in range(300)],
                  "datastores": [{"moref": "ds-1", "name": "ds1", "capacity_bytes": 100, "free_bytes": 25}]}
-    assert await store.complete(op.id, "w1", inventory)
+    assert await store.complete_many("w1", [(op.id, inventory)]) == {op.id: (True, None)}
     assert db.value("select count(*) from public.vcenter_vms where vcenter_id = %s", (vcenter,)) == 300
     assert db.value("select used_percent from public.vcenter_datastores") == 75
     assert db.value("select status from zerfaux.operations where id = %s", (op.id,)) == "succeeded"
@@ -54,7 +54,7 @@ async def test_a_worker_that_lost_its_lease_writes_nothing(db: Database, store: 
     [op] = await store.claim("w1", 1, 30.0)
     assert await store.heartbeat("w2", [op.id], 30.0) == {}
     assert await store.progress(op.id, "w2", {}) == "lost"
-    assert not await store.complete(op.id, "w2", {"vms": []})
+    assert await store.complete_many("w2", [(op.id, {"vms": []})]) == {op.id: (False, None)}
     assert await store.fail(op.id, "w2", "boom", False, 1.0) == "lost"
     assert not await store.finish_cancelled(op.id, "w2", "no")
 
@@ -66,7 +66,7 @@ async def test_fail_retries_then_release_and_queue_state_carry_a_datetime(db: Da
     state = await store.queue_state()
     assert state.queued == 1 and state.runnable == 0
     assert state.next_run_after is not None and state.next_run_after.tzinfo is not None
-    assert db.value("select last_sync_error from public.vcenters") .startswith("attempt 1 of 5 failed")
+    assert db.value("select last_sync_error from public.vcenters") .startswith("attempt 1 failed, next attempt at ")
     db.sql("update zerfaux.operations set run_after = now()")
     [again] = await store.claim("w1", 1, 30.0)
     assert await store.release("w1", [again.id]) == 1

@@ -13,5 +13,5 @@ def test_named_queries_are_split_and_comments_dropped(tmp_path: Path) -> None:
 
 
 def test_the_store_knows_every_engine_call() -> None:
-    assert {"claim", "heartbeat", "progress", "complete", "complete_many", "fail", "finish_cancelled",
+    assert {"claim", "heartbeat", "progress", "complete_many", "fail", "finish_cancelled",
             "release", "prune", "queue_state"} <= set(QUERIES)
