@@ -154,5 +154,7 @@ end $$;
 -- The old one-argument form knew only 'target:' keys; the claim now asks the kind.
 drop function zerfaux.key_limit(text);
 
-revoke execute on all functions in schema zerfaux from public, anon, authenticated;
+-- Not from authenticated: it holds only the explicit grants of the policies' helpers
+-- (20261201100000_operators.sql), which must survive; PUBLIC's default is what goes.
+revoke execute on all functions in schema zerfaux from public, anon;
 grant execute on all functions in schema zerfaux to service_role;

@@ -34,5 +34,7 @@ insert into zerfaux.kinds (kind, subject_table, input_fn, complete_fn, failure_f
 values ('vcenter.sync', 'public.vcenters', 'zerfaux.input_vcenter_sync',
         'zerfaux.complete_vcenter_sync', 'zerfaux.failure_vcenter_sync');
 
-revoke execute on all functions in schema zerfaux from public, anon, authenticated;
+-- Not from authenticated: it holds only the explicit grants of the policies' helpers
+-- (20261201100000_operators.sql), which must survive; PUBLIC's default is what goes.
+revoke execute on all functions in schema zerfaux from public, anon;
 grant execute on all functions in schema zerfaux to service_role;

@@ -137,5 +137,7 @@ values ('replication.run', 'public.replication_jobs', 'zerfaux.input_replication
         'zerfaux.cancelled_replication_run', 'zerfaux.released_replication_run',
         'zerfaux.key_limit_replication_run');
 
-revoke execute on all functions in schema zerfaux from public, anon, authenticated;
+-- Not from authenticated: it holds only the explicit grants of the policies' helpers
+-- (20261201100000_operators.sql), which must survive; PUBLIC's default is what goes.
+revoke execute on all functions in schema zerfaux from public, anon;
 grant execute on all functions in schema zerfaux to service_role;

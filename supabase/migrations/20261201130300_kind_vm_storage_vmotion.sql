@@ -54,5 +54,7 @@ insert into zerfaux.kinds (kind, subject_table, input_fn, complete_fn, failure_f
 values ('vm.storage_vmotion', 'public.protected_vms', 'zerfaux.input_vm_storage_vmotion',
         'zerfaux.complete_vm_storage_vmotion', 'zerfaux.failure_protected_vm');
 
-revoke execute on all functions in schema zerfaux from public, anon, authenticated;
+-- Not from authenticated: it holds only the explicit grants of the policies' helpers
+-- (20261201100000_operators.sql), which must survive; PUBLIC's default is what goes.
+revoke execute on all functions in schema zerfaux from public, anon;
 grant execute on all functions in schema zerfaux to service_role;

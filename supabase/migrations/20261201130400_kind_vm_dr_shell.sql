@@ -36,5 +36,7 @@ insert into zerfaux.kinds (kind, subject_table, input_fn, complete_fn, failure_f
 values ('vm.dr_shell', 'public.protected_vms', 'zerfaux.input_vm_dr_shell',
         'zerfaux.complete_vm_dr_shell', 'zerfaux.failure_protected_vm', '{vm.storage_vmotion}');
 
-revoke execute on all functions in schema zerfaux from public, anon, authenticated;
+-- Not from authenticated: it holds only the explicit grants of the policies' helpers
+-- (20261201100000_operators.sql), which must survive; PUBLIC's default is what goes.
+revoke execute on all functions in schema zerfaux from public, anon;
 grant execute on all functions in schema zerfaux to service_role;

@@ -514,5 +514,7 @@ end $$;
 -- Store.complete is gone (the dispatcher completes in batches): complete_one is internal.
 drop function zerfaux.complete(uuid, text, jsonb);
 
-revoke execute on all functions in schema zerfaux from public, anon, authenticated;
+-- Not from authenticated: it holds only the explicit grants of the policies' helpers
+-- (20261201100000_operators.sql), which must survive; PUBLIC's default is what goes.
+revoke execute on all functions in schema zerfaux from public, anon;
 grant execute on all functions in schema zerfaux to service_role;
