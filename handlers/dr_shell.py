@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from handlers.context import OperationContext
+from handlers.datastore_paths import split_datastore_path
 from handlers.errors import PermanentError
 from handlers.types import Row, VCenterEndpoint
 
-_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.+)$")
 # vSphere refuses entity names over 80 characters; a longer one must fail here, in words,
 # not as a SOAP fault or a dropped connection that looks transient.
 MAX_VM_NAME = 80
@@ -64,21 +64,22 @@ def map_disk_path(
     path: str, protection_datastore: str, dr_datastore: str, field: str = "vcenter_vms.disks"
 ) -> str:
     """``[protection_datastore] dir/disk.vmdk`` becomes ``[dr_datastore] dir/disk.vmdk``."""
-    match = _DS_PATH.match(path) if not _CONTROL.search(path) else None
-    if not match:
+    parts = split_datastore_path(path) if not _CONTROL.search(path) else None
+    if not parts or not parts[1]:
         raise PermanentError(
             f"{field}: disk file {path[:300]!r} is not a datastore path like '[ds] dir/disk.vmdk' "
             "(one line, no control characters): sync the vCenter or fix the row"
         )
     # A relative component would let a row attach a file outside the replica's directory tree.
-    if ".." in re.split(r"[/\\]", match["path"]):
+    ds, rest = parts
+    if ".." in re.split(r"[/\\]", rest):
         raise PermanentError(f"{field}: disk file {path[:300]!r} climbs out of its directory with '..'")
-    if match["ds"] != protection_datastore:
+    if ds != protection_datastore:
         raise PermanentError(
-            f"disk {path!r} is on datastore {match['ds']!r}, not on the protection datastore "
+            f"disk {path!r} is on datastore {ds!r}, not on the protection datastore "
             f"{protection_datastore!r}, so it is not replicated: set needs_storage_vmotion first"
         )
-    return f"[{dr_datastore}] {match['path']}"
+    return f"[{dr_datastore}] {rest}"
 
 
 def build_spec(payload: Mapping[str, Row]) -> ShellSpec:

@@ -8,9 +8,9 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from handlers.backends.vcenter.inventory import datastore_of_path
 from handlers.backends.vcenter.query import collect, properties, wait_for_task
 from handlers.backends.vcenter.session import VCenterSessions, name_list, where
+from handlers.datastore_paths import datastore_of_path
 from handlers.errors import OperationCancelled, PermanentError
 from handlers.types import VCenterEndpoint
 

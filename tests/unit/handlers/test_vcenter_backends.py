@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from pyVmomi import vim, vmodl
 
-from handlers.backends.vcenter.inventory import controller_type, datastore_of_path, disks_of
+from handlers.backends.vcenter.inventory import controller_type, disks_of
 from handlers.backends.vcenter.session import name_list, translate
 from handlers.backends.vcenter.shell import MARK_KEY, Placement, build_config
 from handlers.backends.vcenter.vmotion import already_there
+from handlers.datastore_paths import datastore_of_path
 from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import PermanentError, TransientError
 from handlers.types import VCenterEndpoint
