@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,11 +50,17 @@ class ShellResult:
 
 
 class DRShellBuilder(Protocol):
-    def ensure_shell(self, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
+    def ensure_shell(
+        self, vcenter: VCenterEndpoint, spec: ShellSpec, stop: threading.Event | None = None
+    ) -> ShellResult:
         """Make sure exactly one VM marked with ``spec.protected_vm_id`` exists. Blocking.
 
         Adopts (``adopted=True``) a VM that already carries the mark instead of creating a
-        twin. Never creates or deletes disk files: the disks must already exist. Raises
+        twin, also when another process creates it at the same moment. Never creates or
+        deletes disk files: the disks must already exist. Once ``stop`` is set no vCenter task
+        is started; a creation already running is left to finish on 'stop'
+        (``OperationStopped``, the next attempt adopts it by its mark) and cancelled on
+        'cancel' (``OperationCancelled``). Raises
         ``PermanentError`` for a missing datastore, pool, folder, network or disk file
         (naming what exists) and ``TransientError`` when the vCenter cannot be reached.
         """
@@ -178,5 +185,5 @@ class DRShellHandler:
     async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
         spec = build_spec(payload)
         vcenter = VCenterEndpoint.from_row(payload["dr_vcenter"])
-        result = await asyncio.to_thread(self._backend.ensure_shell, vcenter, spec)
+        result = await asyncio.to_thread(self._backend.ensure_shell, vcenter, spec, ctx.stop)
         return {"dr_shell_vm_id": result.moref, "adopted": result.adopted, "name": spec.name}

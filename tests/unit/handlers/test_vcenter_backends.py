@@ -172,7 +172,7 @@ def test_shell_config_attaches_existing_disks_to_one_new_controller() -> None:
         "web-dr", 2, 4096, "rhel9_64Guest", "efi",
     )
     assert [(o.key, o.value) for o in config.extraConfig] == [(MARK_KEY, "pv-7")]
-    assert config.files.vmPathName == "[zfs-dr-01]"
+    assert config.files.vmPathName == "[zfs-dr-01] zerfaux-pv-7/web-dr.vmx"  # its own path: the creation lock
     controller, *disks = config.deviceChange
     assert isinstance(controller.device, dev.ParaVirtualSCSIController) and controller.device.key < 0
     assert all(change.operation == "add" and not change.fileOperation for change in config.deviceChange)
