@@ -12,8 +12,6 @@ import multiprocessing
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,9 +78,9 @@ def _hold_before_create(monkeypatch: pytest.MonkeyPatch, arrive: Callable[[], An
     """``arrive()`` runs after the mark was looked for and before CreateVM_Task is called."""
     real_build = shell_module.build_config
 
-    def build(spec: ShellSpec, place: Any) -> Any:
+    def build(spec: ShellSpec, place: Any, slot: int = 1) -> Any:
         arrive()
-        return real_build(spec, place)
+        return real_build(spec, place, slot)
 
     monkeypatch.setattr(shell_module, "build_config", build)
 
@@ -120,9 +118,9 @@ def _create_in_process(endpoint: VCenterEndpoint, password: str, ca: str, spec: 
     """One listener's attempt in a process of its own (spawned: nothing shared with the test)."""
     real_build = shell_module.build_config
 
-    def build(s: ShellSpec, place: Any) -> Any:
+    def build(s: ShellSpec, place: Any, slot: int = 1) -> Any:
         barrier.wait()
-        return real_build(s, place)
+        return real_build(s, place, slot)
 
     shell_module.build_config = build  # type: ignore[assignment]  # this process only
     sessions = VCenterSessions(SecretResolver({env_key(endpoint.password_secret or ""): password}), ca_bundle=ca)
@@ -297,14 +295,51 @@ def test_a_twin_that_is_powered_on_is_left_alone_in_words(
     assert _marked(vcsim_dr, spec.protected_vm_id) == sorted([first.moref, twin])
 
 
-def test_a_leftover_vmx_without_a_vm_is_named(
-    vcsim_dr: Simulator, sessions_for: Callable[[], VCenterSessions], tmp_path: Path
+def _leave_vmx(sim: Simulator, spec: ShellSpec, directory: str) -> None:
+    """A .vmx with no VM, as a shell removed from the inventory (or a failed create) leaves it."""
+    leftover = sim.datastore_dirs[DR_DS] / directory
+    leftover.mkdir()
+    (leftover / f"{spec.name}.vmx").write_text("")
+
+
+def test_a_leftover_vmx_without_a_vm_is_stepped_over(
+    vcsim_dr: Simulator, sessions_for: Callable[[], VCenterSessions]
 ) -> None:
     spec = _spec(vcsim_dr)
-    leftover = vcsim_dr.datastore_dirs[DR_DS] / f"zerfaux-{spec.protected_vm_id}"
-    leftover.mkdir()
-    (leftover / f"{spec.name}.vmx").write_text("")  # a shell removed from the inventory left this
-    builder = DRShellBuilderReal(sessions_for(), await_seconds=0.5)
-    with pytest.raises(PermanentError, match=rf"zerfaux-{spec.protected_vm_id}/{spec.name}.vmx exists .* delete the folder"):
-        builder.ensure_shell(vcsim_dr.endpoint(), replace(spec))
+    _leave_vmx(vcsim_dr, spec, f"zerfaux-{spec.protected_vm_id}")
+    made = DRShellBuilderReal(sessions_for(), await_seconds=0.5).ensure_shell(vcsim_dr.endpoint(), spec)
+    assert made.adopted is False
+    assert _marked(vcsim_dr, spec.protected_vm_id) == [made.moref]
+    path = vcsim_dr.vm(made.moref).config.files.vmPathName
+    assert path == f"[{DR_DS}] zerfaux-{spec.protected_vm_id}-2/{spec.name}.vmx"
+
+
+def test_leftovers_in_every_directory_are_named(
+    vcsim_dr: Simulator, sessions_for: Callable[[], VCenterSessions]
+) -> None:
+    spec = _spec(vcsim_dr)
+    for directory in [f"zerfaux-{spec.protected_vm_id}"] + [f"zerfaux-{spec.protected_vm_id}-{n}" for n in range(2, 6)]:
+        _leave_vmx(vcsim_dr, spec, directory)
+    builder = DRShellBuilderReal(sessions_for(), await_seconds=0.2)
+    with pytest.raises(PermanentError, match=rf"zerfaux-{spec.protected_vm_id}-5/{spec.name}.vmx'? exist .* delete the folders"):
+        builder.ensure_shell(vcsim_dr.endpoint(), spec)
     assert _marked(vcsim_dr, spec.protected_vm_id) == []
+
+
+def test_a_shell_asked_before_its_replica_exists_is_made_once_it_does(
+    vcsim_dr: Simulator, sessions_for: Callable[[], VCenterSessions]
+) -> None:
+    """vcsim keeps the .vmx of a create that failed on a missing disk: the retry steps over it."""
+    pv = f"pv-{uuid.uuid4().hex[:8]}"
+    spec = ShellSpec(
+        protected_vm_id=pv, name=f"{pv}-dr", datastore=DR_DS, num_cpu=1, memory_mb=256,
+        guest_id="otherGuest64", firmware="bios", controller="pvscsi",
+        disks=(ShellDisk(file=f"[{DR_DS}] {pv}/disk.vmdk", capacity=0),),
+    )
+    builder = DRShellBuilderReal(sessions_for(), await_seconds=0.5)
+    with pytest.raises(PermanentError, match="replicate the VM's disks to the DR datastore first"):
+        builder.ensure_shell(vcsim_dr.endpoint(), spec)
+    vcsim_dr.add_replica(pv)
+    made = builder.ensure_shell(vcsim_dr.endpoint(), spec)
+    assert _marked(vcsim_dr, pv) == [made.moref]
+    assert vcsim_dr.vm_disk_files(made.moref) == [f"[{DR_DS}] {pv}/disk.vmdk"]

@@ -52,6 +52,7 @@ _MOREF_NUMBER = re.compile(r"-(\d+)$")
 _TWIN_PATHS = ("name", "config.annotation", "runtime.powerState", "config.hardware.device")
 AWAIT_SECONDS = 30.0  # for another listener's creation to show its mark
 AWAIT_STEP = 0.5
+SLOTS = 5  # directories tried in turn when an earlier one holds a .vmx with no VM
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,19 @@ class Placement:
     network: Any | None  # a backing for the network card, or None for no card
 
 
-def shell_dir(spec: ShellSpec) -> str:
-    """The shell's own directory on the DR datastore, one per protected VM: the creation lock."""
-    return f"zerfaux-{spec.protected_vm_id}"
+def shell_dir(spec: ShellSpec, slot: int = 1) -> str:
+    """The shell's own directory on the DR datastore, per protected VM: the creation lock.
+
+    ``slot`` 2, 3... are the next ones, used only when the earlier ones hold a ``.vmx`` that no
+    VM carries (a failed creation, a shell removed from the inventory). Every creator walks the
+    same sequence, so each directory is still a lock.
+    """
+    base = f"zerfaux-{spec.protected_vm_id}"
+    return base if slot == 1 else f"{base}-{slot}"
 
 
-def shell_vmx_path(spec: ShellSpec) -> str:
-    return f"[{spec.datastore}] {shell_dir(spec)}/{vsphere_name(spec.name)}.vmx"
+def shell_vmx_path(spec: ShellSpec, slot: int = 1) -> str:
+    return f"[{spec.datastore}] {shell_dir(spec, slot)}/{vsphere_name(spec.name)}.vmx"
 
 
 def moref_order(moref: str) -> tuple[int, int, str]:
@@ -129,54 +136,59 @@ class DRShellBuilderReal:
             log.debug("%s: adopting DR shell %s", where(vcenter), keeper)
             return ShellResult(moref=keeper, adopted=True)
         place = self._placement(si, vcenter, spec)
-        config = build_config(spec, place)
-        log.info(
-            "%s: creating DR shell %s with %d disks on %s",
-            where(vcenter), spec.name, len(spec.disks), spec.datastore,
+        leftovers: list[str] = []
+        for slot in range(1, SLOTS + 1):
+            config = build_config(spec, place, slot)
+            log.info(
+                "%s: creating DR shell %s with %d disks at %s",
+                where(vcenter), spec.name, len(spec.disks), shell_vmx_path(spec, slot),
+            )
+            check_stop(stop, "before the DR shell was created")
+            try:
+                vm = wait_for_task(si, place.folder.CreateVM_Task(config=config, pool=place.pool), stop)
+            except (vim.fault.DuplicateName, vim.fault.FileAlreadyExists) as exc:
+                # Another listener (a fenced one, or its successor) may have got there first: adopt its VM.
+                log.info("%s: DR shell %s exists already (%s); looking for it by its mark",
+                         where(vcenter), spec.name, type(exc).__name__)
+                keeper = self._await_mark(si, vcenter, spec, stop)
+                if keeper is not None:
+                    return ShellResult(moref=keeper, adopted=True)
+                if isinstance(exc, vim.fault.DuplicateName):
+                    raise PermanentError(
+                        f"a VM named {spec.name!r} already exists in the DR shell's folder at {where(vcenter)} "
+                        f"and is not the DR shell of protected VM {spec.protected_vm_id} (it has no {MARK_KEY} "
+                        "mark): rename that VM, or change protection_groups.dr_vm_suffix or dr_folder"
+                    ) from exc
+                leftovers.append(shell_vmx_path(spec, slot))
+                log.info("%s: %s is left over with no VM; trying the next directory", where(vcenter), leftovers[-1])
+                continue
+            # A server that checks neither name nor path would have let a twin through: settle now.
+            keeper = self._settle(si, vcenter, spec, find_marked(si, spec.protected_vm_id), stop) or vm._moId
+            return ShellResult(moref=keeper, adopted=keeper != vm._moId)
+        raise PermanentError(
+            f"{name_list(leftovers)} exist at {where(vcenter)} but no VM there carries the mark {MARK_KEY} = "
+            f"{spec.protected_vm_id}: DR shells removed from the inventory (or creations that failed) left them. "
+            f"Register one of those .vmx files again, or delete the folders {shell_dir(spec)!r}... from datastore "
+            f"{spec.datastore!r}; then set needs_dr_shell again"
         )
-        check_stop(stop, "before the DR shell was created")
-        try:
-            vm = wait_for_task(si, place.folder.CreateVM_Task(config=config, pool=place.pool), stop)
-        except (vim.fault.DuplicateName, vim.fault.FileAlreadyExists) as exc:
-            # Another listener (a fenced one, or its successor) got there first: adopt its VM.
-            return ShellResult(moref=self._await_other(si, vcenter, spec, exc, stop), adopted=True)
-        # A server that checks neither name nor path would have let a twin through: settle now.
-        keeper = self._settle(si, vcenter, spec, find_marked(si, spec.protected_vm_id), stop) or vm._moId
-        return ShellResult(moref=keeper, adopted=keeper != vm._moId)
 
-    def _await_other(
-        self, si: Any, vcenter: VCenterEndpoint, spec: ShellSpec, exc: Exception, stop: threading.Event | None
-    ) -> str:
-        """The moref of the shell another creator made, once its mark shows; else words.
+    def _await_mark(
+        self, si: Any, vcenter: VCenterEndpoint, spec: ShellSpec, stop: threading.Event | None
+    ) -> str | None:
+        """The moref of the shell another creator made, once its mark shows, or None.
 
         The other creation may still be running (its files exist before the VM is listed with
         its configuration), so the mark is looked for during ``await_seconds``.
         """
-        log.info("%s: DR shell %s exists already (%s); looking for it by its mark",
-                 where(vcenter), spec.name, type(exc).__name__)
         deadline = time.monotonic() + self._await_seconds
         while True:
             keeper = self._settle(si, vcenter, spec, find_marked(si, spec.protected_vm_id), stop)
-            if keeper is not None:
+            if keeper is not None or time.monotonic() >= deadline:
                 return keeper
-            if time.monotonic() >= deadline:
-                break
-            if stop is not None and stop.wait(AWAIT_STEP):
-                check_stop(stop, "while waiting for another listener's DR shell")
-            elif stop is None:
+            if stop is None:
                 time.sleep(AWAIT_STEP)
-        if isinstance(exc, vim.fault.DuplicateName):
-            raise PermanentError(
-                f"a VM named {spec.name!r} already exists in the DR shell's folder at {where(vcenter)} and is "
-                f"not the DR shell of protected VM {spec.protected_vm_id} (it has no {MARK_KEY} mark): rename "
-                "that VM, or change protection_groups.dr_vm_suffix or dr_folder"
-            ) from exc
-        raise PermanentError(
-            f"{shell_vmx_path(spec)} exists at {where(vcenter)} but no VM there carries the mark "
-            f"{MARK_KEY} = {spec.protected_vm_id}: a DR shell removed from the inventory (or a creation "
-            f"that failed) left it. Register that .vmx again, or delete the folder {shell_dir(spec)!r} "
-            f"from datastore {spec.datastore!r}; then set needs_dr_shell again"
-        ) from exc
+            elif stop.wait(AWAIT_STEP):
+                check_stop(stop, "while waiting for another listener's DR shell")
 
     def _settle(
         self,
@@ -333,7 +345,7 @@ def vsphere_name(name: str) -> str:
     return _NOT_AN_ESCAPE.sub("%25", name).replace("/", "%2f").replace("\\", "%5c")
 
 
-def build_config(spec: ShellSpec, place: Placement) -> Any:
+def build_config(spec: ShellSpec, place: Placement, slot: int = 1) -> Any:
     kind = spec.controller if spec.controller in CONTROLLERS else None
     if kind is None:
         raise PermanentError(
@@ -384,7 +396,7 @@ def build_config(spec: ShellSpec, place: Placement) -> Any:
         annotation=annotation(spec.protected_vm_id),
         # A path of the shell's own (not "[ds]", which lets vSphere pick a free directory): a
         # second creator gets FileAlreadyExists, so two listeners cannot both make a shell.
-        files=vim.vm.FileInfo(vmPathName=shell_vmx_path(spec)),
+        files=vim.vm.FileInfo(vmPathName=shell_vmx_path(spec, slot)),
         extraConfig=[vim.option.OptionValue(key=MARK_KEY, value=spec.protected_vm_id)],
         deviceChange=changes,
     )
