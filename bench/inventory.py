@@ -18,7 +18,7 @@ memory": a vcsim with ``--memory-vms`` VMs, the real listener (``zerfaux run --u
 ``ZERFAUX_USE_STUBS=false``) syncing it through the dispatcher into Postgres, and that process's
 peak RSS (``VmHWM`` in /proc/<pid>/status, sampled, checked against ``ru_maxrss`` from wait4).
 
-    .venv/bin/python bench/inventory.py [--vms 2000] [--delay-ms 3] [--repeat 2] [--profile]
+    .venv/bin/python bench/inventory.py [--vms 2000] [--delay-ms 3] [--repeat 2] [--floor-repeat 5] [--profile]
     .venv/bin/python bench/inventory.py --memory [--memory-vms 10000]   # then the comparison
     .venv/bin/python bench/inventory.py --memory-only                   # the memory figure alone
 """
@@ -422,6 +422,7 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=2000)
     parser.add_argument("--delay-ms", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="runs per side and delay (best kept)")
+    parser.add_argument("--floor-repeat", type=int, default=5, help="runs of zerfaux, floor and wire (best kept)")
     parser.add_argument("--worker", choices=["zerfaux", "naive", "floor", "wire"])
     parser.add_argument("--profile", action="store_true", help="cProfile one more zerfaux sync per delay")
     parser.add_argument("--sim")
@@ -464,8 +465,12 @@ def main() -> None:
             for delay in (0, args.delay_ms):
                 sim.set_delay(delay)
                 runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-                for _ in range(args.repeat):
+                # The floor comparison is between two runs of a few seconds each, so it gets more
+                # rounds than the naive side (minutes at 3 ms per call).
+                for round_ in range(max(args.repeat, args.floor_repeat)):
                     for side in sides:
+                        if side == "naive" and round_ >= args.repeat:
+                            continue
                         _reset(db, vcenter_id)
                         runs[side].append(_measure(side, info, db, vcenter_id))
                 results = {side: min(rs, key=lambda run: float(run["total"])) for side, rs in runs.items()}
