@@ -3,6 +3,9 @@
 A vcsim with 2,000 VMs (tests/vcsim) is read twice per delay setting:
 - zerfaux: ``VCenterInventoryReal.fetch`` (five ``RetrievePropertiesEx`` over container views),
   then the rows written as the engine writes them: one ``zerfaux.apply_inventory`` call.
+- floor: the same ``RetrievePropertiesEx`` pages as zerfaux's, parsed by pyVmomi, with no
+  conversion and no database: what the sync cannot go below while it reads through pyVmomi.
+- wire: the same VM pages as raw SOAP, read to the last byte and never parsed.
 - naive: iterate a container view and read each VM's attributes object by object (``vm.name``,
   ``vm.config``, ``vm.runtime``, the host's and its parent's name, each datastore's and network's
   name: each a round trip; ``config`` is read once per VM, not once per field, to be fair), then
@@ -15,7 +18,7 @@ memory": a vcsim with ``--memory-vms`` VMs, the real listener (``zerfaux run --u
 ``ZERFAUX_USE_STUBS=false``) syncing it through the dispatcher into Postgres, and that process's
 peak RSS (``VmHWM`` in /proc/<pid>/status, sampled, checked against ``ru_maxrss`` from wait4).
 
-    .venv/bin/python bench/inventory.py [--vms 2000] [--delay-ms 3] [--repeat 2]
+    .venv/bin/python bench/inventory.py [--vms 2000] [--delay-ms 3] [--repeat 2] [--floor-repeat 5] [--profile]
     .venv/bin/python bench/inventory.py --memory [--memory-vms 10000]   # then the comparison
     .venv/bin/python bench/inventory.py --memory-only                   # the memory figure alone
 """
@@ -89,11 +92,10 @@ def _naive_read(si: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _naive_write(url: str, vcenter_id: str, vms: list[dict[str, Any]]) -> None:
-    import psycopg
+def _naive_write(conn: Any, vcenter_id: str, vms: list[dict[str, Any]]) -> None:
     from psycopg.types.json import Jsonb
 
-    with psycopg.connect(url) as conn:
+    with conn.transaction():
         for vm in vms:
             conn.execute(
                 "insert into public.vcenter_vms (vcenter_id, moref, name, instance_uuid, cluster, esx_host,"
@@ -110,11 +112,85 @@ def _naive_write(url: str, vcenter_id: str, vms: list[dict[str, Any]]) -> None:
             )
 
 
-def _zerfaux_write(url: str, vcenter_id: str, result: dict[str, Any]) -> None:
-    import psycopg
+def _floor_read(si: Any) -> int:
+    """The sync's own ``RetrievePropertiesEx`` pages (same reads, same paths, same page size),
+    parsed by pyVmomi as the sync's are, and nothing else: no VMRecords, no result, no database."""
+    from pyVmomi import vim
+
+    from handlers.backends.vcenter.inventory import DATASTORE_PATHS, VM_PATHS
+    from handlers.backends.vcenter.query import collect, collect_pages
+
+    collect(si, vim.Datastore, DATASTORE_PATHS)
+    collect(si, vim.ClusterComputeResource, ["name"])
+    collect(si, vim.HostSystem, ["name", "parent"])
+    collect(si, vim.Network, ["name"])
+    return sum(len(page) for page in collect_pages(si, vim.VirtualMachine, VM_PATHS))
+
+
+def _wire_read(si: Any) -> tuple[int, int]:
+    """The same VM pages as raw SOAP: request sent, answer read to its last byte, never parsed.
+
+    (VMs, bytes). Uses pyVmomi's own request serializer and connection pool, so only the
+    deserialization is left out: the difference to the floor is pyVmomi's XML parsing.
+    """
+    from pyVmomi import vim, vmodl
+
+    from handlers.backends.vcenter.inventory import VM_PATHS
+    from handlers.backends.vcenter.query import PAGE_SIZE, properties
+
+    pc_type = vmodl.query.PropertyCollector
+    content = si.content
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    try:
+        refs = list(properties(si, view, ["view"]).get("view") or ())
+    finally:
+        view.DestroyView()
+    stub, collector = si._stub, content.propertyCollector
+    method = pc_type._GetMethodInfo("RetrievePropertiesEx")
+    prop_set = [pc_type.PropertySpec(type=vim.VirtualMachine, pathSet=list(VM_PATHS), all=False)]
+    size = 0
+    for start in range(0, len(refs), PAGE_SIZE):
+        spec = pc_type.FilterSpec(
+            objectSet=[pc_type.ObjectSpec(obj=r, skip=False) for r in refs[start : start + PAGE_SIZE]],
+            propSet=prop_set,
+        )
+        body = stub.SerializeRequest(collector, method, [[spec], pc_type.RetrieveOptions(maxObjects=PAGE_SIZE)])
+        conn = stub.GetConnection()
+        conn.request("POST", stub.path, body, {"Cookie": stub.cookie, "SOAPAction": stub.versionId,
+                                               "Content-Type": "text/xml; charset=UTF-8"})
+        answer = conn.getresponse()
+        size += len(answer.read())
+        stub.ReturnConnection(conn)
+    return len(refs), size
+
+
+# Where a sync's time goes, by the cumulative time of the functions that mark each part.
+_PARTS = (
+    ("pyVmomi's XML parsing", "SoapAdapter.py", "Deserialize"),
+    ("socket reads", "ssl.py", "recv_into"),
+    ("conversion to VMRecords", "inventory.py", "_vm_record"),
+    ("result dicts (as_result)", "vcenter_sync.py", "as_result"),
+    ("upsert (apply_inventory, with JSON encoding)", "inventory.py", "_zerfaux_write"),
+)
+
+
+def _profile_parts(profiler: Any) -> str:
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = max((ct for (_, _, _, ct, _) in stats.values()), default=0.0)
+    parts = []
+    for label, file_end, func in _PARTS:
+        spent = sum(ct for (path, _, name), (_, _, _, ct, _) in stats.items()
+                    if name == func and path.endswith(file_end))
+        parts.append(f"{label} {spent:.2f} s")
+    return f"  cProfile of one sync ({total:.2f} s under the profiler): " + "; ".join(parts)
+
+
+def _zerfaux_write(conn: Any, vcenter_id: str, result: dict[str, Any]) -> None:
     from psycopg.types.json import Jsonb
 
-    with psycopg.connect(url) as conn:
+    with conn.transaction():
         conn.execute("select zerfaux.apply_inventory(%s, %s)", (vcenter_id, Jsonb(result)))
 
 
@@ -125,29 +201,63 @@ def worker(args: argparse.Namespace) -> None:
     secrets = SecretResolver({"ZERFAUX_SECRET_BENCH": sim["password"]})
     sessions = VCenterSessions(secrets, ca_bundle=sim["cert_file"])
     sessions.run(endpoint, lambda si: si)  # log in outside the timing: both sides share this cost
-    started = time.perf_counter()
+    # So is the database connection: a listener holds one already (and psycopg is imported).
+    conn = None
+    if args.db:
+        import psycopg
+        import psycopg.types.json  # noqa: F401
+
+        conn = psycopg.connect(args.db, autocommit=True)
+    extra: dict[str, Any] = {}
+    started, cpu_started = time.perf_counter(), time.process_time()
     if args.worker == "zerfaux":
+        profiler = None
+        if args.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         inventory = VCenterInventoryReal(sessions).fetch(endpoint)
         count = len(inventory.vms)
         read_done = time.perf_counter()
-        if args.db:
-            _zerfaux_write(args.db, args.vcenter_id, inventory.as_result())
+        result = inventory.as_result()
+        extra["result_s"] = time.perf_counter() - read_done
+        if conn is not None:
+            written = time.perf_counter()
+            _zerfaux_write(conn, args.vcenter_id, result)
+            extra["write_s"] = time.perf_counter() - written
+        if profiler is not None:
+            profiler.disable()
+            extra["profile"] = _profile_parts(profiler)
+    elif args.worker == "floor":
+        count = sessions.run(endpoint, _floor_read)
+        read_done = time.perf_counter()
+    elif args.worker == "wire":
+        count, extra["bytes"] = sessions.run(endpoint, _wire_read)
+        read_done = time.perf_counter()
     else:
         rows = sessions.run(endpoint, _naive_read)
         count = len(rows)
         read_done = time.perf_counter()
-        if args.db:
-            _naive_write(args.db, args.vcenter_id, rows)
-    done = time.perf_counter()
+        if conn is not None:
+            _naive_write(conn, args.vcenter_id, rows)
+    done, cpu = time.perf_counter(), time.process_time() - cpu_started
     sessions.close()
+    if conn is not None:
+        conn.close()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({
-        "vms": count, "read": read_done - started, "total": done - started, "peak_mib": peak_kib / 1024,
+        "vms": count, "read": read_done - started, "total": done - started, "cpu": cpu,
+        "peak_mib": peak_kib / 1024, **extra,
     }))
 
 
-def _measure(side: str, sim: dict[str, Any], db: str | None, vcenter_id: str | None) -> dict[str, Any]:
+def _measure(
+    side: str, sim: dict[str, Any], db: str | None, vcenter_id: str | None, profile: bool = False
+) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--worker", side, "--sim", json.dumps(sim)]
+    if profile:
+        argv.append("--profile")
     if db and vcenter_id:
         argv += ["--db", db, "--vcenter-id", vcenter_id]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -313,7 +423,9 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=2000)
     parser.add_argument("--delay-ms", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="runs per side and delay (best kept)")
-    parser.add_argument("--worker", choices=["zerfaux", "naive"])
+    parser.add_argument("--floor-repeat", type=int, default=5, help="runs of zerfaux, floor and wire (best kept)")
+    parser.add_argument("--worker", choices=["zerfaux", "naive", "floor", "wire"])
+    parser.add_argument("--profile", action="store_true", help="cProfile one more zerfaux sync per delay")
     parser.add_argument("--sim")
     parser.add_argument("--db")
     parser.add_argument("--vcenter-id")
@@ -345,30 +457,51 @@ def main() -> None:
                     "cert_file": sim.cert_file}
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             print(f"vcsim with {sim.vm_count} VMs on {sim.host}:{sim.port}; {db_note}; load average {load}")
-            print(f"{'delay':>8} {'approach':<10} {'s/1000 VMs':>11} {'read s':>8} {'total s':>8} {'peak MiB':>9}")
-            ratios = []
-            # Best of a few runs for both sides: the machine may be shared, and a slow outlier
-            # says nothing about either approach.
+            print(f"{'delay':>8} {'approach':<10} {'s/1000 VMs':>11} {'read s':>8} {'total s':>8} {'cpu s':>7} {'peak MiB':>9}")
+            ratios, floors, profiles = [], [], []
+            # Best of a few runs for every side: the machine may be shared, and a slow outlier
+            # says nothing about either approach. The sides alternate within each round, so a
+            # burst of load elsewhere falls on all of them rather than on one.
+            sides = ("zerfaux", "floor", "wire", "naive")
             for delay in (0, args.delay_ms):
-                repeats = args.repeat
                 sim.set_delay(delay)
-                results = {}
-                for side in ("zerfaux", "naive"):
-                    runs = []
-                    for _ in range(repeats):
+                runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+                # The floor comparison is between two runs of a few seconds each, so it gets more
+                # rounds than the naive side (minutes at 3 ms per call).
+                for round_ in range(max(args.repeat, args.floor_repeat)):
+                    for side in sides:
+                        if side == "naive" and round_ >= args.repeat:
+                            continue
                         _reset(db, vcenter_id)
-                        runs.append(_measure(side, info, db, vcenter_id))
-                    r = results[side] = min(runs, key=lambda run: float(run["total"]))
+                        runs[side].append(_measure(side, info, db, vcenter_id))
+                results = {side: min(rs, key=lambda run: float(run["total"])) for side, rs in runs.items()}
+                for side in sides:
+                    r = results[side]
                     assert r["vms"] == sim.vm_count, f"{side} saw {r['vms']} of {sim.vm_count} VMs"
                     per_k = r["total"] / r["vms"] * 1000
                     print(
                         f"{delay:>6}ms {side:<10} {per_k:>11.3f} {r['read']:>8.2f} {r['total']:>8.2f} "
-                        f"{r['peak_mib']:>9.1f}"
+                        f"{r['cpu']:>7.2f} {r['peak_mib']:>9.1f}"
                     )
-                ratios.append((delay, results["naive"]["total"] / results["zerfaux"]["total"]))
+                z = results["zerfaux"]
+                print(f"{'':>8} zerfaux's parts: retrieval and conversion {z['read']:.2f} s, result "
+                      f"{z.get('result_s', 0):.2f} s, upsert {z.get('write_s', 0):.2f} s; the wire carried "
+                      f"{results['wire']['bytes'] / 1e6:.1f} MB")
+                ratios.append((delay, results["naive"]["total"] / z["total"]))
+                floors.append((delay, z["total"] / results["floor"]["total"], z["cpu"] / results["floor"]["cpu"],
+                               results["floor"]["total"] / results["wire"]["total"]))
+                if args.profile:
+                    _reset(db, vcenter_id)
+                    profiles.append((delay, _measure("zerfaux", info, db, vcenter_id, profile=True)["profile"]))
             what = "inventory sync" if db else "inventory retrieval (no database step)"
             for delay, ratio in ratios:
                 print(f"RATIO {ratio:.1f} {what} vs per-attribute access ({delay} ms per call)")
+            for delay, over_floor, over_cpu, parse in floors:
+                print(f"FLOOR {over_floor:.2f} {what} / the same RetrievePropertiesEx pages alone, wall time "
+                      f"({delay} ms per call; target <= 1.5); {over_cpu:.2f} in the client's CPU time; those pages "
+                      f"take {parse:.1f}x the time of their bytes on the wire unparsed (pyVmomi's parsing)")
+            for delay, text in profiles:
+                print(f"profile at {delay} ms per call:\n{text}")
         finally:
             sim.stop()
             _drop(db)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from handlers.context import OperationContext
+from handlers.datastore_paths import split_datastore_path
 from handlers.errors import PermanentError
 from handlers.types import Row, VCenterEndpoint
 
-_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.+)$")
 # vSphere refuses entity names over 80 characters; a longer one must fail here, in words,
 # not as a SOAP fault or a dropped connection that looks transient.
 MAX_VM_NAME = 80
@@ -49,11 +50,17 @@ class ShellResult:
 
 
 class DRShellBuilder(Protocol):
-    def ensure_shell(self, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
+    def ensure_shell(
+        self, vcenter: VCenterEndpoint, spec: ShellSpec, stop: threading.Event | None = None
+    ) -> ShellResult:
         """Make sure exactly one VM marked with ``spec.protected_vm_id`` exists. Blocking.
 
         Adopts (``adopted=True``) a VM that already carries the mark instead of creating a
-        twin. Never creates or deletes disk files: the disks must already exist. Raises
+        twin, also when another process creates it at the same moment. Never creates or
+        deletes disk files: the disks must already exist. Once ``stop`` is set no vCenter task
+        is started; a creation already running is left to finish on 'stop'
+        (``OperationStopped``, the next attempt adopts it by its mark) and cancelled on
+        'cancel' (``OperationCancelled``). Raises
         ``PermanentError`` for a missing datastore, pool, folder, network or disk file
         (naming what exists) and ``TransientError`` when the vCenter cannot be reached.
         """
@@ -64,21 +71,22 @@ def map_disk_path(
     path: str, protection_datastore: str, dr_datastore: str, field: str = "vcenter_vms.disks"
 ) -> str:
     """``[protection_datastore] dir/disk.vmdk`` becomes ``[dr_datastore] dir/disk.vmdk``."""
-    match = _DS_PATH.match(path) if not _CONTROL.search(path) else None
-    if not match:
+    parts = split_datastore_path(path) if not _CONTROL.search(path) else None
+    if not parts or not parts[1]:
         raise PermanentError(
             f"{field}: disk file {path[:300]!r} is not a datastore path like '[ds] dir/disk.vmdk' "
             "(one line, no control characters): sync the vCenter or fix the row"
         )
     # A relative component would let a row attach a file outside the replica's directory tree.
-    if ".." in re.split(r"[/\\]", match["path"]):
+    ds, rest = parts
+    if ".." in re.split(r"[/\\]", rest):
         raise PermanentError(f"{field}: disk file {path[:300]!r} climbs out of its directory with '..'")
-    if match["ds"] != protection_datastore:
+    if ds != protection_datastore:
         raise PermanentError(
-            f"disk {path!r} is on datastore {match['ds']!r}, not on the protection datastore "
+            f"disk {path!r} is on datastore {ds!r}, not on the protection datastore "
             f"{protection_datastore!r}, so it is not replicated: set needs_storage_vmotion first"
         )
-    return f"[{dr_datastore}] {match['path']}"
+    return f"[{dr_datastore}] {rest}"
 
 
 def build_spec(payload: Mapping[str, Row]) -> ShellSpec:
@@ -177,5 +185,5 @@ class DRShellHandler:
     async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
         spec = build_spec(payload)
         vcenter = VCenterEndpoint.from_row(payload["dr_vcenter"])
-        result = await asyncio.to_thread(self._backend.ensure_shell, vcenter, spec)
+        result = await asyncio.to_thread(self._backend.ensure_shell, vcenter, spec, ctx.stop)
         return {"dr_shell_vm_id": result.moref, "adopted": result.adopted, "name": spec.name}

@@ -19,14 +19,18 @@ MOREF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,79}$")
 
 class StorageMover(Protocol):
     def relocate(
-        self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
+        self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, stop: threading.Event
     ) -> bool:
         """Move the VM's configuration and every disk to ``datastore``. Blocking.
 
         Idempotent: returns False, starting no task, when the VM is already entirely on
-        ``datastore``; True after a completed relocation. Raises ``PermanentError`` when the
-        VM or the datastore does not exist (naming what does) and ``TransientError`` when
-        the vCenter cannot be reached.
+        ``datastore``; True after a completed relocation. A relocation of this VM already
+        running (left by an attempt that was stopped) is waited for, not started twice.
+        ``stop`` (a ``StopSignal``): on 'cancel' the running task is cancelled and
+        ``OperationCancelled`` raised; on 'stop' the task is left running and
+        ``OperationStopped`` raised; once set, no new task is started. Raises
+        ``PermanentError`` when the VM or the datastore does not exist (naming what does) and
+        ``TransientError`` when the vCenter cannot be reached.
         """
         ...
 
@@ -57,6 +61,6 @@ class StorageVMotionHandler:
             )
         vcenter = VCenterEndpoint.from_row(payload["vcenter"])
         moved = await asyncio.to_thread(
-            self._backend.relocate, vcenter, moref, datastore, ctx.cancel
+            self._backend.relocate, vcenter, moref, datastore, ctx.stop
         )
         return {"relocated": moved, "datastore": datastore}

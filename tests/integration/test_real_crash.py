@@ -138,7 +138,7 @@ def test_a_listener_killed_after_create_vm_leaves_one_dr_shell(
     vms_before = len(dr.find(vim.VirtualMachine))
     # vcsim writes the new VM's .vmx into the datastore's directory as CreateVM_Task runs: the
     # moment it is there the VM exists, and the victim still has five delayed calls to go.
-    vmx = dr.datastore_dirs[DR_DS] / f"{name}-dr" / f"{name}-dr.vmx"
+    vmx = dr.datastore_dirs[DR_DS] / f"zerfaux-{protected}" / f"{name}-dr.vmx"
 
     figures = _crash_and_rescue(setup, dr, "update protected_vms set needs_dr_shell = true where id = %s",
                                 str(protected), "vm.dr_shell", vmx.exists)

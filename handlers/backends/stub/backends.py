@@ -203,7 +203,10 @@ class DRShellBuilderStub:
         self._ids = itertools.count(1001)
         self._lock = threading.Lock()
 
-    def ensure_shell(self, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
+    def ensure_shell(
+        self, vcenter: VCenterEndpoint, spec: ShellSpec, stop: threading.Event | None = None
+    ) -> ShellResult:
+        # The stub's creation is one step, so there is no moment at which a stop could leave it half done.
         if self._world is not None:
             return self._ensure_in_world(self._world, vcenter, spec)
         key = (vcenter.id, spec.protected_vm_id)

@@ -11,7 +11,6 @@ before the next arrives: the raw pyVmomi objects of 10,000 VMs would take about 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ from pyVmomi import vim
 
 from handlers.backends.vcenter.query import Props, collect, collect_pages
 from handlers.backends.vcenter.session import VCenterSessions, where
+from handlers.datastore_paths import datastore_of_path
 from handlers.types import VCenterEndpoint
 from handlers.vcenter_sync import DatastoreRecord, Disk, Inventory, VMRecord
 
@@ -51,7 +51,6 @@ CONTROLLER_TYPES: tuple[tuple[type, str], ...] = (
     (vim.vm.device.VirtualSATAController, "sata"),
     (vim.vm.device.VirtualIDEController, "ide"),
 )
-_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]")
 
 
 def controller_type(device: Any) -> str | None:
@@ -59,12 +58,6 @@ def controller_type(device: Any) -> str | None:
         if isinstance(device, cls):
             return name
     return None
-
-
-def datastore_of_path(path: str | None) -> str | None:
-    """``[ds] dir/file`` -> ``ds``."""
-    match = _DS_PATH.match(path or "")
-    return match["ds"] if match else None
 
 
 def disks_of(devices: Any, datastore_names: Mapping[str, str]) -> tuple[Disk, ...]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from handlers.errors import OperationCancelled
+from handlers.errors import HandlerError, OperationCancelled, OperationStopped
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,41 @@ def properties(si: Any, obj: Any, paths: Sequence[str]) -> Props:
     return rows[0][1] if rows else {}
 
 
-def wait_for_task(si: Any, task: Any, cancel: threading.Event | None = None, wake_seconds: int = 5) -> Any:
+def stopped(signal: threading.Event | None, doing: str) -> HandlerError | None:
+    """The error an attempt raises when ``signal`` is set, or None to go on.
+
+    A ``StopSignal`` says why: 'stop' (shutdown, lease lost) is ``OperationStopped``, 'cancel'
+    ``OperationCancelled``. A plain Event carries no reason and keeps its old meaning, a cancel.
+    """
+    if signal is None or not signal.is_set():
+        return None
+    reason = getattr(signal, "reason", "cancel")
+    why = getattr(signal, "why", "") or ("stopped" if reason == "stop" else "cancel requested")
+    if reason == "stop":
+        return OperationStopped(f"{why} {doing}")
+    return OperationCancelled(f"cancelled {doing}")
+
+
+def check_stop(signal: threading.Event | None, doing: str) -> None:
+    """Raise before an effect (a vCenter task, an unregistration) once the attempt must stop.
+
+    Called right before every call that starts a vCenter task, so a stopped attempt starts
+    nothing new: the time between this check and the call is one local step, not a round trip.
+    """
+    error = stopped(signal, doing)
+    if error is not None:
+        raise error
+
+
+def wait_for_task(si: Any, task: Any, stop: threading.Event | None = None, wake_seconds: int = 5) -> Any:
     """Block until ``task`` ends; return its result or raise its fault.
 
     A private PropertyCollector carries one filter on ``info.state``; ``WaitForUpdatesEx``
-    returns when it changes, or after ``wake_seconds`` so ``cancel`` is noticed (the task is
-    then cancelled on the server if it allows it, and ``OperationCancelled`` raised).
+    returns when it changes, or after ``wake_seconds`` so ``stop`` is noticed. On a cancel the
+    task is cancelled on the server (if it allows it) and ``OperationCancelled`` raised. On a
+    stop (shutdown, lease lost) the task is left running, ``OperationStopped`` raised: the next
+    attempt finds the task and waits for it (Storage vMotion) or finds its result by the mark
+    (DR shell), so a deploy never throws away a relocation half done.
     """
     collector = si.content.propertyCollector.CreatePropertyCollector()
     try:
@@ -141,9 +170,13 @@ def wait_for_task(si: Any, task: Any, cancel: threading.Event | None = None, wak
         version = ""
         state = None
         while state not in (vim.TaskInfo.State.success, vim.TaskInfo.State.error):
-            if cancel is not None and cancel.is_set():
+            error = stopped(stop, f"while vCenter task {task._moId} was running")
+            if isinstance(error, OperationStopped):
+                log.info("leaving vCenter task %s running for the next attempt: %s", task._moId, error)
+                raise error
+            if error is not None:
                 _cancel_task(task)
-                raise OperationCancelled("cancelled while the vCenter task was running")
+                raise error
             update = collector.WaitForUpdatesEx(version, options)
             if update is None:  # maxWaitSeconds passed with no change
                 continue
@@ -159,6 +192,46 @@ def wait_for_task(si: Any, task: Any, cancel: threading.Event | None = None, wak
     if info.state == vim.TaskInfo.State.error:
         raise info.error
     return info.result
+
+
+def running_tasks(si: Any, entity: Any, names: Sequence[str], entity_tasks: Sequence[Any] = ()) -> list[Any]:
+    """Tasks on ``entity`` whose ``descriptionId`` or method is in ``names``, still queued or running.
+
+    Read from the entity's own ``recentTask`` (given by the caller, who read it with the
+    entity's other properties) and the task manager's ``recentTask``, which is where vcsim
+    lists them, in one bulk read of the tasks' ``info``. A task started by another session (a
+    listener that lost its lease) is listed there too: that is how the next attempt adopts it.
+    """
+    manager = si.content.taskManager
+    listed = list(entity_tasks) + list(properties(si, manager, ["recentTask"]).get("recentTask") or ())
+    refs = list({t._moId: t for t in listed}.values())
+    if not refs:
+        return []
+    spec = _PC.FilterSpec(
+        objectSet=[_PC.ObjectSpec(obj=t, skip=False) for t in refs],
+        propSet=[_PC.PropertySpec(type=vim.Task, pathSet=["info"], all=False)],
+    )
+    try:
+        rows = _retrieve(si, spec)
+    except vmodl.fault.ManagedObjectNotFound:
+        # A task aged out between the two reads: read them one at a time, skipping the gone.
+        rows = []
+        for ref in refs:
+            try:
+                rows.append((ref, properties(si, ref, ["info"])))
+            except vmodl.fault.ManagedObjectNotFound:
+                continue
+    live = (vim.TaskInfo.State.queued, vim.TaskInfo.State.running)
+    found = []
+    for task, props in rows:
+        info = props.get("info")
+        if info is None or info.state not in live or info.entity is None:
+            continue
+        # info.name arrives as a ManagedMethod (its wsdlName is "RelocateVM_Task"); descriptionId is a string.
+        method = getattr(info.name, "wsdlName", None) or getattr(info.name, "name", None) or info.name
+        if info.entity._moId == entity._moId and (info.descriptionId in names or method in names):
+            found.append(task)
+    return found
 
 
 def _cancel_task(task: Any) -> None:

@@ -1,8 +1,8 @@
 """Real vCenter backends (pyVmomi): the names ``handlers/__init__.py`` builds when stubs are off.
 
 The work lives in small modules beside this one:
-``vcenter_session`` (logins, TLS, fault translation), ``vcenter_query`` (bulk reads, task waits),
-``vcenter_inventory``, ``vcenter_vmotion`` and ``vcenter_shell``.
+``session`` (logins, TLS, fault translation), ``query`` (bulk reads, task waits, stop checks),
+``inventory``, ``vmotion`` and ``shell``.
 """
 
 from __future__ import annotations

@@ -8,15 +8,19 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from handlers.backends.vcenter.inventory import datastore_of_path
-from handlers.backends.vcenter.query import collect, properties, wait_for_task
+from handlers.backends.vcenter.query import check_stop, collect, properties, running_tasks, wait_for_task
 from handlers.backends.vcenter.session import VCenterSessions, name_list, where
-from handlers.errors import OperationCancelled, PermanentError
+from handlers.datastore_paths import datastore_of_path
+from handlers.errors import PermanentError
 from handlers.types import VCenterEndpoint
 
 log = logging.getLogger(__name__)
 
-_VM_PATHS = ("name", "datastore", "config.files.vmPathName", "config.hardware.device", "runtime.host")
+_VM_PATHS = (
+    "name", "datastore", "config.files.vmPathName", "config.hardware.device", "runtime.host", "recentTask",
+)
+# A relocation task's info.descriptionId (vCenter's, then vcsim's) and its method's wsdlName.
+_RELOCATE = ("VirtualMachine.relocate", "VirtualMachine.relocateVm", "RelocateVM_Task")
 
 
 def already_there(
@@ -47,14 +51,14 @@ class StorageMoverReal:
         self._sessions = sessions
 
     def relocate(
-        self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
+        self, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, stop: threading.Event
     ) -> bool:
         return self._sessions.run(
-            vcenter, lambda si: self._relocate(si, vcenter, vm_moref, datastore, cancel)
+            vcenter, lambda si: self._relocate(si, vcenter, vm_moref, datastore, stop)
         )
 
     def _relocate(
-        self, si: Any, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, cancel: threading.Event
+        self, si: Any, vcenter: VCenterEndpoint, vm_moref: str, datastore: str, stop: threading.Event
     ) -> bool:
         vm = vim.VirtualMachine(vm_moref, si._stub)
         try:
@@ -67,6 +71,15 @@ class StorageMoverReal:
                 f"protected_vms.vm_id; VMs there: {name_list(names)}"
             ) from exc
         name = props.get("name", vm_moref)
+        running = running_tasks(si, vm, _RELOCATE, props.get("recentTask") or ())
+        adopted = bool(running)
+        if running:
+            # An earlier attempt (a listener stopped or fenced mid-move) left its relocation
+            # running: wait for that one instead of starting a second.
+            log.info("%s: VM %s is already being relocated (task %s); waiting for it",
+                     where(vcenter), name, running[0]._moId)
+            wait_for_task(si, running[0], stop)
+            props = properties(si, vm, _VM_PATHS)
         host = props.get("runtime.host")
         host_props = properties(si, host, ["name", "datastore"]) if host is not None else {}
         mounted = {ref._moId: ref for ref in host_props.get("datastore") or ()}
@@ -77,9 +90,7 @@ class StorageMoverReal:
         target = matches[0]
         if already_there(props, target._moId, all_names, datastore):
             log.debug("%s: VM %s already on %s", where(vcenter), name, datastore)
-            return False
-        if cancel.is_set():
-            raise OperationCancelled("cancelled before the relocation started")
+            return adopted  # True when the relocation that put it there was this operation's
         disks = [
             vim.vm.RelocateSpec.DiskLocator(diskId=d.key, datastore=target)
             for d in props.get("config.hardware.device") or ()
@@ -91,7 +102,8 @@ class StorageMoverReal:
             "%s: relocating VM %s (%s) and %d disks to %s",
             where(vcenter), name, vm_moref, len(disks), datastore,
         )
-        wait_for_task(si, vm.RelocateVM_Task(spec), cancel)
+        check_stop(stop, "before the relocation started")
+        wait_for_task(si, vm.RelocateVM_Task(spec), stop)
         return True
 
     @staticmethod

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from pyVmomi import vim, vmodl
 
-from handlers.backends.vcenter.inventory import controller_type, datastore_of_path, disks_of
+from handlers.backends.vcenter.inventory import controller_type, disks_of
 from handlers.backends.vcenter.session import name_list, translate
 from handlers.backends.vcenter.shell import MARK_KEY, Placement, build_config
 from handlers.backends.vcenter.vmotion import already_there
+from handlers.datastore_paths import datastore_of_path
 from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import PermanentError, TransientError
 from handlers.types import VCenterEndpoint
@@ -171,7 +172,7 @@ def test_shell_config_attaches_existing_disks_to_one_new_controller() -> None:
         "web-dr", 2, 4096, "rhel9_64Guest", "efi",
     )
     assert [(o.key, o.value) for o in config.extraConfig] == [(MARK_KEY, "pv-7")]
-    assert config.files.vmPathName == "[zfs-dr-01]"
+    assert config.files.vmPathName == "[zfs-dr-01] zerfaux-pv-7/web-dr.vmx"  # its own path: the creation lock
     controller, *disks = config.deviceChange
     assert isinstance(controller.device, dev.ParaVirtualSCSIController) and controller.device.key < 0
     assert all(change.operation == "add" and not change.fileOperation for change in config.deviceChange)
