@@ -86,6 +86,12 @@ class Settings:
     stub_world: str | None = None  # directory of the stubs' shared outside world (tests, soak)
 
     @property
+    def attempt_retry_seconds(self) -> float:
+        """How long the store may retry a call made for a running attempt (heartbeat, progress,
+        complete, fail): half the lease, so no write of an attempt outlives its lease."""
+        return self.lease_seconds / 2.0
+
+    @property
     def embedded(self) -> bool:
         return not self.database_url and not self.supabase_url
 

@@ -5,6 +5,12 @@ attempt is decided in one place (``_settle``): success completes, ``PermanentErr
 once, ``OperationCancelled`` ends cancelled, anything else is retried with exponential backoff
 and jitter until ``max_attempts``. A worker that lost its lease writes nothing (the SQL
 functions check ownership too).
+
+Fencing: a run whose lease was not renewed for ``lease - margin`` (measured from when the last
+successful renewal, or the claim, was sent) is told to stop by a watchdog that needs no answer
+from the database, so a worker cut off from it stops its effects before another worker may
+take the operation over. A run keeps its concurrency slot until its handler (and the backend
+thread under it) has returned; the engine never cancels the task of a running handler.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from enum import Enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +28,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 from handlers import Handler, HandlerError, OperationCancelled, PermanentError, StopSignal
 from listener.metrics import Metrics
-from listener.store import ClaimedOperation, Store
+from listener.store import ClaimedOperation, Store, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,24 @@ class DispatchSettings:
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     shutdown_grace_seconds: float = 20.0
+    # After grace, stopped backends get this much longer to return before we give up on them.
+    stop_wait_seconds: float = 30.0
+
+    @property
+    def lease_margin_seconds(self) -> float:
+        """How long before the lease runs out a worker that could not renew it stops the attempt:
+        max(1 s, lease/5), never more than half the lease (6 s of the default 30 s lease)."""
+        return min(max(1.0, self.lease_seconds / 5.0), self.lease_seconds / 2.0)
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """Renewal period: three renewals per lease, so one lost renewal is not yet fatal."""
+        return max(self.lease_seconds / 3.0, 0.05)
+
+    @property
+    def heartbeat_timeout_seconds(self) -> float:
+        """A renewal that has not answered by then is abandoned (below the renewal period)."""
+        return self.heartbeat_seconds * 0.75
 
 
 class Backoff:
@@ -50,10 +75,19 @@ class Backoff:
         return min(float(self._wait(state)), self._max)
 
 
+class Outcome(Enum):
+    """How an attempt ended, as far as this worker is concerned."""
+
+    RUNNING = "running"
+    WRITTEN = "written"  # succeeded, failed or cancelled, and written back (or refused by the SQL)
+    STOPPED = "stopped"  # told to stop by the engine (shutdown): nothing written, to be released
+    LOST = "lost"  # lease lost or fenced: nothing written, nothing released
+
+
 class _Run:
     """The engine's side of one attempt: what the handler sees as its OperationContext."""
 
-    def __init__(self, op: ClaimedOperation, store: Store, worker: str) -> None:
+    def __init__(self, op: ClaimedOperation, store: Store, worker: str, renewed_at: float) -> None:
         self.op = op
         self.operation_id = op.id
         self.kind = op.kind
@@ -67,10 +101,15 @@ class _Run:
         self._worker = worker
         self.task: asyncio.Task[None] | None = None
         self.started = time.monotonic()
+        # Monotonic time at which the last renewal that succeeded (or the claim) was SENT: the
+        # lease runs from no later than that, whatever the database's clock says.
+        self.renewed_at = renewed_at
+        self.outcome = Outcome.RUNNING
 
-    def mark_lost(self) -> None:
+    def mark_lost(self, why: str = "lease lost") -> None:
+        """Write nothing more for this attempt and tell its backend to stop (keeping state)."""
         self.lost = True
-        self.stop.stop("lease lost")
+        self.stop.stop(why)
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
@@ -163,18 +202,24 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self, until_idle: bool = False) -> None:
-        heartbeats = asyncio.create_task(self._heartbeat_loop())
+        heartbeats = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        watchdog = asyncio.create_task(self._watchdog_loop(), name="lease-watchdog")
         try:
             await self._claim_loop(until_idle)
         finally:
-            await self._shutdown()
-            heartbeats.cancel()
+            try:
+                await self._shutdown()
+            finally:
+                heartbeats.cancel()
+                watchdog.cancel()
+                await asyncio.gather(heartbeats, watchdog, return_exceptions=True)
 
     async def _claim_loop(self, until_idle: bool) -> None:
         failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
             free = self._settings.concurrency - len(self._runs)
+            sent = time.monotonic()  # a claim's lease runs from no later than this
             claimed: list[ClaimedOperation] = []
             if free > 0:
                 try:
@@ -188,7 +233,7 @@ class Dispatcher:
                     await self._wait(delay)
                     continue
                 for op in claimed:
-                    self._start(op)
+                    self._start(op, sent)
             if claimed and len(claimed) == free:
                 # Full slots: the next finished operation wakes us.
                 await self._wait(self._settings.idle_seconds)
@@ -214,8 +259,8 @@ class Dispatcher:
         except asyncio.TimeoutError:
             pass
 
-    def _start(self, op: ClaimedOperation) -> None:
-        run = _Run(op, self._store, self.worker_id)
+    def _start(self, op: ClaimedOperation, sent: float) -> None:
+        run = _Run(op, self._store, self.worker_id, sent)
         self._runs[op.id] = run
         if op.attempts == 1:
             self._metrics.claim_latency.observe(max(op.waited_seconds, 0.0))
@@ -227,8 +272,12 @@ class Dispatcher:
         op = run.op
         try:
             await self._settle(run)
-        except asyncio.CancelledError:
-            log.info("operation %s kind=%s attempt=%d stopped (lease lost or shutting down)", op.id, op.kind, op.attempts)
+        except asyncio.CancelledError:  # only when the whole loop is torn down
+            log.warning("operation %s kind=%s attempt=%d: abandoned while settling", op.id, op.kind, op.attempts)
+            raise
+        except StoreUnavailable as exc:
+            log.error("operation %s kind=%s attempt=%d: its outcome could not be written (%s); the lease "
+                      "expires and the operation runs again", op.id, op.kind, op.attempts, exc)
         except Exception:  # a bug of ours: never let it kill the loop
             log.exception("operation %s kind=%s: unexpected error while settling", op.id, op.kind)
         finally:
@@ -254,31 +303,43 @@ class Dispatcher:
             return
         try:
             result = await handler(run, op.payload)
-        except OperationCancelled as exc:
+        except Exception as exc:
             run.settling = True
+            if run.stop.reason == "stop":
+                # Whatever a stopped backend raises (OperationStopped, a cancel, a broken pipe
+                # from its killed process) is the stop, not a failure of the operation.
+                self._stopped(run, _describe(exc))
+                return
+            await self._settle_error(run, exc)
+            return
+        run.settling = True
+        if run.lost:
+            run.outcome = Outcome.LOST
+            log.warning("operation %s kind=%s finished after its lease was lost: result dropped", op.id, op.kind)
+            return
+        await self._write_success(run, result)
+
+    def _stopped(self, run: _Run, raised: str) -> None:
+        op = run.op
+        run.outcome = Outcome.LOST if run.lost else Outcome.STOPPED
+        log.info("operation %s kind=%s attempt=%d stopped (%s); nothing written: %s",
+                 op.id, op.kind, op.attempts, run.stop.why, raised)
+
+    async def _settle_error(self, run: _Run, exc: Exception) -> None:
+        if isinstance(exc, OperationCancelled):
             if not run.lost:
                 await self._cancelled(run, str(exc) or "cancelled")
             return
-        except PermanentError as exc:
-            run.settling = True
+        if isinstance(exc, PermanentError):
             await self._fail(run, str(exc), permanent=True)
-            return
-        except HandlerError as exc:  # our own words: a TransientError says what happened
-            run.settling = True
+        elif isinstance(exc, HandlerError):  # our own words: a TransientError says what happened
             await self._fail(run, str(exc) or type(exc).__name__, permanent=False)
-            return
-        except Exception as exc:
-            run.settling = True
+        else:
             await self._fail(run, _describe(exc), permanent=False)
-            return
-        run.settling = True
-        await self._write_success(run, result)
 
     async def _write_success(self, run: _Run, result: Mapping[str, Any]) -> None:
         op = run.op
-        if run.lost:
-            log.warning("operation %s kind=%s finished after its lease was lost: result dropped", op.id, op.kind)
-            return
+        run.outcome = Outcome.WRITTEN
         done, error = await self._completer.complete(op.id, result)
         if error:
             await self._fail(run, f"the result could not be written back: {error}", permanent=True)
@@ -293,7 +354,9 @@ class Dispatcher:
     async def _fail(self, run: _Run, error: str, permanent: bool) -> None:
         op = run.op
         if run.lost:
+            run.outcome = Outcome.LOST
             return
+        run.outcome = Outcome.WRITTEN
         delay = self._backoff(op.attempts)
         outcome = await self._store.fail(op.id, self.worker_id, error[:4000], permanent, delay)
         if outcome == "retrying":
@@ -305,40 +368,69 @@ class Dispatcher:
         self._metrics.operations.labels(op.kind, outcome).inc()
 
     async def _cancelled(self, run: _Run, message: str) -> None:
+        run.outcome = Outcome.WRITTEN
         if await self._store.finish_cancelled(run.op.id, self.worker_id, message):
             self._metrics.operations.labels(run.op.kind, "cancelled").inc()
             log.info("operation %s kind=%s cancelled: %s", run.op.id, run.op.kind, message)
 
     async def _heartbeat_loop(self) -> None:
-        period = max(self._settings.lease_seconds / 3.0, 0.05)
+        period = self._settings.heartbeat_seconds
         while True:
             try:
                 await asyncio.wait_for(self._poke.wait(), timeout=period)
             except asyncio.TimeoutError:
                 pass
             self._poke.clear()
-            # A run whose handler already returned is writing its outcome: the SQL checks
-            # ownership there, and a missing id here only means it just finished.
-            runs = [r for r in self._runs.values() if not r.lost and not r.settling]
-            if not runs:
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        # A run whose handler already returned is writing its outcome: the SQL checks
+        # ownership there, and a missing id here only means it just finished.
+        runs = [r for r in self._runs.values() if not r.lost and not r.settling]
+        if not runs:
+            return
+        sent = time.monotonic()
+        try:
+            # Bounded below the renewal period: a hung call must not delay the next renewal
+            # (the watchdog does not wait for it either).
+            held = await within(
+                self._settings.heartbeat_timeout_seconds,
+                self._store.heartbeat(self.worker_id, [r.op.id for r in runs], self._settings.lease_seconds),
+                "heartbeat",
+            )
+        except Exception as exc:
+            log.error("heartbeat failed (%s); the lease of %d operation(s) was not renewed",
+                      _describe(exc), len(runs))
+            return
+        for run in runs:
+            if run.lost:
+                continue  # fenced by the watchdog while the answer was on its way
+            if run.op.id not in held:
+                log.warning("operation %s kind=%s: lease lost, stopping without writing", run.op.id, run.kind)
+                run.mark_lost("lease lost: another worker holds it")
                 continue
-            try:
-                held = await self._store.heartbeat(
-                    self.worker_id, [r.op.id for r in runs], self._settings.lease_seconds
-                )
-            except Exception as exc:
-                log.error("heartbeat failed (%s); leases may expire", exc)
-                continue
-            for run in runs:
-                if run.op.id not in held:
-                    log.warning("operation %s kind=%s: lease lost, stopping without writing",
-                                run.op.id, run.kind)
-                    run.mark_lost()
-                    if run.task is not None:
-                        run.task.cancel()
-                elif held[run.op.id] and not run.cancel_requested:
-                    log.info("operation %s kind=%s: cancellation requested", run.op.id, run.kind)
-                    run.request_cancel()
+            run.renewed_at = max(run.renewed_at, sent)
+            if held[run.op.id] and not run.cancel_requested:
+                log.info("operation %s kind=%s: cancellation requested", run.op.id, run.kind)
+                run.request_cancel()
+
+    async def _watchdog_loop(self) -> None:
+        """Stop, on this worker's own clock, every attempt whose lease may be about to pass to
+        another worker: needs no answer from the database, so a cut-off worker fences itself."""
+        lease = self._settings.lease_seconds
+        allowed = lease - self._settings.lease_margin_seconds
+        tick = min(0.2, lease / 20.0)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for run in list(self._runs.values()):
+                if run.lost or run.settling or now - run.renewed_at < allowed:
+                    continue
+                why = f"lease lost: not renewed for {now - run.renewed_at:.1f}s"
+                log.warning("operation %s kind=%s attempt=%d: %s (lease %.0fs, margin %.1fs); stopping its "
+                            "backend and writing nothing more", run.op.id, run.kind, run.attempt, why,
+                            lease, self._settings.lease_margin_seconds)
+                run.mark_lost(why)
 
     async def _shutdown(self) -> None:
         if not self._runs:
@@ -347,24 +439,37 @@ class Dispatcher:
             except Exception as exc:
                 log.debug("could not deregister worker %s: %s", self.worker_id, exc)
             return
+        grace = self._settings.shutdown_grace_seconds
         pending = [r.task for r in self._runs.values() if r.task is not None]
-        log.info("stopping: waiting up to %.0fs for %d running operation(s)",
-                 self._settings.shutdown_grace_seconds, len(pending))
-        await asyncio.wait(pending, timeout=self._settings.shutdown_grace_seconds)
+        log.info("stopping: waiting up to %.0fs for %d running operation(s)", grace, len(pending))
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
         left = list(self._runs.values())
         if not left:
             return
+        # Tell what is left to stop (keeping resumable state), and wait for the backends to
+        # return: releasing first would let another worker start while this one still sends.
         for run in left:
-            run.mark_lost()
+            if not run.lost:
+                run.stop.stop("shutting down")
+        bound = grace + self._settings.stop_wait_seconds
+        log.info("stopping %d operation(s) (shutting down); waiting up to %.0fs for their backends to return",
+                 len(left), bound)
+        tasks = {r.task: r for r in left if r.task is not None}
+        _, stuck = await asyncio.wait(tasks, timeout=bound) if tasks else (set(), set())
+        for task in stuck:
+            run = tasks[task]
+            log.error("operation %s kind=%s attempt=%d: its backend did not return within %.0fs of being told "
+                      "to stop; NOT releasing it: its lease expires within %.0fs and another worker takes "
+                      "it over, while this process waits for the thread to end", run.op.id, run.kind,
+                      run.attempt, bound, self._settings.lease_seconds)
+        ids = [r.op.id for r in left if r.task not in stuck and r.outcome is Outcome.STOPPED]
         try:
-            released = await self._store.release(self.worker_id, [r.op.id for r in left])
-            log.info("released %d operation(s) for another worker", released)
+            released = await self._store.release(self.worker_id, ids)
+            if ids:
+                log.info("released %d operation(s) for another worker", released)
         except Exception as exc:
-            log.error("could not release %d operation(s) (%s): their leases will expire", len(left), exc)
-        for run in left:
-            if run.task is not None:
-                run.task.cancel()
-        await asyncio.wait([r.task for r in left if r.task is not None], timeout=5.0)
+            log.error("could not release %d operation(s) (%s): their leases will expire", len(ids), exc)
 
 
 def _describe(exc: BaseException) -> str:

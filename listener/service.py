@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from handlers import BackendSettings, HandlerSet, build_handlers
 from handlers.secrets import SecretResolver
+from listener import executor
 from listener.config import Settings
 from listener.dispatcher import DispatchSettings, Dispatcher
 from listener.metrics import Metrics
@@ -38,11 +39,13 @@ def database_url(settings: Settings) -> str | None:
 def make_store(settings: Settings) -> Store:
     url = database_url(settings)
     if url is not None:
-        return PostgresStore(url, pool_size=settings.concurrency + 4)
+        return PostgresStore(url, pool_size=settings.concurrency + 4,
+                             attempt_retry_seconds=settings.attempt_retry_seconds)
     from listener.store_postgrest import PostgrestStore  # issue 6: SUPABASE_URL only
 
     assert settings.supabase_url and settings.supabase_key
-    return PostgrestStore(settings.supabase_url, settings.supabase_key)
+    return PostgrestStore(settings.supabase_url, settings.supabase_key,
+                          attempt_retry_seconds=settings.attempt_retry_seconds)
 
 
 @dataclass
@@ -141,6 +144,7 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
         listener.settings.worker_id, listener.store.description, listener.handlers.mode,
         listener.settings.concurrency,
     )
+    executor.install(loop, listener.settings.concurrency)  # a thread for every slot
     try:
         await listener.dispatcher.run(until_idle=until_idle)
     finally:
@@ -153,6 +157,7 @@ async def serve(listener: Listener, until_idle: bool = False) -> None:
             except (NotImplementedError, RuntimeError):
                 pass
         await asyncio.to_thread(listener.handlers.close)
+        executor.uninstall(loop)
         await listener.store.close()
 
 

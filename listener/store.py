@@ -7,15 +7,48 @@ SQL functions of the migrations, so the behaviour is the same; only the wire dif
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
+
+T = TypeVar("T")
+
+# Calls made for a running attempt. Their retries are bounded below the lease (the stores'
+# ``attempt_retry_seconds``): a write that could only land after the lease passed to another
+# worker is worth nothing, and waiting for it would hold the attempt's slot. Claims, the sweep
+# and status keep the longer budget that rides out a database restart.
+ATTEMPT_CALLS = frozenset(
+    {"heartbeat", "progress", "complete", "complete_many", "fail", "finish_cancelled", "release"}
+)
 
 
 class StoreUnavailable(RuntimeError):
     """The database cannot be reached; the message names it (password hidden) and why."""
+
+
+async def within(seconds: float, call: Coroutine[Any, Any, T], what: str) -> T:
+    """Await ``call`` for at most ``seconds``, then give up on it without waiting for it to
+    unwind: psycopg spends up to 10 s cancelling a query on a dead (half-open) connection, which
+    ``asyncio.wait_for`` would wait for."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_discard)
+        raise StoreUnavailable(f"{what} did not answer within {seconds:.1f}s")
+    return task.result()
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not log it as never retrieved
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from listener import sqlfile
 from listener.config import redact_url
-from listener.store import ClaimedOperation, QueueState, StoreUnavailable
+from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,13 @@ _RETRYABLE = (psycopg.OperationalError, PoolTimeout)
 
 
 class PostgresStore:
-    def __init__(self, conninfo: str, pool_size: int = 10, retry_seconds: float = 60.0) -> None:
+    def __init__(self, conninfo: str, pool_size: int = 10, retry_seconds: float = 60.0,
+                 attempt_retry_seconds: float | None = None) -> None:
         self._conninfo = conninfo
         self.description = redact_url(conninfo)
         self._retry_seconds = retry_seconds
+        # Calls for a running attempt (ATTEMPT_CALLS) end, answered or not, within this.
+        self._attempt_seconds = retry_seconds if attempt_retry_seconds is None else attempt_retry_seconds
         self._has_vault: bool | None = None
         self._pool = AsyncConnectionPool(
             conninfo,
@@ -53,11 +56,18 @@ class PostgresStore:
         await self._pool.close()
 
     async def _rows(self, name: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Run a named query, riding out a database restart for up to ``retry_seconds``."""
+        """Run a named query, riding out a database restart for up to ``retry_seconds``; a call
+        made for a running attempt ends within ``attempt_retry_seconds``, hung or not."""
+        if name in ATTEMPT_CALLS:
+            seconds = self._attempt_seconds
+            return await within(seconds, self._retrying(name, params, seconds), f"{self.description}: {name}")
+        return await self._retrying(name, params, self._retry_seconds)
+
+    async def _retrying(self, name: str, params: Mapping[str, Any] | None, seconds: float) -> list[dict[str, Any]]:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(_RETRYABLE),
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
-            stop=stop_after_delay(self._retry_seconds),
+            stop=stop_after_delay(seconds),
             reraise=True,
             before_sleep=lambda state: log.warning(
                 "database unreachable (%s); retrying %s", state.outcome.exception() if state.outcome else "?", name

@@ -20,7 +20,7 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from listener.store import ClaimedOperation, QueueState, StoreUnavailable
+from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,14 @@ def _retryable(exc: APIError) -> bool:
 
 
 class PostgrestStore:
-    def __init__(self, url: str, key: str, retry_seconds: float = 60.0, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, key: str, retry_seconds: float = 60.0, timeout: float = 30.0,
+                 attempt_retry_seconds: float | None = None) -> None:
         self._url = url.rstrip("/")
         self._key = key
         self.description = f"{self._url}/rest/v1 (PostgREST, schema {SCHEMA})"
         self._retry_seconds = retry_seconds
+        # Calls for a running attempt (ATTEMPT_CALLS) end, answered or not, within this.
+        self._attempt_seconds = retry_seconds if attempt_retry_seconds is None else attempt_retry_seconds
         self._timeout = timeout
         self._client: AsyncClient | None = None
         self._http: httpx.AsyncClient | None = None
@@ -71,7 +74,14 @@ class PostgrestStore:
         self._client = None
 
     async def _call(self, fn: str, params: Mapping[str, Any], retry_seconds: float | None = None) -> Any:
-        """One RPC, riding out a restart of PostgREST or the database for ``retry_seconds``."""
+        """One RPC, riding out a restart of PostgREST or the database for ``retry_seconds``; a
+        call made for a running attempt ends within ``attempt_retry_seconds``, hung or not."""
+        if retry_seconds is None and fn in ATTEMPT_CALLS:
+            seconds = self._attempt_seconds
+            return await within(seconds, self._retrying(fn, params, seconds), f"{self.description}: {fn}")
+        return await self._retrying(fn, params, self._retry_seconds if retry_seconds is None else retry_seconds)
+
+    async def _retrying(self, fn: str, params: Mapping[str, Any], seconds: float) -> Any:
         if self._client is None:
             raise StoreUnavailable(f"{self.description}: the store is not open")
         client = self._client
@@ -79,7 +89,7 @@ class PostgrestStore:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(_Unavailable),
                 wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
-                stop=stop_after_delay(self._retry_seconds if retry_seconds is None else retry_seconds),
+                stop=stop_after_delay(seconds),
                 reraise=True,
                 before_sleep=lambda state: log.warning(
                     "PostgREST unreachable (%s); retrying %s",

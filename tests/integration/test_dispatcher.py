@@ -150,8 +150,8 @@ async def test_a_worker_that_lost_its_lease_writes_nothing(world: Database) -> N
     async with dispatcher_for(world, handler, lease_seconds=1.0) as (dispatcher, _):
         task = asyncio.create_task(dispatcher.run())
         await eventually(lambda: handler.calls == 1)
-        # another worker took the operation over (as after a lease expiry)
-        world.sql("update zerfaux.operations set worker_id = 'thief'")
+        # another worker took the operation over (as after a lease expiry), and renews it
+        world.sql("update zerfaux.operations set worker_id = 'thief', lease_expires_at = now() + interval '1 hour'")
         await eventually(lambda: dispatcher.running == 0, timeout=5)
         dispatcher.stop()
         await task

@@ -9,6 +9,12 @@ The imagined world lives in this process's memory, or, with a ``StubWorld``
 (``ZERFAUX_STUB_WORLD``), in a directory shared by every listener process, where each effect is
 journaled: a DR shell is created once and adopted after that, a VM's datastore is remembered, a
 job's snapshot is made and received once. That is what lets tests count effects across crashes.
+
+Stopping follows the ``StopSignal``: on 'cancel' a stub cleans up as the real backend does (a
+partial receive is aborted, a relocation is not made) and raises ``OperationCancelled``; on 'stop'
+(shutdown, lease lost) it keeps what a real one keeps (a partial receive stays resumable, a
+started relocation task runs to its end) and raises ``OperationStopped``. In a shared world both
+are journaled ('stopped', 'resumed'), so a test sees when and where a backend was told to stop.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import random
 import threading
 import time
 import uuid
+from typing import NoReturn
 
 from handlers.backends.stub.world import StubWorld
 from handlers.dr_shell import ShellResult, ShellSpec
-from handlers.errors import OperationCancelled
+from handlers.errors import HandlerError, OperationCancelled, OperationStopped
 from handlers.replication import (
     ProgressSink,
     ReplicationOutcome,
@@ -50,9 +57,20 @@ def _duration(seconds: float, jitter: float) -> float:
     return seconds + (random.uniform(0.0, jitter) if jitter > 0 else 0.0)
 
 
+def _stopping(cancel: threading.Event) -> bool:
+    """True when the engine stopped the attempt (keep state); a plain Event means cancel."""
+    return getattr(cancel, "reason", None) == "stop"
+
+
+def _interrupted(cancel: threading.Event, what: str) -> HandlerError:
+    if _stopping(cancel):
+        return OperationStopped(f"stopped ({getattr(cancel, 'why', 'stopped')}) {what}")
+    return OperationCancelled(f"cancelled {what}")
+
+
 def _pause(seconds: float, cancel: threading.Event | None = None) -> None:
     if seconds > 0 and cancel is not None and cancel.wait(seconds):
-        raise OperationCancelled("cancelled while running")
+        raise _interrupted(cancel, "while running")
     if seconds > 0 and cancel is None:
         time.sleep(seconds)
 
@@ -137,7 +155,14 @@ class StorageMoverStub:
         with self._lock:
             if self._placed.get(key) == datastore:
                 return False
-        _pause(_duration(self._seconds, self._jitter), cancel)
+        if cancel.is_set():
+            raise _interrupted(cancel, "before the relocation started")
+        try:
+            _pause(_duration(self._seconds, self._jitter), cancel)
+        except OperationStopped:
+            with self._lock:  # the vCenter task was left running: it ends there by itself
+                self._placed[key] = datastore
+            raise
         with self._lock:
             self._placed[key] = datastore
         return True
@@ -153,7 +178,17 @@ class StorageMoverStub:
             if world.read("placement", vcenter.id, vm_moref) == datastore:
                 world.record("vm.storage_vmotion", subject, "already-there", datastore=datastore)
                 return False
-            _pause(_duration(self._seconds, self._jitter), cancel)
+            if cancel.is_set():
+                raise _interrupted(cancel, "before the relocation started")
+            try:
+                _pause(_duration(self._seconds, self._jitter), cancel)
+            except OperationStopped as exc:
+                # A stopped worker leaves the running vCenter task alone: it ends by itself,
+                # and the next attempt finds the VM already there.
+                world.write("placement", vcenter.id, vm_moref, content=datastore)
+                world.record("vm.storage_vmotion", subject, "stopped", datastore=datastore,
+                             why=str(getattr(cancel, "why", "")), task="left running")
+                raise exc
             world.write("placement", vcenter.id, vm_moref, content=datastore)
             world.record("vm.storage_vmotion", subject, "relocated", datastore=datastore)
         return True
@@ -219,18 +254,38 @@ class ZFSReplicationStub:
         if world is not None and world.read("received", request.target_dataset, snap) is not None:
             world.record("replication.run", request.job_id, "already-there", snapshot=snap)
             return ReplicationOutcome(snap, base, size, size, ("stub backend: no data was copied",))
-        sent = 0
+        first = 1
+        if world is not None:
+            # A receive stopped earlier left its resume token: continue from there.
+            kept = world.read("partial", request.target_dataset, snap)
+            if kept is not None:
+                first = int(kept) + 1
+                world.record("replication.run", request.job_id, "resumed", snapshot=snap,
+                             bytes=size * int(kept) // self._steps)
+        sent = size * (first - 1) // self._steps
         step_seconds = _duration(self._seconds, self._jitter) / self._steps
-        for step in range(1, self._steps + 1):
-            if step_seconds > 0 and cancel.wait(step_seconds):
-                raise OperationCancelled(f"cancelled after {sent} of {size} bytes")
-            if cancel.is_set():
-                raise OperationCancelled(f"cancelled after {sent} of {size} bytes")
+        for step in range(first, self._steps + 1):
+            if (step_seconds > 0 and cancel.wait(step_seconds)) or cancel.is_set():
+                self._stop_here(request, snap, step - 1, sent, size, cancel)
             sent = size * step // self._steps
             progress(ReplicationProgress(snap, base, sent, size))
         if world is not None:
+            world.remove("partial", request.target_dataset, snap)
             # The receive commits once: a racing attempt that finishes second finds it there.
             effect = "sent" if world.create_once("received", request.target_dataset, snap,
                                                  content=request.job_id) else "already-there"
             world.record("replication.run", request.job_id, effect, snapshot=snap, bytes=sent)
         return ReplicationOutcome(snap, base, sent, size, ("stub backend: no data was copied",))
+
+    def _stop_here(self, request: ReplicationRequest, snap: str, steps_done: int, sent: int, size: int,
+                   cancel: threading.Event) -> NoReturn:
+        world = self._world
+        if world is not None:
+            if _stopping(cancel):
+                # Keep the partial receive (its resume token), as `zfs receive -s` does.
+                world.write("partial", request.target_dataset, snap, content=str(steps_done))
+                world.record("replication.run", request.job_id, "stopped", snapshot=snap, bytes=sent,
+                             why=str(getattr(cancel, "why", "")))
+            else:
+                world.remove("partial", request.target_dataset, snap)  # `zfs receive -A`
+        raise _interrupted(cancel, f"after {sent} of {size} bytes")

@@ -87,6 +87,10 @@ class StubWorld:
         tmp.write_text(content)
         os.replace(tmp, path)
 
+    def remove(self, *key: str) -> None:
+        """Delete the object if it exists."""
+        self._path(*key).unlink(missing_ok=True)
+
     @contextlib.contextmanager
     def locked(self, *key: str) -> Iterator[None]:
         """Hold the object's lock (blocking), as a vCenter lets one task at a time touch a VM."""

@@ -4,9 +4,16 @@ import threading
 
 import pytest
 
-from handlers.backends.stub.backends import DRShellBuilderStub, VCenterInventoryStub, ZFSReplicationStub
+from handlers.backends.stub.backends import (
+    DRShellBuilderStub,
+    StorageMoverStub,
+    VCenterInventoryStub,
+    ZFSReplicationStub,
+)
+from handlers.backends.stub.world import StubWorld
+from handlers.context import StopSignal
 from handlers.dr_shell import build_spec, map_disk_path
-from handlers.errors import OperationCancelled, PermanentError
+from handlers.errors import OperationCancelled, OperationStopped, PermanentError
 from handlers.replication import ReplicationRequest, snapshot_name
 from handlers.secrets import SecretResolver
 from handlers.types import SSHEndpoint, VCenterEndpoint
@@ -70,3 +77,66 @@ def test_secrets_resolve_from_env_then_file_then_vault(tmp_path) -> None:  # typ
     assert "vcenters.password_secret" in str(caught.value)
     with pytest.raises(PermanentError, match="not a valid secret name"):
         resolver.resolve("../../etc/shadow", "x")
+
+
+def _stop_after(signal: StopSignal, seconds: float, reason: str) -> threading.Timer:
+    timer = threading.Timer(seconds, signal.stop if reason == "stop" else signal.cancel,
+                            args=("lease lost: not renewed for 4.8s",) if reason == "stop" else ())
+    timer.start()
+    return timer
+
+
+def test_a_stopped_stub_replication_keeps_its_partial_receive_and_the_next_attempt_resumes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    world = StubWorld(tmp_path)
+    request = ReplicationRequest("0e" * 16, "tank/vm", "dr/vm", "ssh", SSHEndpoint("h", 22, "u", None, None), None, 5, None)
+    stop = StopSignal()
+    _stop_after(stop, 0.35, "stop")
+    with pytest.raises(OperationStopped, match="lease lost"):
+        ZFSReplicationStub(seconds=1.0, steps=10, world=world).replicate(request, lambda p: None, stop)
+    [stopped] = [e for e in world.journal() if e["effect"] == "stopped"]
+    assert 0 < stopped["bytes"] and "lease lost" in stopped["why"]
+
+    seen: list[int] = []
+    outcome = ZFSReplicationStub(seconds=1.0, steps=10, world=world).replicate(
+        request, lambda p: seen.append(p.bytes_transferred), StopSignal())
+    effects = [e["effect"] for e in world.journal()]
+    assert effects == ["stopped", "resumed", "sent"]
+    resumed = world.journal()[1]
+    assert resumed["bytes"] == stopped["bytes"] and seen[0] > stopped["bytes"]
+    assert len(seen) < 10 and outcome.bytes_transferred == outcome.bytes_estimated
+
+
+def test_a_cancelled_stub_replication_discards_the_partial_receive(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    world = StubWorld(tmp_path)
+    request = ReplicationRequest("0d" * 16, "tank/vm", "dr/vm", "ssh", SSHEndpoint("h", 22, "u", None, None), None, 5, None)
+    stop = StopSignal()
+    _stop_after(stop, 0.25, "stop")
+    with pytest.raises(OperationStopped):
+        ZFSReplicationStub(seconds=1.0, steps=10, world=world).replicate(request, lambda p: None, stop)
+    cancel = StopSignal()
+    _stop_after(cancel, 0.05, "cancel")
+    with pytest.raises(OperationCancelled):
+        ZFSReplicationStub(seconds=1.0, steps=10, world=world).replicate(request, lambda p: None, cancel)
+    seen: list[int] = []
+    outcome = ZFSReplicationStub(seconds=0, steps=10, world=world).replicate(
+        request, lambda p: seen.append(p.bytes_transferred), StopSignal())
+    # the cancelled attempt resumed, then aborted the receive: the third sends from the start
+    assert [e["effect"] for e in world.journal()] == ["stopped", "resumed", "sent"]
+    assert len(seen) == 10 and seen[0] == outcome.bytes_transferred // 10
+
+
+def test_a_stopped_stub_relocation_leaves_the_task_running_and_a_cancelled_one_moves_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    world = StubWorld(tmp_path)
+    stop = StopSignal()
+    _stop_after(stop, 0.1, "stop")
+    with pytest.raises(OperationStopped):
+        StorageMoverStub(seconds=1.0, world=world).relocate(VC, "vm-7", "zfs-protect-01", stop)
+    assert world.read("placement", VC.id, "vm-7") == "zfs-protect-01"  # the vCenter task ended by itself
+    assert StorageMoverStub(world=world).relocate(VC, "vm-7", "zfs-protect-01", StopSignal()) is False
+
+    cancel = StopSignal()
+    _stop_after(cancel, 0.1, "cancel")
+    with pytest.raises(OperationCancelled):
+        StorageMoverStub(seconds=1.0, world=world).relocate(VC, "vm-8", "zfs-protect-01", cancel)
+    assert world.read("placement", VC.id, "vm-8") is None
+    assert [e["effect"] for e in world.journal()] == ["stopped", "already-there"]
