@@ -1,18 +1,20 @@
 -- Replica names that do not collide: tank1/vms and tank2/vms replicated to one target used to
--- both become <target_root>/vms. A group now records its replica's name, chosen once when the
--- group gets its source_dataset: the dataset's last component when no other group of the same
--- target already uses it, else that name, '-' and 8 hex digits of the group id. Existing groups
--- keep the name they replicate to today (the basename), so no replica is renamed.
+-- both become <target_root>/vms. A group now records its replica's name, chosen when the group
+-- gets its source_dataset (or a new source_dataset or target, which means a new replica, as
+-- before): the dataset's last component when no other group of the same target already uses it,
+-- else that name, '-' and 8 hex digits of the group id. Existing groups keep the name they
+-- replicate to today (the basename), so no replica is renamed. A name set by hand is kept until
+-- the dataset or the target changes (or set in the same update).
 
 alter table public.protection_groups
-    add column replica_name text
-        constraint protection_groups_replica_name_length check (char_length(replica_name) between 1 and 255);
--- Not checked for characters here: the backend validates the whole target_dataset before any command
--- runs, and says which column to fix.
+    add column replica_name text;
+-- Not checked here: the backend validates the whole target_dataset (characters, length) before any
+-- command runs, and says which column to fix.
 
 comment on column public.protection_groups.replica_name is
     'name of the replica under replication_targets.target_root; chosen once (basename of source_dataset, '
-    'or basename-<8 hex of id> when another group of the target has that name); set it yourself to choose';
+    'or basename-<8 hex of id> when another group of the target has that name), again when source_dataset '
+    'or replication_target_id changes; set it yourself to choose';
 
 update public.protection_groups
    set replica_name = regexp_replace(source_dataset, '^.*/', '')
@@ -23,10 +25,18 @@ language plpgsql security definer set search_path = public, pg_temp as $$
 declare
     base text;
 begin
+    if tg_op = 'UPDATE' and new.replica_name is not distinct from old.replica_name
+       and (new.source_dataset is distinct from old.source_dataset
+            or new.replication_target_id is distinct from old.replication_target_id) then
+        new.replica_name := null;  -- another dataset or another target: another replica, named afresh
+    end if;
     if new.replica_name is not null or new.source_dataset is null then
         return new;
     end if;
     base := regexp_replace(new.source_dataset, '^.*/', '');
+    if base = '' then
+        return new;  -- no name to take (a dataset ending in '/': the backend refuses it)
+    end if;
     -- Two groups of one target inserted at once must not both see the name free.
     perform pg_advisory_xact_lock(hashtext('zerfaux.replica_name'), hashtext(coalesce(new.replication_target_id::text, '')));
     -- Another group of this target (or of no target yet) replicating under the same name?
@@ -43,7 +53,7 @@ end $$;
 revoke execute on function public.protection_groups_fill_replica_name() from public, anon, authenticated;
 
 create trigger protection_groups_fill_replica_name
-    before insert or update of source_dataset, replica_name on public.protection_groups
+    before insert or update of source_dataset, replication_target_id, replica_name on public.protection_groups
     for each row execute function public.protection_groups_fill_replica_name();
 
 -- The job's target_dataset: the group's replica name when the job replicates the group's dataset.

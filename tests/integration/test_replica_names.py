@@ -48,6 +48,11 @@ def test_a_name_set_by_hand_is_used_and_a_group_gets_one_when_its_dataset_is_set
     later = add_group(world, "later", None)  # type: ignore[arg-type]
     world.sql("update protection_groups set source_dataset = 'tank5/later' where id = %s", (later,))
     assert job_target(world, later) == "tank/replicas/later"
+    # Another dataset is another replica, named afresh (as before: the target followed the dataset).
+    world.sql("update protection_groups set source_dataset = 'tank/vmstore' where id = %s", (later,))
+    assert job_target(world, later) == f"tank/replicas/vmstore-{later.replace('-', '')[:8]}"
+    world.sql("update protection_groups set source_dataset = 'tank/fresh' where id = %s", (GROUP,))
+    assert job_target(world, GROUP) == "tank/replicas/fresh"
     # A job naming a dataset of its own (service role) keeps that dataset's basename.
     job = world.one("insert into replication_jobs (protection_group_id, source_dataset) "
                     "values (%s, 'tank/other') returning target_dataset", (GROUP,))
