@@ -2,9 +2,12 @@
 
 The tag carries the attempt (``zerfaux_<job>_a<attempt>``), so the clean-up of an attempt that
 was fenced (its lease lost, its thread still ending) releases only its own holds, never those of
-the attempt that took its operation over. A retry releases what EARLIER attempts of its job left
-(killed mid-send, or stopped, or failed on a resumable ZFS): the tags of attempts below its own,
-and the tag before attempts had one (``zerfaux_<job>``).
+the attempt that took its operation over (always a higher number: a lost lease counts an attempt).
+A retry releases what earlier attempts of its job left (killed mid-send, stopped, or failed on a
+resumable ZFS): the tags of attempts up to its own, and the tag before attempts had one
+(``zerfaux_<job>``). Up to and including its own, because an operation released at shutdown gives
+its attempt back: the next one runs under the same number, and only after the released attempt's
+backend returned.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ def attempt_tag(job_id: str, attempt: int) -> str:
 
 
 def earlier_tags(job_id: str, attempt: int) -> list[str]:
-    """The tags this attempt may release besides its own: the job's earlier attempts' only."""
-    return [job_tag(job_id)] + [attempt_tag(job_id, n) for n in range(1, attempt)]
+    """The tags this attempt releases on snapshots it found held: never a later attempt's."""
+    return [job_tag(job_id)] + [attempt_tag(job_id, n) for n in range(1, attempt + 1)]
 
 
 class Holds:
