@@ -59,7 +59,11 @@ def resume_partial(sides: Sides, transfer: Transfer, job_id: str, name: str, tok
 
 
 def clean_partial(sides: Sides, job_id: str) -> None:
-    """After a person's cancel: let the killed receive exit, then drop its partial receive state."""
+    """After a person's cancel: let the killed receive exit, then drop its partial receive state.
+
+    Once no receive into the dataset runs, its token is what it will stay: none (the stream was cut
+    before ZFS kept anything) means nothing to drop. ``-A`` is retried a few times: the dataset can
+    be busy for a moment after its receive exited."""
     s = sides
     try:
         ops.settled_target_state(s.tgt, s.tgt_ds, s.tcaps)
@@ -68,9 +72,6 @@ def clean_partial(sides: Sides, job_id: str) -> None:
     if not s.resumable:
         return
     for _ in range(20):
-        if ops.resume_token(s.tgt, s.tgt_ds, s.tcaps) is None:
-            time.sleep(0.25)
-            continue
-        if ops.abort_partial(s.tgt, s.tgt_ds).ok:
+        if ops.resume_token(s.tgt, s.tgt_ds, s.tcaps) is None or ops.abort_partial(s.tgt, s.tgt_ds).ok:
             return
         time.sleep(0.25)
