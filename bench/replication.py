@@ -8,18 +8,28 @@ for the run, the same cipher everywhere. Each full transfer runs ``--rounds`` ti
 zfs-fuse's cache treats all alike); then a 10 MiB change is replicated incrementally. Everything is
 removed afterwards. Every transfer is bounded by a watchdog.
 
+Like with like: the raw pipe gets the same 32 MiB pipe buffer Zerfaux uses, and each side is
+measured twice, with a fresh SSH handshake (the raw pipe's own connection; a new backend for
+Zerfaux, as after a listener start) and over an OpenSSH master already up (``ControlMaster``
+started before the round; Zerfaux's kept master). ``RATIO`` is the fresh pair; the warm pair is
+printed on the same line. Zerfaux's seconds include what a job does besides its stream
+(probes, snapshot, holds, verify); what each host's ZFS can do is cached per process, so a
+fresh backend does not probe again.
+
 Then the OpenZFS section (skip with ``--no-openzfs``): the OpenZFS 2.1 QEMU guest of the test suite
 (docs/openzfs-guest.md) with source and target pools both inside it, so that both ends are reached
 over SSH exactly as Zerfaux reaches a remote storage host and a DR host: ``ssh guest zfs send |
 ssh guest zfs receive -u`` from this machine against Zerfaux's ``ssh`` transport for the same
 snapshot (``--openzfs-mib``, tens of MiB: the guest's disks are small). Software emulation makes the
-absolute figures meaningless; only the ratio counts. It is printed as ``OPENZFS RATIO`` before the
-final line, which stays the zfs-fuse ``RATIO``.
+absolute figures meaningless; only the ratio counts. It is printed as ``OPENZFS RATIO`` (fresh
+handshakes on both sides; the warm pair beside it) before the final line, which stays the zfs-fuse
+``RATIO``.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import shlex
@@ -34,6 +44,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from handlers.backends.zfs.pipe import PIPE_BYTES
 from handlers.backends.zfs.real import ZFSReplicationReal
 from handlers.replication import ReplicationRequest
 from handlers.secrets import SecretResolver
@@ -64,10 +75,23 @@ def write_random(path: str, size: int) -> None:
     subprocess.run(["sync"], check=False)
 
 
-def ssh_argv(sshd: Sshd, key: str, known: str, remote: list[str]) -> list[str]:
-    return ["ssh", "-F", "/dev/null", "-T", "-c", CIPHER, "-i", key, "-o", "IdentitiesOnly=yes",
+def ssh_argv(sshd: Sshd, key: str, known: str, remote: list[str], master: str | None = None) -> list[str]:
+    """``master``: a ControlPath whose master is already up (the warm case); None: a fresh handshake."""
+    shared = ["-o", "ControlMaster=auto", "-o", f"ControlPath={master}", "-o", "ControlPersist=120"] if master \
+        else ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    return ["ssh", "-F", "/dev/null", "-T", "-c", CIPHER, "-i", key, "-o", "IdentitiesOnly=yes", *shared,
             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}", "-p", str(sshd.port),
             "root@127.0.0.1", shlex.join(remote)]
+
+
+def grow_pipe(fd: int) -> None:
+    """The raw pipe gets Zerfaux's pipe buffer (zfs/pipe.py), so only what differs is measured."""
+    for size in (PIPE_BYTES, 1 << 20):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -76,10 +100,11 @@ def timed(fn: Callable[[], None]) -> float:
     return time.monotonic() - start
 
 
-def raw_pipe(snapshot: str, target: str, sshd: Sshd, key: str, known: str) -> None:
+def raw_pipe(snapshot: str, target: str, sshd: Sshd, key: str, known: str, master: str | None = None) -> None:
     send = subprocess.Popen(["zfs", "send", snapshot], stdout=subprocess.PIPE)
-    recv = subprocess.Popen(ssh_argv(sshd, key, known, ["zfs", "receive", "-u", target]), stdin=send.stdout)
     assert send.stdout is not None
+    grow_pipe(send.stdout.fileno())
+    recv = subprocess.Popen(ssh_argv(sshd, key, known, ["zfs", "receive", "-u", target], master), stdin=send.stdout)
     send.stdout.close()
     if recv.wait(WATCHDOG_SECONDS) != 0 or send.wait(WATCHDOG_SECONDS) != 0:
         raise RuntimeError("raw zfs send | ssh | zfs receive failed")
@@ -125,24 +150,26 @@ def guest_endpoint(host: OpenZFSHost) -> SSHEndpoint:
     return SSHEndpoint(host.ssh_host, host.ssh_port, host.ssh_user, "guest", host.host_key)
 
 
-def guest_raw_pipe(source: OpenZFSHost, target: OpenZFSHost, snapshot: str, dataset: str) -> None:
+def guest_raw_pipe(source: OpenZFSHost, target: OpenZFSHost, snapshot: str, dataset: str, warm: bool) -> None:
     """``ssh guest zfs send | ssh guest zfs receive -u``: the stream crosses this machine, as Zerfaux's does."""
     def ssh(host: OpenZFSHost, remote: list[str]) -> list[str]:
-        # Its own connections, as Zerfaux makes: not the fixture's multiplexed master (which would spare
-        # the raw pipe two handshakes). ssh keeps the first value of an option, so these come first.
-        return ["ssh", "-o", "ControlMaster=no", "-o", "ControlPath=none", *host.ssh_options, "-c", CIPHER,
+        # Fresh: connections of its own. Warm: the fixture's multiplexed master, already up. ssh keeps
+        # the first value of an option, so the override comes first.
+        fresh = [] if warm else ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+        return ["ssh", *fresh, *host.ssh_options, "-c", CIPHER,
                 "-p", str(host.ssh_port), "root@127.0.0.1", shlex.join(remote)]
 
     send = subprocess.Popen(ssh(source, ["zfs", "send", snapshot]), stdout=subprocess.PIPE)
-    recv = subprocess.Popen(ssh(target, ["zfs", "receive", "-u", dataset]), stdin=send.stdout)
     assert send.stdout is not None
+    grow_pipe(send.stdout.fileno())
+    recv = subprocess.Popen(ssh(target, ["zfs", "receive", "-u", dataset]), stdin=send.stdout)
     send.stdout.close()
     if recv.wait(WATCHDOG_SECONDS) != 0 or send.wait(WATCHDOG_SECONDS) != 0:
         raise RuntimeError("raw ssh zfs send | ssh zfs receive in the guest failed")
 
 
-def openzfs_section(size_mib: int, rounds: int) -> float:
-    """Best raw and best Zerfaux (ssh transport) throughput in the guest; returns Zerfaux / raw."""
+def openzfs_section(size_mib: int, rounds: int) -> tuple[float, float]:
+    """Best raw and best Zerfaux (ssh transport) throughput in the guest; returns Zerfaux / raw (fresh, warm)."""
     work = tempfile.mkdtemp(prefix="zerfaux-bench-openzfs-")
     guest = Guest(build_guest(), Path(work))
     backend: ZFSReplicationReal | None = None
@@ -151,7 +178,8 @@ def openzfs_section(size_mib: int, rounds: int) -> float:
         guest.start()
         print(f"OpenZFS guest up in {time.monotonic() - started:.0f} s", flush=True)
         source, target = guest.host("src"), guest.host("dst")
-        backend = live = ZFSReplicationReal(SecretResolver({"ZERFAUX_SECRET_GUEST": source.private_key}), cipher=CIPHER)
+        secrets_ = SecretResolver({"ZERFAUX_SECRET_GUEST": source.private_key})
+        backend = live = ZFSReplicationReal(secrets_, cipher=CIPHER)
         dataset = f"{source.pool}/vm"
         print(f"writing {size_mib} MiB of random data in the guest ...", flush=True)
         make = (f"zfs create {dataset} && head -c {size_mib}M /dev/urandom > /{dataset}/disk-flat.vmdk"
@@ -161,34 +189,41 @@ def openzfs_section(size_mib: int, rounds: int) -> float:
         stream = int(counted.stdout.decode())
         print(f"full stream: {stream / MB:.1f} MB", flush=True)
 
-        def zerfaux_guest(into: str) -> int:
-            return replicate_bounded(live, ReplicationRequest(
+        def zerfaux_guest(with_backend: ZFSReplicationReal, into: str) -> int:
+            return replicate_bounded(with_backend, ReplicationRequest(
                 str(uuid.uuid4()), dataset, into, "ssh", guest_endpoint(target), guest_endpoint(source), None, None))
 
         # Warm the capability cache, as a long-lived listener has it, with an untimed tiny replication.
         source.run(["zfs", "create", f"{source.pool}/warm"])
-        zerfaux_guest(f"{target.pool}/warm")
-        best = {"raw": 0.0, "zerfaux": 0.0}
+        zerfaux_guest(live, f"{target.pool}/warm")
+        best: dict[str, float] = {}
+
+        def record(label: str, nbytes: int, seconds: float, round_: int) -> None:
+            best[label] = max(best.get(label, 0.0), nbytes / MB / seconds)
+            print(f"  round {round_} {label:<28} {nbytes / MB / seconds:8.2f} MB/s ({seconds:.2f} s)", flush=True)
+
         for round_ in range(1, rounds + 1):
-            into = f"{target.pool}/raw"
-            seconds = timed(lambda: guest_raw_pipe(source, target, f"{dataset}@bench", into))
-            target.run(["zfs", "destroy", "-r", into])
-            best["raw"] = max(best["raw"], stream / MB / seconds)
-            print(f"  round {round_} raw ssh send | ssh receive {stream / MB / seconds:8.2f} MB/s ({seconds:.2f} s)",
-                  flush=True)
-            into = f"{target.pool}/zerfaux"
-            moved = [0]
-            seconds = timed(lambda: moved.__setitem__(0, zerfaux_guest(into)))
-            # Zerfaux's seconds include its connections, probes, snapshot, holds and verification.
-            best["zerfaux"] = max(best["zerfaux"], moved[0] / MB / seconds)
-            print(f"  round {round_} zerfaux ssh               {moved[0] / MB / seconds:8.2f} MB/s ({seconds:.2f} s)",
-                  flush=True)
-            if round_ == rounds:  # what a replication costs besides its stream: nothing changed, nothing to send
-                fixed = timed(lambda: moved.__setitem__(0, zerfaux_guest(into)))
-                print(f"  zerfaux with nothing changed: {fixed:.2f} s (connections, probes, snapshot, holds, verify)",
-                      flush=True)
-            target.run(["zfs", "destroy", "-r", into])
-        return best["zerfaux"] / best["raw"]
+            for warm in (False, True):
+                into = f"{target.pool}/raw"
+                seconds = timed(lambda: guest_raw_pipe(source, target, f"{dataset}@bench", into, warm))
+                target.run(["zfs", "destroy", "-r", into])
+                record("raw, " + ("warm master" if warm else "fresh handshake"), stream, seconds, round_)
+                into = f"{target.pool}/zerfaux"
+                moved = [0]
+                fresh = None if warm else ZFSReplicationReal(secrets_, cipher=CIPHER)
+                try:
+                    seconds = timed(lambda: moved.__setitem__(0, zerfaux_guest(fresh or live, into)))
+                finally:
+                    if fresh is not None:
+                        fresh.close()
+                record("zerfaux ssh, " + ("warm master" if warm else "fresh handshake"), moved[0], seconds, round_)
+                if round_ == rounds and warm:  # what a replication costs besides its stream
+                    fixed = timed(lambda: moved.__setitem__(0, zerfaux_guest(live, into)))
+                    print(f"  zerfaux with nothing changed: {fixed:.2f} s (connections, probes, snapshot, holds, verify)",
+                          flush=True)
+                target.run(["zfs", "destroy", "-r", into])
+        return (best["zerfaux ssh, fresh handshake"] / best["raw, fresh handshake"],
+                best["zerfaux ssh, warm master"] / best["raw, warm master"])
     finally:
         if backend is not None:
             backend.close()
@@ -218,6 +253,10 @@ def main() -> int:
         known = os.path.join(work, "known_hosts")
         with open(known, "w") as fh:
             fh.write(sshd.host_key + "\n")
+        master = os.path.join(work, "raw-master.sock")  # the raw pipe's warm case
+        subprocess.run(ssh_argv(sshd, key, known, ["true"], master), check=True, timeout=60)
+        stack.callback(subprocess.run, ["ssh", "-o", f"ControlPath={master}", "-O", "exit", "x"],
+                       capture_output=True, check=False, timeout=30)
         backend = ZFSReplicationReal(SecretResolver({"ZERFAUX_SECRET_BENCH": sshd.private_key}), cipher=CIPHER)
         stack.callback(backend.close)
 
@@ -247,14 +286,17 @@ def main() -> int:
         for round_ in range(1, args.rounds + 1):
             print(f"round {round_}", flush=True)
             target = f"{dst_pool}/raw"
-            record("raw zfs send | ssh", stream, timed(lambda: raw_pipe(f"{source}@bench", target, sshd, key, known)))
+            record("raw, fresh handshake", stream, timed(lambda: raw_pipe(f"{source}@bench", target, sshd, key, known)))
+            zfs("destroy", "-r", target)
+            record("raw, warm master", stream,
+                   timed(lambda: raw_pipe(f"{source}@bench", target, sshd, key, known, master)))
             zfs("destroy", "-r", target)
             for transport in ("ssh", "paramiko", "syncoid"):
                 target = f"{dst_pool}/zerfaux_{transport}"
                 moved = [0]
                 seconds = timed(lambda: moved.__setitem__(0, zerfaux(backend, sshd, source, target, transport)))
                 # The syncoid transport counts through pv; fall back to the stream size if it could not.
-                record(f"zerfaux {transport}", moved[0] or stream, seconds)
+                record(f"zerfaux {transport}" + (", warm master" if transport == "ssh" else ""), moved[0] or stream, seconds)
                 zfs("destroy", "-r", target)
             # A listener keeps its SSH sessions and masters between jobs (the rows above); the first
             # job to a host after a start shakes hands like the raw pipe does. That one, too:
@@ -265,7 +307,7 @@ def main() -> int:
                 seconds = timed(lambda: moved.__setitem__(0, zerfaux(cold, sshd, source, target, "ssh")))
             finally:
                 cold.close()
-            record("zerfaux ssh, first job", moved[0], seconds)
+            record("zerfaux ssh, fresh handshake", moved[0], seconds)
             zfs("destroy", "-r", target)
             target = f"{dst_pool}/syncoid"
             record("syncoid", stream, timed(lambda: plain_syncoid(source, target, sshd, key, known)))
@@ -286,9 +328,9 @@ def main() -> int:
             write_random(f"{work}/src/change.bin", changed)
         zfs("destroy", "-r", target)  # the source goes with its pool
 
-        raw = best["raw zfs send | ssh"]
-        raw_median = statistics.median(rates["raw zfs send | ssh"])
-        print("best of rounds (MB/s), and the median of rounds:")
+        raw = best["raw, fresh handshake"]
+        raw_median = statistics.median(rates["raw, fresh handshake"])
+        print("best of rounds (MB/s), and the median of rounds (x raw: against the raw pipe's fresh handshake):")
         for label, rate in best.items():
             median = statistics.median(rates[label])
             print(f"  {label:<32} {rate:8.1f}  ({rate / raw:.2f}x raw)   median {median:8.1f}  ({median / raw_median:.2f}x raw)")
@@ -297,12 +339,15 @@ def main() -> int:
     if not args.no_openzfs:
         print(f"OpenZFS 2.1 in a QEMU guest (software emulation), {args.openzfs_mib} MiB", flush=True)
         try:
-            ratio = openzfs_section(args.openzfs_mib, args.openzfs_rounds)
-            print(f"OPENZFS RATIO {ratio:.3f} replication throughput vs raw ssh zfs send | ssh zfs receive "
-                  "(both pools in the guest)")
+            fresh, warm = openzfs_section(args.openzfs_mib, args.openzfs_rounds)
+            print(f"OPENZFS RATIO {fresh:.3f} replication throughput vs raw ssh zfs send | ssh zfs receive "
+                  f"(both pools in the guest), both with fresh SSH handshakes; both over a warm master: {warm:.3f}")
         except (GuestError, OSError, subprocess.SubprocessError, RuntimeError) as exc:
             print(f"OPENZFS RATIO unavailable: {exc}")
-    print(f"RATIO {best['zerfaux ssh'] / raw:.3f} replication throughput vs raw zfs send | ssh | zfs receive")
+    fresh = best["zerfaux ssh, fresh handshake"] / raw
+    warm = best["zerfaux ssh, warm master"] / best["raw, warm master"]
+    print(f"RATIO {fresh:.3f} replication throughput vs raw zfs send | ssh | zfs receive, both with a fresh SSH "
+          f"handshake and 32 MiB pipes; both over a warm OpenSSH master: {warm:.3f}")
     return 0
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-from handlers.context import OperationContext
+from handlers.context import OperationContext, StopSignal
 from handlers.errors import PermanentError
 from handlers.types import Row, SSHEndpoint
 
@@ -26,6 +26,8 @@ class ReplicationRequest:
     source: SSHEndpoint | None  # None: the dataset is on the listener's own machine
     retention_snapshots: int | None
     last_snapshot: str | None  # snapshot of the newest completed job of this pair, a hint only
+    operation_id: str = ""  # the zerfaux.operations row this attempt runs for ("" outside the engine)
+    attempt: int = 1  # zerfaux.operations.attempts: holds carry it, so attempts never release each other's
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ ProgressSink = Callable[[ReplicationProgress], None]
 
 class ZFSReplication(Protocol):
     def replicate(
-        self, request: ReplicationRequest, progress: ProgressSink, cancel: threading.Event
+        self, request: ReplicationRequest, progress: ProgressSink, cancel: StopSignal | threading.Event
     ) -> ReplicationOutcome:
         """Snapshot the source and bring the target up to that snapshot. Blocking.
 
@@ -58,8 +60,11 @@ class ZFSReplication(Protocol):
         a partial receive where the ZFS allows, and succeeds at once if the target already
         has the snapshot. Never rolls back or destroys the target: a diverged target or one
         with no common snapshot raises ``PermanentError`` saying what the operator can do.
-        ``progress`` may be called often, from this thread. When ``cancel`` is set it stops
-        its processes, cleans partial receive state and raises ``OperationCancelled``.
+        ``progress`` may be called often, from this thread. When ``cancel`` is set it kills its
+        processes; for a person's cancel (``reason`` 'cancel', or a bare Event) it cleans partial
+        receive state and raises ``OperationCancelled``; for the engine's stop (``reason`` 'stop':
+        shutdown, lease lost) it keeps the partial receive and the holds a resume needs, runs no
+        retention, and raises ``OperationStopped``.
         """
         ...
 
@@ -109,7 +114,7 @@ class ReplicationHandler:
         self._interval = progress_interval
 
     async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
-        request = build_request(payload)
+        request = replace(build_request(payload), operation_id=str(ctx.operation_id), attempt=ctx.attempt)
         lock = threading.Lock()
         latest: list[ReplicationProgress] = []
 
@@ -129,7 +134,7 @@ class ReplicationHandler:
 
         flusher = asyncio.create_task(flush_forever())
         try:
-            outcome = await asyncio.to_thread(self._backend.replicate, request, sink, ctx.cancel)
+            outcome = await asyncio.to_thread(self._backend.replicate, request, sink, ctx.stop)
         finally:
             flusher.cancel()
         result = asdict(outcome)

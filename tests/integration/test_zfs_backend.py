@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import paramiko
 import pytest
@@ -97,13 +98,13 @@ def replicate(backend: ZFSReplicationReal, req: ReplicationRequest,
 
 def replicate_retrying(backend: ZFSReplicationReal, req: ReplicationRequest, attempts: int = 5) -> ReplicationOutcome:
     """What the dispatcher does with a TransientError: try again after a pause (the killed attempt's
-    remote receive may still be exiting)."""
-    for _ in range(attempts - 1):
+    remote receive may still be exiting), each retry with the next attempt number."""
+    for n in range(1, attempts):
         try:
-            return replicate(backend, req)
+            return replicate(backend, replace(req, attempt=req.attempt + n))
         except TransientError:
             time.sleep(1.0)
-    return replicate(backend, req)
+    return replicate(backend, replace(req, attempt=req.attempt + attempts))
 
 
 def assert_same(p: Platform, src: str, dst: str, snap: str) -> None:

@@ -34,6 +34,7 @@ from tests.support.platforms import (
     resume_token,
     write,
 )
+from tests.support.workload import Proc
 from tests.support.zfshost import ZFSHost
 
 pytestmark = [pytest.mark.zfs, pytest.mark.parametrize("platform", [FUSE_LOCAL, OPENZFS], indirect=True)]
@@ -161,3 +162,56 @@ async def test_sigkill_mid_send_then_the_retry_completes_with_identical_data(rea
         assert "resume not supported" in (row["notes"] or ""), row["notes"]
     # The killed listener's private-key directory was swept by the next backend to start.
     assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(f"zerfaux-ssh-{listener.pid}-")]
+
+
+async def test_sigterm_mid_send_keeps_the_partial_receive_and_the_next_listener_resumes(
+        real: Real, platform: Platform) -> None:
+    """A deploy (SIGTERM) stops, it does not cancel: no zfs receive -A, the holds stay, the next
+    listener resumes from the token (OpenZFS) and sends well under a full stream."""
+    source, target = platform.source, platform.target
+    write(source, real.source, "disk-flat.vmdk", platform.size(384, 40))
+    listener = Proc(real.db.url, "run", env={**real.env, "ZERFAUX_WORKER_ID": "deployed",
+                                              "ZERFAUX_SHUTDOWN_GRACE_SECONDS": "0"})
+    try:
+        listener.wait_for_line("listening as")
+        job = real.db.value("insert into replication_jobs (protection_group_id) values (%s) returning id", (GROUP,))
+        await eventually(lambda: real.db.value("select bytes_transferred > coalesce(bytes_estimated / 2, 0)"
+                                               " from replication_jobs"), timeout=120)
+        listener.popen.send_signal(signal.SIGTERM)
+        code = listener.wait(60)
+    finally:
+        listener.stop(signal.SIGKILL)
+    assert code == 0, listener.output[-3000:]
+    stopped = real.db.one("select snapshot_name, bytes_estimated from replication_jobs where id = %s", (job,))
+    op = real.db.one("select status, attempts, last_error from zerfaux.operations where kind = 'replication.run'")
+    assert (op["status"], op["attempts"]) == ("queued", 0), op  # released for the next listener (the attempt given back)
+    snaps = guids(source, real.source)
+    assert list(snaps) == [stopped["snapshot_name"]]
+    if platform.has("resume"):
+        assert resume_token(target, real.target), "a stop must not run zfs receive -A"
+        before = token_guid(source, str(resume_token(target, real.target)))
+    if platform.has("hold"):  # kept for the next attempt, which releases them
+        assert held(source, f"{real.source}@{stopped['snapshot_name']}")
+
+    async with running(engine_settings(real.db.url, **real.env)):
+        await eventually(lambda: real.db.value("select status from replication_jobs") in ("completed", "failed"),
+                         timeout=180, interval=0.5)
+    row = real.db.one("select * from replication_jobs where id = %s", (job,))
+    assert row["status"] == "completed", row["error"]
+    assert row["snapshot_name"] == stopped["snapshot_name"] and guids(source, real.source) == snaps
+    same_data(real, source, target, row["snapshot_name"])
+    assert not held(source, f"{real.source}@{row['snapshot_name']}")
+    if platform.has("resume"):
+        assert before == guids(source, real.source)[row["snapshot_name"]]  # the token was for our snapshot
+        assert "resumed" in (row["notes"] or ""), row["notes"]
+        full = stopped["bytes_estimated"]
+        assert full and 0 < row["bytes_transferred"] < 0.6 * full, (row["bytes_transferred"], full)
+        assert resume_token(target, real.target) is None
+
+
+def token_guid(source: ZFSHost, token: str) -> int:
+    """The GUID of the snapshot a partial receive is for, from ``zfs send -nv -t`` of its token."""
+    out = source.run(["zfs", "send", "-nv", "-t", token], check=False)
+    text = (out.stdout + out.stderr).decode()
+    line = next(line for line in text.splitlines() if line.strip().startswith("toguid"))
+    return int(line.split("=")[1].strip(), 0)

@@ -25,7 +25,8 @@ import paramiko
 
 from handlers.backends.zfs.exec import ParamikoRunner
 from handlers.backends.zfs.ssh import KEY_DIR_PREFIX, Peer, connect
-from handlers.errors import OperationCancelled, TransientError
+from handlers.backends.zfs.stopping import interrupted
+from handlers.errors import TransientError
 from handlers.types import SSHEndpoint
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def receive_lock(endpoint: SSHEndpoint, dataset: str, cancel: threading.Event) -
         lock = _receive_locks.setdefault(key, threading.Lock())
     while not lock.acquire(timeout=0.5):
         if cancel.is_set():
-            raise OperationCancelled(f"cancelled while waiting for another receive into {dataset}")
+            raise interrupted(cancel, f"while waiting for another receive into {dataset}")
     try:
         yield
     finally:

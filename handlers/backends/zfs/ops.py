@@ -47,7 +47,11 @@ def parallel(*calls: Callable[[], T]) -> list[T]:
 
 _caps: dict[str, Caps] = {}
 _caps_lock = threading.Lock()
-_no_hold: set[str] = set()  # hosts where `zfs hold` failed: tried once, then noted
+_no_hold: set[str] = set()  # hosts whose ZFS answered that it has no holds at all
+# What a ZFS without holds answers (an old pool version, a zfs without the subcommand); any other
+# failure (a busy pool, a dropped session, a snapshot destroyed meanwhile) is tried again next time.
+_HOLDS_UNSUPPORTED = ("unrecognized command", "pool must be upgraded", "operation not supported",
+                      "not supported", "invalid option")
 
 
 def _usage_flags(text: str, command: str) -> set[str]:
@@ -234,15 +238,25 @@ def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str, target
 
 
 def hold(runner: Runner, tag: str, dataset: str, snap: str) -> bool:
-    """Hold ``dataset@snap`` with ``tag``; False (once noted) where this ZFS cannot hold."""
+    """Hold ``dataset@snap`` with ``tag``; False when this one hold failed (the caller notes it).
+
+    Only a clear "not supported" answer is remembered for the host: any other failure is
+    tried again by the next hold.
+    """
     if runner.cache_key in _no_hold:
         return False
     result = runner.run(["zfs", "hold", tag, f"{dataset}@{snap}"])
-    if result.ok or "tag already exists" in result.err:  # a retry of the same job
+    if result.ok or "tag already exists" in result.err:  # a retry of the same attempt
         return True
-    log.info("zfs hold failed on %s: %s", runner.label, result.err.strip())
-    _no_hold.add(runner.cache_key)
+    err = result.err.strip()
+    log.info("zfs hold %s on %s@%s failed on %s: %s", tag, dataset, snap, runner.label, err)
+    if any(word in err.lower() for word in _HOLDS_UNSUPPORTED):
+        _no_hold.add(runner.cache_key)
     return False
+
+
+def holds_supported(runner: Runner) -> bool:
+    return runner.cache_key not in _no_hold
 
 
 def release(runner: Runner, tag: str, dataset: str, snap: str) -> None:

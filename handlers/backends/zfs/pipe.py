@@ -6,8 +6,8 @@ Between two pipes we use ``splice(2)``: the kernel moves pages, so counting cost
 the ``ssh`` transport runs at the speed of a raw ``zfs send | ssh`` pipe. Paramiko channels are
 read and written from Python.
 
-A watcher thread turns ``cancel`` into killing both ends within a fraction of a second, which
-also unblocks whatever the relay loop is waiting on.
+A watcher thread turns ``cancel`` (a person's cancel or the engine's stop) into killing both ends
+within a fraction of a second, which also unblocks whatever the relay loop is waiting on.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import IO
 
 import paramiko
 
-from handlers.errors import OperationCancelled, TransientError
+from handlers.backends.zfs.stopping import interrupted
+from handlers.errors import TransientError
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +168,15 @@ def relay(
 ) -> int:
     """Copy producer -> consumer until EOF; both must then exit 0. Returns the bytes moved.
 
-    Raises ``OperationCancelled`` when ``cancel`` is set, ``Ended`` when an end fails, and lets
+    Raises ``OperationCancelled`` or ``OperationStopped`` (as ``cancel.reason`` says) when ``cancel``
+    is set, ``Ended`` when an end fails, and lets
     an exception from ``on_bytes`` through after killing both ends.
     """
     done = threading.Event()
     killed = threading.Event()
 
     def watch() -> None:
-        while not done.wait(0.2):
+        while not done.wait(0.1):
             if cancel.is_set():
                 killed.set()
                 producer.kill()
@@ -188,11 +190,11 @@ def relay(
         total = _copy(producer, consumer, on_bytes, cancel, killed)
         consumer.close_input()
         if killed.is_set() or cancel.is_set():
-            raise OperationCancelled(f"replication cancelled after {total} bytes")
+            raise interrupted(cancel, f"after {total} bytes")
         crc, cerr = consumer.finish(STALL_SECONDS)
         prc, perr = producer.finish(STALL_SECONDS)
         if killed.is_set():
-            raise OperationCancelled(f"replication cancelled after {total} bytes")
+            raise interrupted(cancel, f"after {total} bytes")
         # Name the end that failed first: a sender's "Broken pipe" only echoes the receiver's death,
         # and a receiver's "failed to read from stream" only echoes the sender's.
         if prc != 0 and "broken pipe" not in perr.lower():

@@ -249,7 +249,3 @@ def classify_ssh_failure(stderr: str, peer: Peer) -> PermanentError | TransientE
             return TransientError(f"SSH connection to {e.host}:{e.port} failed: {stderr.strip()[-300:]}")
     return None
 
-
-def describe(argv: Sequence[str]) -> str:
-    """A command for messages: the program and its arguments, never a key (keys are in files)."""
-    return " ".join(argv)

@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 
 from handlers.backends.zfs.ssh import KeyFiles, Peer, classify_ssh_failure, host_key_algorithms
-from handlers.errors import OperationCancelled, PermanentError, TransientError
+from handlers.backends.zfs.stopping import interrupted
+from handlers.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def _watch(proc: subprocess.Popen[bytes], on_bytes: Callable[[int], None],
     deadline = time.monotonic() + TIMEOUT_SECONDS
     try:
         while proc.poll() is None:
-            if cancel.wait(0.2):
-                raise OperationCancelled(f"replication cancelled after {counted[0]} bytes")
+            if cancel.wait(0.1):
+                raise interrupted(cancel, f"after {counted[0]} bytes")
             if time.monotonic() > deadline:
                 raise TransientError(f"syncoid did not finish within {TIMEOUT_SECONDS:.0f} s")
     finally:
