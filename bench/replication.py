@@ -44,7 +44,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from handlers.backends.zfs.pipe import PIPE_BYTES
+from handlers.backends.zfs.pipe import grow_pipe  # the raw pipe gets Zerfaux's buffer too
 from handlers.backends.zfs.real import ZFSReplicationReal
 from handlers.replication import ReplicationRequest
 from handlers.secrets import SecretResolver
@@ -82,16 +82,6 @@ def ssh_argv(sshd: Sshd, key: str, known: str, remote: list[str], master: str | 
     return ["ssh", "-F", "/dev/null", "-T", "-c", CIPHER, "-i", key, "-o", "IdentitiesOnly=yes", *shared,
             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}", "-p", str(sshd.port),
             "root@127.0.0.1", shlex.join(remote)]
-
-
-def grow_pipe(fd: int) -> None:
-    """The raw pipe gets Zerfaux's pipe buffer (zfs/pipe.py), so only what differs is measured."""
-    for size in (PIPE_BYTES, 1 << 20):
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-            return
-        except OSError:
-            continue
 
 
 def timed(fn: Callable[[], None]) -> float:

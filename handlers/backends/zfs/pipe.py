@@ -47,7 +47,8 @@ class Ended(Exception):
         self.where, self.rc, self.stderr = where, rc, stderr
 
 
-def _grow_pipe(fd: int) -> None:
+def grow_pipe(fd: int) -> None:
+    """Give a pipe zrepl's 32 MiB buffer, or 1 MiB, or leave it as the kernel allows."""
     for size in (PIPE_BYTES, 1 << 20):
         try:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
@@ -73,7 +74,7 @@ class ProcEnd:
         assert pipe is not None
         self.pipe = pipe
         self.fd = pipe.fileno()
-        _grow_pipe(self.fd)
+        grow_pipe(self.fd)
 
     def read(self) -> bytes:
         return os.read(self.fd, CHUNK)
