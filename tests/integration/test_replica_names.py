@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from listener.migrate import MIGRATIONS_DIR, migrate, seed
+from listener.migrate import migrate, seed, sql_root
 from tests.integration.conftest import GROUP, TARGET
 from tests.support.pg import Database
 
@@ -22,8 +22,12 @@ def add_group(db: Database, name: str, dataset: str, target: str | None = TARGET
 
 
 def job_target(db: Database, group: str) -> str:
-    return str(db.value("insert into replication_jobs (protection_group_id) values (%s) returning target_dataset",
-                        (group,)))
+    """The dataset a new job of the group is filled with; the job is then cancelled, so the next
+    call may queue one (one pending or running job per group)."""
+    job = db.one("insert into replication_jobs (protection_group_id) values (%s) returning id, target_dataset",
+                 (group,))
+    db.sql("update replication_jobs set status = 'cancelled' where id = %s", (job["id"],))
+    return str(job["target_dataset"])
 
 
 def test_same_basename_on_one_target_gets_distinct_replicas(world: Database) -> None:
@@ -62,7 +66,7 @@ def test_a_name_set_by_hand_is_used_and_a_group_gets_one_when_its_dataset_is_set
 def test_existing_groups_keep_the_replica_they_have(empty_db: Database, tmp_path: Path) -> None:
     before = tmp_path / "before"
     before.mkdir()
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+    for path in sorted(Path(str(sql_root() / "migrations")).glob("*.sql")):
         if path.name < MIGRATION:
             shutil.copy(path, before / path.name)
     migrate(empty_db.url, before)
