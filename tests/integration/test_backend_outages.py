@@ -79,11 +79,13 @@ class Outage:
                     "ZERFAUX_VCENTER_CA_BUNDLE": str(self.bundle), **RETRY}
 
     def start(self) -> Simulator:
-        """Same port, same inventory (morefs are deterministic); a new password and certificate,
-        written where the listener reads them at each login."""
-        listen = ("-listen", f"127.0.0.1:{self.port}") if self.port else ()
+        """Same inventory (morefs are deterministic); a new password and certificate, written
+        where the listener reads them at each login. A new port too, switched to in the row only
+        once the secrets are written: on the old port a retry could log in between the
+        simulator's start and the write and be refused for good (a wrong password or
+        certificate is a permanent error), which is not the outage under test."""
         sim = start_simulator(self.binary, "outage", self.dir, datastores={SOURCE_DS: self.dir / "protect"},
-                              args=(*listen, *SIM_ARGS))
+                              args=SIM_ARGS)
         self.sim, self.port = sim, sim.port
         (self.secrets / "outage-password").write_text(sim.password)
         self.bundle.write_text(Path(sim.cert_file).read_text())
@@ -166,7 +168,9 @@ async def test_vcenter_back_before_the_attempts_run_out_and_the_work_succeeds(ou
     # have failed only once before the simulator came back (the two are not in lockstep).
     minimum = {"vcenter.sync": 2, "vm.storage_vmotion": 3}
     for kind in ("vcenter.sync", "vm.storage_vmotion"):
-        assert ops[kind]["status"] == "succeeded" and minimum[kind] <= ops[kind]["attempts"] <= 5, ops[kind]
+        op = ops[kind]
+        assert op["status"] == "succeeded" and minimum[kind] <= op["attempts"] <= 5, \
+            (kind, op["status"], op["attempts"], op["last_error"])
     assert ops["vm.storage_vmotion"]["result"]["relocated"] is True
     assert sim.vm_datastores(vm._moId) == [SOURCE_DS]
     # Not vcenter_vms.datastore: the sync may run after the move, and vcsim's relocation leaves
