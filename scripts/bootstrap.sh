@@ -10,7 +10,8 @@ run_pkgs=(postgresql-client)
 python3 -c 'import ensurepip, venv' 2>/dev/null || run_pkgs+=(python3-venv)
 test_pkgs=(zfs-fuse openssh-server openssh-client sanoid mbuffer pv golang-go
            golang-github-vmware-govmomi-dev debootstrap qemu-system-x86 qemu-utils
-           e2fsprogs cpio postgresql-15-pgtap)
+           e2fsprogs cpio postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
+           postgresql-15-plpgsql-check prometheus iproute2 nftables)
 pkgs=("${run_pkgs[@]}")
 [ "$want" = test ] && pkgs+=("${test_pkgs[@]}")
 

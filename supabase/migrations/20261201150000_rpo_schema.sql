@@ -52,7 +52,7 @@ create index recovery_points_group_created_idx
 create index recovery_points_job_idx on public.recovery_points (replication_job_id);
 
 create table public.rpo_events (
-    id                  bigint generated always as identity primary key,
+    id                  uuid primary key default gen_random_uuid(),
     protection_group_id uuid not null references public.protection_groups (id) on delete cascade,
     at                  timestamptz not null default now(),
     old_status          text,
@@ -94,8 +94,9 @@ select g.id as protection_group_id,
 alter table public.recovery_points enable row level security;
 alter table public.rpo_events enable row level security;
 revoke all on public.recovery_points, public.rpo_events, public.protection_status
-    from public, anon, authenticated;
-grant all on public.recovery_points, public.rpo_events, public.protection_status to service_role;
+    from public, anon, authenticated, service_role;
+grant all on public.recovery_points, public.rpo_events to service_role;
+grant select on public.protection_status to service_role;
 grant select on public.recovery_points, public.rpo_events, public.protection_status to authenticated;
 grant select (paused, replication_interval_minutes, next_replication_at, retention_grid,
               source_retention_grid, state)
