@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psycopg
 
+from listener import migrate_guard
+
 log = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^(?P<version>\d+)_(?P<name>[A-Za-z0-9_\-]+)\.sql$")
@@ -84,11 +86,19 @@ def discover(directory: Traversable | None = None) -> list[Migration]:
     return found
 
 
+def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
+    level = logging.WARNING if diag.severity_nonlocalized == "WARNING" else logging.INFO
+    log.log(level, "migration: %s", diag.message_primary)
+
+
 def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migration]:
     """Apply what is pending; return what was applied (empty when up to date)."""
     applied: list[Migration] = []
     migrations = discover(directory)  # before connecting: a build without its SQL fails here
     with psycopg.connect(conninfo, autocommit=True) as conn:
+        # A migration says what it skipped (no permission on this project, a feature absent)
+        # with RAISE NOTICE; the operator reads it in the log.
+        conn.add_notice_handler(_log_notice)
         # One migrator at a time, whoever else starts alongside.
         conn.execute("select pg_advisory_lock(hashtext('zerfaux.migrate'))")
         try:
@@ -98,9 +108,13 @@ def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migrati
                 if migration.version in done:
                     continue
                 sql = migration.path.read_text()
+                ours = migrate_guard.GUARDED.get(migration.version)
                 try:
                     with conn.transaction():
+                        before = migrate_guard.snapshot(conn, ours) if ours is not None else None
                         conn.execute(sql)
+                        if ours is not None and before is not None:
+                            migrate_guard.restore(conn, before, ours, migration.path.name)
                         conn.execute(
                             "insert into supabase_migrations.schema_migrations (version, statements, name)"
                             " values (%s, %s, %s)",
