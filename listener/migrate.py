@@ -86,6 +86,15 @@ def discover(directory: Traversable | None = None) -> list[Migration]:
     return found
 
 
+_NOT_PERMITTED = (
+    "; run `zerfaux migrate` as the role that owns the project's schema public (on Supabase: "
+    "postgres). A role that is not a superuser also needs the API roles anon, authenticated and "
+    "service_role to exist already (a superuser creates them on bare Postgres; Supabase has them) "
+    "and to own publication supabase_realtime if it exists: docs/deploy-supabase.md, \"Running "
+    "as a role that is not a superuser\""
+)
+
+
 def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
     level = logging.WARNING if diag.severity_nonlocalized == "WARNING" else logging.INFO
     log.log(level, "migration: %s", diag.message_primary)
@@ -125,6 +134,7 @@ def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migrati
                         f"migration {migration.path.name} failed and was rolled back: "
                         f"{exc.diag.message_primary or exc}"
                         + (f" (at: {exc.diag.context.splitlines()[0]})" if exc.diag.context else "")
+                        + (_NOT_PERMITTED if isinstance(exc, psycopg.errors.InsufficientPrivilege) else "")
                     ) from exc
                 log.info("applied migration %s", migration.path.name)
                 applied.append(migration)

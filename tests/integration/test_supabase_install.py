@@ -65,24 +65,40 @@ def run_sql(url: str, text: str) -> None:
         conn.execute(text.replace(':"owner"', f'"{OWNER}"'))  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module", params=list(DEFAULTS))
-def project(request: pytest.FixtureRequest, pg_server: str) -> Iterator[Database]:
+def prepare(defaults: str, publication_owner: str = OWNER) -> Database:
+    """A new project database with its application; the returned URL connects as the owner."""
     run_sql(admin_url(), ROLES)
     run_sql(admin_url(), "grant anon, authenticated, service_role to authenticator")
     run_sql(admin_url(), f"grant anon, authenticated, service_role to {OWNER}")
     name = f"zf_sb_install_{uuid.uuid4().hex[:8]}"
     run_sql(admin_url(), f'create database "{name}" owner {OWNER}')
-    db = Database(name, url_for(name))
     try:
-        run_sql(db.url, (HERE / "supabase_project.sql").read_text())
-        run_sql(db.url, "insert into auth.users (id, email) select unnest(%s::uuid[]), 'u@example.org'"
-                .replace("%s", "'{" + ",".join((ADMIN, OPERATOR, VIEWER, STRANGER)) + "}'"))
+        run_sql(url_for(name), (HERE / "supabase_project.sql").read_text())
+        run_sql(url_for(name), f'alter publication supabase_realtime owner to "{publication_owner}"')
+        run_sql(url_for(name), "insert into auth.users (id, email) select unnest('{"
+                + ",".join((ADMIN, OPERATOR, VIEWER, STRANGER)) + "}'::uuid[]), 'u@example.org'")
         owner_url = url_for(name).replace("postgres@", f"{OWNER}@", 1)
-        run_sql(owner_url, DEFAULTS[request.param])
+        run_sql(owner_url, DEFAULTS[defaults])
         run_sql(owner_url, (HERE / "supabase_app.sql").read_text())
-        yield Database(name, owner_url)
-    finally:
+    except BaseException:
         drop_database(name)
+        raise
+    return Database(name, owner_url)
+
+
+def zerfaux_migrate(db: Database) -> subprocess.CompletedProcess[str]:
+    zerfaux = Path(sys.executable).with_name("zerfaux")
+    return subprocess.run([str(zerfaux), "migrate"], env={**os.environ, "DATABASE_URL": db.url},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module", params=list(DEFAULTS))
+def project(request: pytest.FixtureRequest, pg_server: str) -> Iterator[Database]:
+    db = prepare(request.param)
+    try:
+        yield db
+    finally:
+        drop_database(db.name)
 
 
 def catalog(url: str) -> dict[str, Any]:
@@ -127,11 +143,26 @@ def catalog(url: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def installed(project: Database) -> tuple[dict[str, Any], dict[str, Any], subprocess.CompletedProcess[str]]:
     before = catalog(project.url)
-    zerfaux = Path(sys.executable).with_name("zerfaux")
-    run = subprocess.run([str(zerfaux), "migrate"], env={**os.environ, "DATABASE_URL": project.url},
-                         capture_output=True, text=True, timeout=120)
+    run = zerfaux_migrate(project)
     assert run.returncode == 0, run.stdout + run.stderr
     return before, catalog(project.url), run
+
+
+def test_a_step_the_owner_may_not_take_fails_naming_the_fix(pg_server: str) -> None:
+    """Realtime's publication owned by another role: the landed migration that adds Zerfaux's
+    tables to it cannot, and the whole migration is rolled back with a message saying what to do."""
+    db = prepare("2026", publication_owner="postgres")
+    try:
+        run = zerfaux_migrate(db)
+        assert run.returncode != 0
+        assert "20261126090300_security.sql failed and was rolled back: must be owner of publication" in run.stderr
+        assert "run `zerfaux migrate` as the role that owns the project's schema public" in run.stderr
+        assert db.value("select count(*) from information_schema.role_table_grants"
+                        " where table_schema = 'public' and table_name = 'todos' and grantee = 'anon'") == 0
+        assert db.value("select count(*) from information_schema.column_privileges where table_schema = 'public'"
+                        " and table_name = 'todos' and grantee = 'anon'") == 3
+    finally:
+        drop_database(db.name)
 
 
 def test_the_migrations_ran_as_a_role_that_is_not_a_superuser(project: Database, installed: Any) -> None:
