@@ -27,9 +27,10 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from listener.migrate import discover
+from listener.migrate import discover, seed
 from listener.migrate_guard import GUARDED
 from tests.integration.conftest import GROUP
+from tests.integration.test_advisors import LINTS, OFFENDERS
 from tests.support.pg import Database, admin_url, drop_database, url_for
 
 HERE = Path(__file__).resolve().parent
@@ -202,10 +203,8 @@ def as_role(conn: psycopg.Connection[Any], role: str, user: str | None = None) -
 
 
 def test_zerfaux_works_for_service_role_and_its_roles(project: Database, installed: Any) -> None:
+    seed(project.url)
     with psycopg.connect(project.url, autocommit=True) as conn:
-        conn.execute("select pg_catalog.set_config('search_path', 'public', false)")
-        from listener.migrate import seed
-        seed(project.url)
         with conn.transaction():
             as_role(conn, "service_role")
             conn.execute("insert into zerfaux.operators (user_id, role, protection_group_id) values"
@@ -272,3 +271,8 @@ def test_no_migration_runs_a_blanket_statement_on_public_but_the_guarded_one() -
             found.append(migration.path.name)
     assert found == []
     assert all(BLANKET.search(m.path.read_text()) for m in discover() if m.version in GUARDED)
+
+
+@pytest.mark.parametrize("lint", OFFENDERS)
+def test_the_advisors_find_nothing_in_the_installed_project(project: Database, installed: Any, lint: str) -> None:
+    assert [r["offender"] for r in project.sql(LINTS[lint])] == []
