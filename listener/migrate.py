@@ -105,14 +105,14 @@ def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migrati
     applied: list[Migration] = []
     migrations = discover(directory)  # before connecting: a build without its SQL fails here
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        # A migration says what it skipped (no permission on this project, a feature absent)
-        # with RAISE NOTICE; the operator reads it in the log.
-        conn.add_notice_handler(_log_notice)
         # One migrator at a time, whoever else starts alongside.
         conn.execute("select pg_advisory_lock(hashtext('zerfaux.migrate'))")
         try:
             conn.execute(_BOOKKEEPING)
             done = {row[0] for row in conn.execute("select version from supabase_migrations.schema_migrations")}
+            # A migration says what it skipped or what to check (a feature absent, a relation
+            # of the application) with RAISE NOTICE; the operator reads it in the log.
+            conn.add_notice_handler(_log_notice)
             for migration in migrations:
                 if migration.version in done:
                     continue
