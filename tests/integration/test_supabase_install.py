@@ -176,6 +176,9 @@ def test_the_migrations_ran_as_a_role_that_is_not_a_superuser(project: Database,
     # The guard says what it did, and the pre-2026 defaults gave the app's new tables to
     # service_role already, so only some variants need a take-back; a put-back always happens.
     assert "20261126090300_security.sql: kept the privileges of the application's relations" in installed[2].stderr
+    # Migration 20261201157000 names, for its owner to check, what no API role may use.
+    assert "migration: app_audit: anon and authenticated have no privilege on it" in installed[2].stderr
+    assert "migration: todos: anon and authenticated have no privilege" not in installed[2].stderr
 
 
 @pytest.mark.parametrize("what", ["role_table_grants", "column_privileges", "relacl", "attacl", "proacl",
