@@ -63,8 +63,9 @@ class Grid:
     def bucket(self, age: int | float) -> tuple[int, int | None] | None:
         """(which interval, how many it keeps) of a snapshot ``age`` seconds older than the anchor.
 
-        None: beyond the grid. Intervals number from 0 at the anchor; an age exactly on an edge
-        belongs to the older interval (zrepl: a snapshot at an interval's start is in it)."""
+        None: beyond the grid. Intervals number from 0 at the anchor. An interval holds its older
+        edge, not its newer one (zrepl's rule), so an age exactly on the edge between two
+        intervals is in the newer of the two, and one exactly at the grid's far edge is in it."""
         offset, first = 0, 0
         for interval in self.intervals:
             if age <= offset + interval.span:
