@@ -51,6 +51,7 @@ class ReplicationOutcome:
     recovery_points: tuple[RecoveryPoint, ...] = ()
     pruned_source: tuple[str, ...] = ()  # snapshot names retention destroyed on the source
     pruned_target: tuple[str, ...] = ()  # and on the target
+    recovery_points_partial: bool = False  # True: points not listed are unknown, not removed (the stub)
 
 
 @dataclass(frozen=True)

@@ -150,10 +150,12 @@ begin
                                      else coalesce(rp.replication_job_id, excluded.replication_job_id) end,
            removed_at = case when excluded.on_source or excluded.on_target then null
                              else coalesce(rp.removed_at, now()) end;
-    -- Listed on neither side any more (pruned, or destroyed by hand): gone.
+    -- Listed on neither side any more (pruned, or destroyed by hand): gone. Unless the listing
+    -- says it is partial (the stub without its shared world): then what it left out is unknown.
     update public.recovery_points rp
        set on_source = false, on_target = false, removed_at = now()
      where rp.protection_group_id = v_group and rp.removed_at is null
+       and not coalesce((p_result ->> 'recovery_points_partial')::boolean, false)
        and not exists (select 1 from jsonb_array_elements(p_result -> 'recovery_points') e
                         where e ->> 'guid' = rp.guid);
     return p_result;

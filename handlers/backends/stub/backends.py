@@ -286,7 +286,7 @@ class ZFSReplicationStub:
                  sent_bytes: int | None) -> ReplicationOutcome:
         points, pruned = self._replica.received(request, snap, sent_bytes)
         return ReplicationOutcome(snap, base, sent, size, ("stub backend: no data was copied",), points,
-                                  pruned, pruned)
+                                  pruned, pruned, not self._replica.complete)
 
     def _stop_here(self, request: ReplicationRequest, snap: str, steps_done: int, sent: int, size: int,
                    cancel: threading.Event) -> NoReturn:

@@ -5,6 +5,9 @@ there is one, else in this process), with GUIDs made up from the dataset and the
 (64-bit, like ZFS's, so they exceed bigint as real ones do). Retention follows the group's
 policy as the real backend does: the target grid (the source grid is not modelled: the stub's
 source keeps what the target keeps), or the newest ``retention_snapshots``; never the newest.
+A listing holds what is left (on both sides) and what this job pruned (on neither). Without a
+shared world it is marked partial (``recovery_points_partial``), so the database does not take
+the points this process never heard of for removed.
 """
 
 from __future__ import annotations
@@ -55,9 +58,15 @@ class StubReplica:
         points = tuple(RecoveryPoint(
             snapshot_name=name, guid=fake_guid(dataset, name),
             created_at=datetime.fromtimestamp(created, timezone.utc).isoformat(),
-            bytes=sent_bytes if name == snapshot else None, on_source=True, on_target=True,
-        ) for name, created in kept)
+            bytes=sent_bytes if name == snapshot else None, on_source=present, on_target=present,
+        ) for entries_, present in ((pruned, False), (kept, True)) for name, created in entries_)
         return points, tuple(name for name, _ in pruned)
+
+    @property
+    def complete(self) -> bool:
+        """Whether a listing names every snapshot of the replica: only with a shared world. In one
+        process's memory, a replica replicated by another (or an earlier) process is partly unknown."""
+        return self._world is not None
 
     def _load(self, dataset: str) -> list[Entry]:
         if self._world is None:

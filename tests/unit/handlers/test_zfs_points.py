@@ -61,6 +61,9 @@ def test_the_stub_replica_lists_points_and_keeps_its_count() -> None:
     req = ReplicationRequest("j", "tank/vm", "dr/vm", "ssh", ep, None, retention_snapshots=2, last_snapshot=None)
     for name in ("s1", "s2", "s3"):
         points, pruned = replica.received(req, name, 10)
-    assert [p.snapshot_name for p in points] == ["s2", "s3"] and pruned == ("s1",)
+    # What is left on both sides, and what this job pruned on neither.
+    assert [(p.snapshot_name, p.on_source, p.on_target) for p in points] == [
+        ("s1", False, False), ("s2", True, True), ("s3", True, True)]
+    assert pruned == ("s1",) and not replica.complete  # in this process's memory only
     assert points[-1].guid == fake_guid("dr/vm", "s3") and int(points[-1].guid) > 2**63 - 1
-    assert points[-1].bytes == 10 and points[0].bytes is None
+    assert points[-1].bytes == 10 and points[1].bytes is None
