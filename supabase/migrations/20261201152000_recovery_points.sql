@@ -106,6 +106,7 @@ create or replace function zerfaux.complete_replication_run(p_subject uuid, p_re
 returns jsonb language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
 declare
     v_group uuid;
+    v_source text;
 begin
     update public.replication_jobs
        set status = 'completed', completed_at = now(), error = null, next_attempt_at = null,
@@ -116,9 +117,12 @@ begin
            notes = nullif(array_to_string(array(
                select jsonb_array_elements_text(coalesce(p_result -> 'notes', '[]'))), '; '), '')
      where id = p_subject
-    returning protection_group_id into v_group;
-    -- A result without a listing (an older backend) leaves the recovery points as they are.
-    if v_group is null or jsonb_typeof(p_result -> 'recovery_points') is distinct from 'array' then
+    returning protection_group_id, source_dataset into v_group, v_source;
+    -- A result without a listing (an older backend) leaves the recovery points as they are, and so
+    -- does a job that replicated another dataset than the group's (set on the row by service_role):
+    -- the group's points are those of its own replica.
+    if v_group is null or jsonb_typeof(p_result -> 'recovery_points') is distinct from 'array'
+       or v_source is distinct from (select g.source_dataset from public.protection_groups g where g.id = v_group) then
         return p_result;
     end if;
     -- The job's own snapshot was replicated now, by this job; a point seen for the first time
