@@ -123,8 +123,8 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
         source=SSHEndpoint.source_from_group(group),
         retention_snapshots=int(retention) if retention is not None else None,
         last_snapshot=payload.get("last_snapshot"),  # type: ignore[arg-type]
-        retention_grid=grids["retention_grid"],  # type: ignore[arg-type]
-        source_retention_grid=grids["source_retention_grid"],  # type: ignore[arg-type]
+        retention_grid=grids["retention_grid"],
+        source_retention_grid=grids["source_retention_grid"],
     )
 
 

@@ -36,7 +36,7 @@ def settle(sides: Sides, request: ReplicationRequest, sent: Snap, target_tag: st
     """Prune by the group's policies, then list what is left as recovery points."""
     s = sides
     found = ops.parallel(s.source_snapshots, partial(ops.snapshots, s.tgt, s.tgt_ds, s.tcaps))
-    src_snaps, tgt_snaps = cast("list[Snap]", found[0]), cast("list[Snap] | None", found[1]) or []
+    src_snaps, tgt_snaps = cast("list[Snap]", found[0]), found[1] or []
     source = Policy(request.retention_snapshots, parse(request.source_retention_grid))
     target = Policy(request.retention_snapshots, parse(request.retention_grid))
     gone_src, gone_tgt = retain(s, source, target, sent, target_tag, src_snaps, tgt_snaps, creation)
