@@ -1,4 +1,5 @@
-"""Retention grids on real ZFS (zfs-fuse, the target over sshd): what each side keeps after a job.
+"""Retention grids on real ZFS (zfs-fuse with the target over sshd; OpenZFS in the QEMU guest, where
+the clone check reads the ``clones`` property): what each side keeps after a job.
 
 ZFS cannot date a snapshot in the past, so the snapshots of a timeline are made now and the
 backend is handed a ``creation`` function (its constructor's ``creation``, which production
@@ -20,10 +21,10 @@ from handlers.backends.zfs.ops import target_tag
 from handlers.backends.zfs.plan import Snap
 from handlers.backends.zfs.real import ZFSReplicationReal
 from tests.integration.test_zfs_backend import names, replicate, request  # noqa: F401  (fixture)
-from tests.support.platforms import FUSE_LOCAL, FUSE_SSH, Platform, guids, write
+from tests.support.platforms import FUSE_LOCAL, FUSE_SSH, OPENZFS, Platform, guids, write
 from tests.support.zfs import secret_env
 
-pytestmark = [pytest.mark.zfs, pytest.mark.parametrize("platform", [FUSE_LOCAL, FUSE_SSH], indirect=True)]
+pytestmark = pytest.mark.zfs
 
 H = 3600
 
@@ -62,6 +63,7 @@ def cleanup(platform: Platform) -> Iterator[list[tuple[str, ...]]]:
         (platform.source if host == "source" else platform.target).run(list(argv), check=False)
 
 
+@pytest.mark.parametrize("platform", [FUSE_LOCAL, FUSE_SSH, OPENZFS], indirect=True)
 def test_a_grid_prunes_each_side_by_its_own_grid_and_spares_what_it_must(
         platform: Platform, names: tuple[str, str], cleanup: list[tuple[str, ...]]) -> None:  # noqa: F811
     p, (src, dst) = platform, names
@@ -107,6 +109,7 @@ def test_a_grid_prunes_each_side_by_its_own_grid_and_spares_what_it_must(
     assert listed[job].bytes == outcome.bytes_transferred and listed[made["20h"]].bytes is None
 
 
+@pytest.mark.parametrize("platform", [FUSE_LOCAL, FUSE_SSH], indirect=True)
 def test_the_newest_common_snapshot_stays_even_when_the_grid_would_drop_it(
         platform: Platform, names: tuple[str, str]) -> None:  # noqa: F811
     p, (src, dst) = platform, names

@@ -1,8 +1,8 @@
 """``Attempt``: one attempt of one replication job, step by step (docs/replication.md, *One attempt*).
 
 The steps live in their own modules: holds.py (attempt-scoped holds), stream.py (the transport),
-resume.py (a partial receive), points.py (retention, then the recovery points). Here: the order, the plan, the checks between steps,
-and what a stop, a cancel or a failure leaves behind.
+resume.py (a partial receive), points.py (retention, then the recovery points). Here: the order,
+the plan, the checks between steps, and what a stop, a cancel or a failure leaves behind.
 """
 
 from __future__ import annotations
