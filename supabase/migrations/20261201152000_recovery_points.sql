@@ -19,11 +19,11 @@ declare
     v_re constant text := '^([0-9]+)[ \t]*x[ \t]*([0-9]+)[ \t]*([a-z]+)[ \t]*'
                           '(\([ \t]*keep[ \t]*=[ \t]*([a-z0-9]+)[ \t]*\))?$';
     v_part text;
-    v_n integer;
+    v_n bigint;
     v_m text[];
     v_seconds numeric;
     v_last numeric;
-    v_span numeric := 0;
+    v_span numeric := 0::numeric;
     v_all_keep_all boolean := true;
 begin
     if p_grid is null then
