@@ -94,7 +94,8 @@ class Attempt:
             target = ops.target_state(s.tgt, s.tgt_ds, s.tcaps)
             chain = flags.read_target(s.tgt, s.tgt_ds, s.tcaps)
         name = mine.name if mine else snapshot_name(req.job_id)
-        snap = mine or Snap(name, _PENDING_GUID, max((x.txg for x in source_snaps), default=0) + 1)
+        # Newer than any cursor too: a source pruned of every snapshot still has its bookmarks.
+        snap = mine or Snap(name, _PENDING_GUID, max((x.txg for x in [*source_snaps, *cursors]), default=0) + 1)
         tgt_snaps, written = target.snaps, target.written
         self.transfer.target_exists = tgt_snaps is not None
         if mine is not None:
