@@ -30,6 +30,7 @@ class ReplicationRequest:
     attempt: int = 1  # zerfaux.operations.attempts: holds carry it, so attempts never release each other's
     retention_grid: str | None = None  # target side, zrepl form (handlers/backends/zfs/grid.py); None: the count
     source_retention_grid: str | None = None  # source side, the same form
+    wire_compression: str = "off"  # replication_targets.wire_compression: auto | zstd | lz4 | off
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
         last_snapshot=payload.get("last_snapshot"),  # type: ignore[arg-type]
         retention_grid=grids["retention_grid"],
         source_retention_grid=grids["source_retention_grid"],
+        wire_compression=str(target.get("wire_compression") or "off"),
     )
 
 

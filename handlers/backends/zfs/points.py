@@ -32,14 +32,14 @@ class Settled:
 
 
 def settle(sides: Sides, request: ReplicationRequest, sent: Snap, target_tag: str, sent_bytes: int | None,
-           creation: Creation = zfs_creation) -> Settled:
+           creation: Creation = zfs_creation, cursor: bool = False) -> Settled:
     """Prune by the group's policies, then list what is left as recovery points."""
     s = sides
     found = ops.parallel(s.source_snapshots, partial(ops.snapshots, s.tgt, s.tgt_ds, s.tcaps))
     src_snaps, tgt_snaps = cast("list[Snap]", found[0]), found[1] or []
     source = Policy(request.retention_snapshots, parse(request.source_retention_grid))
     target = Policy(request.retention_snapshots, parse(request.retention_grid))
-    gone_src, gone_tgt = retain(s, source, target, sent, target_tag, src_snaps, tgt_snaps, creation)
+    gone_src, gone_tgt = retain(s, source, target, sent, target_tag, src_snaps, tgt_snaps, creation, cursor)
     src_left = [x for x in src_snaps if x.name not in set(gone_src)]
     tgt_left = [x for x in tgt_snaps if x.name not in set(gone_tgt)]
     return Settled(listing(src_left, tgt_left, target_tag, sent, sent_bytes), tuple(gone_src), tuple(gone_tgt))

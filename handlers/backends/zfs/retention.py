@@ -57,17 +57,26 @@ def choose(snaps: Sequence[Snap], policy: Policy, protect: set[int], target: str
 
 def retain(sides: Sides, source: Policy, target: Policy, sent: Snap, target_tag: str,
            src_snaps: list[Snap], tgt_snaps: list[Snap],
-           creation: Creation = zfs_creation) -> tuple[list[str], list[str]]:
-    """Prune both sides at once; the names destroyed on (the source, the target)."""
+           creation: Creation = zfs_creation, cursor: bool = False) -> tuple[list[str], list[str]]:
+    """Prune both sides at once; the names destroyed on (the source, the target).
+
+    ``cursor``: the sent snapshot is bookmarked on the source (zfs/bookmarks.py), so the next job
+    can send from the bookmark and the source need not keep the newest common snapshot itself."""
     s = sides
     protect = {sent.guid}
     common = newest_common(src_snaps, tgt_snaps)
     if common is not None:
         protect.add(common[0].guid)
+    src_protect = protect if source_protects_sent(cursor) else set()
     found = ops.parallel(
-        partial(_prune, s, s.src, s.src_ds, s.scaps, source, choose(src_snaps, source, protect, target_tag, creation)),
+        partial(_prune, s, s.src, s.src_ds, s.scaps, source, choose(src_snaps, source, src_protect, target_tag, creation)),
         partial(_prune, s, s.tgt, s.tgt_ds, s.tcaps, target, choose(tgt_snaps, target, protect, None, creation)))
     return found[0], found[1]
+
+
+def source_protects_sent(cursor: bool) -> bool:
+    """The one bookmark rule of retention: without a cursor, never prune the newest common snapshot."""
+    return not cursor
 
 
 def _prune(sides: Sides, runner: Runner, dataset: str, caps: ops.Caps, policy: Policy,

@@ -31,6 +31,7 @@ JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]{0,63}$")
 CIPHER = re.compile(r"^[a-z0-9][a-z0-9@.\-]{0,63}$")
 KEY_TYPE = re.compile(r"^(?:ssh-[a-z0-9\-]+|ecdsa-sha2-nistp(?:256|384|521)|sk-[a-z0-9\-@.]+)$")
 TRANSPORTS = ("ssh", "paramiko", "syncoid")
+WIRE_COMPRESSION = ("auto", "zstd", "lz4", "off")
 MAX_NAME = 255
 
 
@@ -140,6 +141,11 @@ def validate_request(request: ReplicationRequest) -> None:
     if request.transport not in TRANSPORTS:
         raise PermanentError(
             f"replication_targets.transport {request.transport!r} is unknown: use one of {', '.join(TRANSPORTS)}"
+        )
+    if request.wire_compression not in WIRE_COMPRESSION:
+        raise PermanentError(
+            f"replication_targets.wire_compression {request.wire_compression!r} is unknown: use one of "
+            f"{', '.join(WIRE_COMPRESSION)}"
         )
     check_endpoint(request.target, "replication_targets.ssh")
     if request.source is not None:
