@@ -66,14 +66,18 @@ exception when insufficient_privilege then
 end $$;
 
 -- One broadcast, or nothing; never an error for the caller.
+-- The call is dynamic because realtime.send may appear after this migration (and a static one
+-- would not pass plpgsql_check on a database without it).
 create function zerfaux.broadcast(p_event text, p_payload jsonb) returns void
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
+declare
+    v_send constant regprocedure := to_regprocedure('realtime.send(jsonb,text,text,boolean)');
 begin
-    if not zerfaux.broadcast_ready() then
+    if v_send is null or not zerfaux.broadcast_ready() then
         return;
     end if;
     begin
-        execute 'select realtime.send($1, $2, $3, true)'
+        execute format('select %s($1, $2, $3, true)', v_send::regproc)
             using p_payload, p_event, zerfaux.broadcast_topic();
     exception when others then
         raise warning 'zerfaux: broadcast of % failed: %', p_event, sqlerrm;
