@@ -113,7 +113,11 @@ revoke execute on function zerfaux.install_broadcast_policies() from public, ano
 revoke execute on function zerfaux.broadcast(text, jsonb) from public, anon, authenticated;
 revoke execute on function zerfaux.operations_broadcast() from public, anon, authenticated;
 revoke execute on function zerfaux.cancel_broadcast() from public, anon, authenticated;
+-- Every engine function is service_role's (test_rls.test_execute): the server key may ask
+-- whether broadcasts go out, and create the policies after Realtime was enabled.
 grant execute on function zerfaux.broadcast_topic() to service_role;
 grant execute on function zerfaux.broadcast_ready() to service_role;
+grant execute on function zerfaux.install_broadcast_policies() to service_role;
+grant execute on function zerfaux.broadcast(text, jsonb) to service_role;
 
 select zerfaux.install_broadcast_policies();
