@@ -8,7 +8,8 @@ hear of work, chosen per session (``wakeups``, ZERFAUX_REALTIME_WAKEUPS):
   job asked to cancel, on the private topic ``zerfaux:operations``; the listener joins it with
   the server key (a private channel, authorized by RLS, which service_role bypasses). After a
   reconnect the join asks for ``replay {since, limit: 25}`` from shortly before the connection
-  was lost, so what was sent meanwhile arrives again.
+  was lost (a margin of seconds, for the skew between this clock and the database's), so what
+  was sent meanwhile arrives again; a message heard twice is only a second hint.
 - ``changes``: Postgres Changes on the tables (INSERT of an operation, an UPDATE to 'queued', a
   replication job asking for cancellation).
 - ``auto`` (the default): broadcast when the database says it sends (``broadcast_ready``, asked

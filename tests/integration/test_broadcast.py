@@ -86,6 +86,25 @@ def test_on_bare_postgres_enqueueing_is_unchanged(seeded_db: Database) -> None:
     assert seeded_db.value("select count(*) from zerfaux.operations where status = 'queued'") == 1
 
 
+def test_a_project_with_realtime_gets_the_policies_from_the_migration(empty_db: Database) -> None:
+    from listener.migrate import migrate
+
+    for role in ("anon", "authenticated", "service_role"):  # cluster-wide; Supabase has them first
+        if not empty_db.sql("select 1 from pg_roles where rolname = %s", (role,)):
+            empty_db.sql(f"create role {role} nologin noinherit" + (" bypassrls" if role == "service_role" else ""))
+    empty_db.sql(SCHEMA.read_text())
+    migrate(empty_db.url)
+    assert empty_db.value("select zerfaux.broadcast_ready()") is True
+    policies = empty_db.sql("select policyname, permissive, roles::text[] as roles, cmd from pg_policies"
+                            " where schemaname = 'realtime' order by 1")
+    assert policies == [
+        {"policyname": "zerfaux_topic_not_readable_by_api_users", "permissive": "RESTRICTIVE",
+         "roles": ["anon", "authenticated"], "cmd": "SELECT"},
+        {"policyname": "zerfaux_topic_not_writable_by_api_users", "permissive": "RESTRICTIVE",
+         "roles": ["anon", "authenticated"], "cmd": "INSERT"},
+    ]
+
+
 def test_realtime_added_later_sends_only_once_its_policies_exist(seeded_db: Database) -> None:
     add_realtime(seeded_db, policies=False)
     request_sync(seeded_db)
