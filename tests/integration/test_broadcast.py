@@ -252,3 +252,29 @@ async def test_the_listener_claims_through_a_broadcast_hint_alone(rt_db: Databas
 
 def realtime_of(listener: Listener) -> RealtimeSource:
     return next(s for s in listener.sources if isinstance(s, RealtimeSource))
+
+
+CHECKED = ("install_broadcast_policies", "broadcast", "operations_broadcast", "cancel_broadcast")
+PLPGSQL_CHECK = """
+select p.proname, r.level, r.message
+  from pg_proc p
+ cross join lateral plpgsql_check_function_tb(
+       p.oid, coalesce((select t.tgrelid from pg_trigger t where t.tgfoid = p.oid limit 1), 0),
+       fatal_errors => false, other_warnings => true, performance_warnings => true,
+       extra_warnings => true, security_warnings => true) r
+ where p.pronamespace = 'zerfaux'::regnamespace and p.proname = any(%s)
+"""
+
+
+@pytest.mark.parametrize("with_realtime", [False, True])
+def test_the_broadcast_functions_pass_plpgsql_check(seeded_db: Database, with_realtime: bool) -> None:
+    from tests.support.require import missing
+
+    if not seeded_db.sql("select 1 from pg_available_extensions where name = 'plpgsql_check'"):
+        missing("plpgsql_check", "install postgresql-15-plpgsql-check (scripts/bootstrap.sh)")
+    seeded_db.sql("create extension if not exists plpgsql_check")
+    if with_realtime:
+        add_realtime(seeded_db)
+    assert seeded_db.value("select count(*) from pg_proc where proname = any(%s)"
+                           " and pronamespace = 'zerfaux'::regnamespace", (list(CHECKED),)) == len(CHECKED)
+    assert seeded_db.sql(PLPGSQL_CHECK, (list(CHECKED),)) == []
