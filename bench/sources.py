@@ -75,7 +75,7 @@ async def _source(name: str, url: str, store: PostgresStore, dispatcher: Dispatc
             from tests.fakes.supabase import FakeSupabase
 
             with psycopg.connect(url, autocommit=True) as conn:
-                conn.execute(REALTIME_SCHEMA.read_text())  # type: ignore[arg-type]  # our own file
+                conn.execute(REALTIME_SCHEMA.read_text())
                 conn.execute("select zerfaux.install_broadcast_policies()")
             fake = stack.enter_context(FakeSupabase(url))
             source = RealtimeSource(fake.url, fake.key, dispatcher.wake, dispatcher.poke, wakeups="broadcast")

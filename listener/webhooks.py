@@ -75,19 +75,19 @@ def _check(conn: psycopg.Connection[tuple[object, ...]], database_url: str) -> N
 def install(database_url: str, secret: str, target: Plan) -> list[tuple[str, str]]:
     """Create (or replace) the triggers in one transaction; answer (name, table) of each."""
     headers = json.dumps({"Content-type": "application/json", "Authorization": f"Bearer {secret}"})
-    create = sql.SQL(QUERIES["create"]).format(  # type: ignore[arg-type]  # text from our own .sql file
+    create = sql.SQL(QUERIES["create"]).format(
         url=sql.Literal(target.url), headers=sql.Literal(headers), timeout_ms=sql.Literal(str(target.timeout_ms)))
     with psycopg.connect(database_url) as conn:
         _check(conn, database_url)
-        conn.execute(QUERIES["drop"])  # type: ignore[arg-type]
+        conn.execute(QUERIES["drop"])
         conn.execute(create)
-        return [(str(name), str(table)) for name, table in conn.execute(QUERIES["installed"]).fetchall()]  # type: ignore[arg-type]
+        return [(str(name), str(table)) for name, table in conn.execute(QUERIES["installed"]).fetchall()]
 
 
 def uninstall(database_url: str) -> list[tuple[str, str]]:
     """Drop the triggers; answer (name, table) of those that were there."""
     with psycopg.connect(database_url) as conn:
-        before = [(str(n), str(t)) for n, t in conn.execute(QUERIES["installed"]).fetchall()]  # type: ignore[arg-type]
+        before = [(str(n), str(t)) for n, t in conn.execute(QUERIES["installed"]).fetchall()]
         if before:
-            conn.execute(QUERIES["drop"])  # type: ignore[arg-type]
+            conn.execute(QUERIES["drop"])
         return before

@@ -41,6 +41,8 @@ from typing import Any
 
 from realtime import (AsyncRealtimeChannel, AsyncRealtimeClient, RealtimePostgresChangesListenEvent,
                       RealtimeSubscribeStates)
+from realtime.types import (RealtimeChannelBroadcastConfig, RealtimeChannelConfig, RealtimeChannelOptions,
+                            RealtimeChannelPresenceConfig, ReplayOption)
 
 from listener.apikeys import is_api_key
 from listener.backoff import Backoff
@@ -144,9 +146,11 @@ class RealtimeSource:
         try:
             await client.connect()
             if via == "broadcast":
-                channel = client.channel(TOPIC, {"config": {
-                    "broadcast": {"ack": False, "self": False, **self._replay()},  # type: ignore[typeddict-item]
-                    "presence": {"key": "", "enabled": False}, "private": True}})
+                broadcast = RealtimeChannelBroadcastConfig(ack=False, self=False)
+                if self._lost_at_ms is not None:  # a reconnect: what was sent while away, again
+                    broadcast["replay"] = ReplayOption(since=self._lost_at_ms - self._margin_ms, limit=REPLAY_LIMIT)
+                channel = client.channel(TOPIC, RealtimeChannelOptions(config=RealtimeChannelConfig(
+                    broadcast=broadcast, presence=RealtimeChannelPresenceConfig(key="", enabled=False), private=True)))
                 channel.on_broadcast("operation", self._on_broadcast)
                 channel.on_broadcast("cancel", self._on_broadcast)
             else:
@@ -199,11 +203,6 @@ class RealtimeSource:
             log.debug("realtime: could not ask whether the database broadcasts: %s", exc)
             return "changes"
         return "broadcast" if ready else "changes"
-
-    def _replay(self) -> dict[str, Any]:
-        if self._lost_at_ms is None:
-            return {}  # the first session: the wake on subscription covers what came before
-        return {"replay": {"since": self._lost_at_ms - self._margin_ms, "limit": REPLAY_LIMIT}}
 
     def _on_changes(self, channel: AsyncRealtimeChannel) -> None:
         channel.on_postgres_changes(RealtimePostgresChangesListenEvent.Insert, self._on_operation, table="operations", schema="zerfaux")
