@@ -39,7 +39,10 @@ def _clock(stamp: str | None) -> str:
 def minutes_text(minutes: int | None) -> str:
     if minutes is None:
         return "none"
-    return f"{minutes}m" if minutes < 120 or minutes % 60 else f"{minutes // 60}h"
+    if minutes < 120:
+        return f"{minutes}m"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours}h{rest}m" if rest else f"{hours}h"
 
 
 def _next(at: datetime | None, now: datetime) -> str:
