@@ -37,7 +37,9 @@ def test_worst_first_aligned_with_next_and_a_short_error() -> None:
     assert names == ["GROUP", "late", "risky", "new", "ok-far-behind", "ok-fresh", "done"]
     header, late, risky, new, far, fresh, done = lines[1:]
     assert late.index("16.7m") == header.index("CURRENT") and late.index("VIOLATED") == header.index("STATUS")
-    assert late.endswith("...") and "\n" not in late and len(late.split("VIOLATED")[1].strip()) <= 62
+    error = late[header.index("LAST ERROR"):]
+    assert error.startswith("ssh: connect to host dr-01 port 22: refused") and error.endswith("...")
+    assert len(error) == 60
     assert "AT RISK (paused)" in risky
     assert new.rstrip().endswith("retrying: timeout")
     assert far.split()[4:6] == ["in", "90.0s"] and fresh.split()[4] == "due"
