@@ -23,8 +23,12 @@ grant execute on function zerfaux.protection_overview() to service_role;
 --
 -- The RPO at time t is t minus the creation of the newest recovery point that was on the target
 -- at t: a point is there from its replicated_at (its created_at when that is unknown) until its
--- removed_at. Between two such changes the RPO grows one second per second, so the window is
--- cut at every arrival, removal and pause boundary, and each piece is measured exactly:
+-- removed_at (gone from both sides). One gone from the target only (on_target false, no
+-- removed_at: retention on the target, or destroyed by hand there) has no time of leaving; it is
+-- taken as there until the next newer point arrived, and never there while no newer point has
+-- (so the report's RPO now agrees with protection_status). Between two such changes the RPO
+-- grows one second per second, so the window is cut at every arrival, removal and pause
+-- boundary, and each piece is measured exactly:
 --   * within_seconds: the part of a piece where the RPO is below the target;
 --   * a violation: a maximal span where the RPO is at or past the target; spans that touch
 --     across a cut are one violation; one already running at p_from or still running at p_to
@@ -84,6 +88,12 @@ begin
                    and (p.replicated_at is not null or p.on_target)
                    and greatest(coalesce(p.replicated_at, p.created_at), p.created_at) <= pc.s
                    and coalesce(p.removed_at, 'infinity'::timestamptz) > pc.s
+                   and (p.on_target or p.removed_at is not null
+                        or (select greatest(coalesce(q.replicated_at, q.created_at), q.created_at)
+                              from public.recovery_points q
+                             where q.protection_group_id = p.protection_group_id
+                               and q.created_at > p.created_at and (q.replicated_at is not null or q.on_target)
+                             order by q.created_at limit 1) > pc.s)
                  order by p.created_at desc limit 1) as best,
                coalesce((select x.reason = 'paused' from public.rpo_events x
                           where x.protection_group_id = pc.gid and x.at <= pc.s

@@ -76,6 +76,19 @@ def test_late_arrival_a_removed_point_and_violations_at_both_edges(db: Database)
     assert numbers(report(db, 60, 110)["edges"])[1:5] == (17 * 60, 45 * 60, 2, 18 * 60)
 
 
+def test_a_point_gone_from_the_target_only_counts_until_a_newer_one_arrived(db: Database) -> None:
+    gid = group(db, "pruned", 15)
+    for m in (0, 10, 20):  # replicated, then pruned on the target by its grid, kept on the source
+        point(db, gid, m, replicated=m, on_target=False)
+    point(db, gid, 30, replicated=30)
+    point(db, gid, 40, replicated=40, on_target=False)  # the newest, destroyed by hand on the target
+    point(db, gid, 50, on_target=False)  # made on the source, never replicated: not a recovery point
+    row = report(db, 0, 60)["pruned"]
+    # 0 to 40: every 10 min (each pruned point counts until the next arrived); from 40 the point
+    # of 30 is the newest still there, as protection_status says: violated from 45
+    assert numbers(row) == (3600, 45 * 60, 30 * 60, 1, 15 * 60, 0, 0)
+
+
 def test_paused_time_is_left_out_and_counted(db: Database) -> None:
     gid = group(db, "paused", 15)
     for m in (0, 10, 20, 100, 110):
@@ -134,12 +147,14 @@ class Point:
 
 def reference(rpo: int, points: list[Point], events: list[tuple[int, str]], end: int) -> tuple[Any, ...]:
     """The definition read literally, one second at a time over [0, end) minutes."""
+    eligible = sorted((p for p in points if p.delay is not None or p.on_target), key=lambda p: p.created)
     spans = []
-    for p in points:
-        if p.delay is None and not p.on_target:
-            continue
+    for i, p in enumerate(eligible):
         arrive = (p.created + (p.delay or 0)) * 60
         gone = None if p.removed_after is None else arrive + p.removed_after * 60
+        if gone is None and not p.on_target:  # left the target at an unknown time
+            newer = eligible[i + 1] if i + 1 < len(eligible) else None
+            gone = arrive if newer is None else (newer.created + (newer.delay or 0)) * 60
         spans.append((p.created * 60, arrive, gone))
     target = rpo * 60
     within = observed = paused = unknown = 0
@@ -173,7 +188,7 @@ def reference(rpo: int, points: list[Point], events: list[tuple[int, str]], end:
 points_strategy = st.lists(
     st.builds(Point, created=st.integers(-90, 170), delay=st.none() | st.integers(0, 12),
               removed_after=st.none() | st.integers(1, 60), on_target=st.booleans()),
-    max_size=12,
+    max_size=12, unique_by=lambda p: p.created,
 )
 events_strategy = st.dictionaries(st.integers(-30, 170), st.sampled_from(["paused", "last job failed", "recovered"]),
                                   max_size=4).map(lambda d: sorted(d.items()))
