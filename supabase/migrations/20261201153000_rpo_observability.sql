@@ -53,14 +53,14 @@ begin
             using errcode = '22023', hint = 'e.g. zerfaux.rpo_report(now() - interval ''30 days'', now())';
     end if;
     return query
-    with pts as (
+    with pts as (  -- points arriving or removed inside the window: where the RPO changes course
         select p.protection_group_id as gid,
                greatest(coalesce(p.replicated_at, p.created_at), p.created_at) as a,
                coalesce(p.removed_at, 'infinity'::timestamptz) as u
           from public.recovery_points p
          where (p.replicated_at is not null or p.on_target)
-           and greatest(coalesce(p.replicated_at, p.created_at), p.created_at) < p_to
-           and coalesce(p.removed_at, 'infinity'::timestamptz) > p_from
+           and (greatest(coalesce(p.replicated_at, p.created_at), p.created_at) between p_from and p_to
+                or p.removed_at between p_from and p_to)
     ),
     ev as (
         select e.protection_group_id as gid, e.at as s,
@@ -81,7 +81,7 @@ begin
     pieces as (
         select c.gid, c.t as s, lead(c.t) over (partition by c.gid order by c.t) as e from cuts c
     ),
-    measured as (
+    measured as materialized (
         select pc.gid, pc.s, pc.e,
                (select p.created_at from public.recovery_points p
                  where p.protection_group_id = pc.gid and p.created_at <= pc.s
@@ -122,6 +122,9 @@ begin
         select n.gid, n.island, extract(epoch from max(n.e) - min(n.vs))::double precision as len
           from numbered n where n.vs is not null group by n.gid, n.island
     ),
+    violations as (
+        select sp.gid, count(*)::integer as n, max(sp.len) as longest from spans sp group by sp.gid
+    ),
     totals as (
         select j.gid,
                sum(extract(epoch from j.e - j.s)) filter (where j.observed) as observed,
@@ -138,12 +141,11 @@ begin
            case when g.rpo_minutes is not null then coalesce(t.within, 0)::double precision end,
            case when g.rpo_minutes is not null and t.observed > 0 then (t.within / t.observed)::double precision end,
            t.worst::double precision,
-           case when g.rpo_minutes is not null
-                then (select count(*)::integer from spans sp where sp.gid = g.id) end,
-           case when g.rpo_minutes is not null
-                then coalesce((select max(sp.len) from spans sp where sp.gid = g.id), 0) end,
+           case when g.rpo_minutes is not null then coalesce(v.n, 0) end,
+           case when g.rpo_minutes is not null then coalesce(v.longest, 0) end,
            t.paused::double precision, t.unknown::double precision
       from public.protection_groups g join totals t on t.gid = g.id
+      left join violations v on v.gid = g.id
      order by g.name;
 end
 $$;
