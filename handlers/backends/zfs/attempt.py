@@ -1,8 +1,8 @@
 """``Attempt``: one attempt of one replication job, step by step (docs/replication.md, *One attempt*).
 
 The steps live in their own modules: holds.py (attempt-scoped holds), stream.py (the transport),
-resume.py (a partial receive), retention.py. Here: the order, the plan, the checks between steps,
-and what a stop, a cancel or a failure leaves behind.
+resume.py (a partial receive), points.py (retention, then the recovery points). Here: the order,
+the plan, the checks between steps, and what a stop, a cancel or a failure leaves behind.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from handlers.backends.zfs import ops
 from handlers.backends.zfs.holds import Holds
 from handlers.backends.zfs.plan import Snap, find_job_snapshot, job_prefix, plan
 from handlers.backends.zfs.resume import NOTHING, clean_partial, resume_partial
-from handlers.backends.zfs.retention import retain
+from handlers.backends.zfs.points import settle
+from handlers.backends.zfs.retention import Creation, zfs_creation
 from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.stopping import interrupted, stopping
 from handlers.backends.zfs.stream import Transfer
@@ -30,8 +31,9 @@ _PENDING_GUID = 0  # no real snapshot has GUID 0: stands for "this job's snapsho
 
 class Attempt:
     def __init__(self, request: ReplicationRequest, sides: Sides, transfer: Transfer,
-                 progress: ProgressSink, cancel: threading.Event) -> None:
+                 progress: ProgressSink, cancel: threading.Event, creation: Creation = zfs_creation) -> None:
         self.req, self.sides, self.transfer = request, sides, transfer
+        self.creation = creation  # what retention grids read as a snapshot's creation (retention.py)
         self.progress, self.cancel = progress, cancel
         self.holds = Holds(request.job_id, request.attempt, sides.note)
         self.streaming = False  # a stream was under way when the attempt failed: partial state may be left
@@ -133,12 +135,14 @@ class Attempt:
             transferred += self._send(snap, base, estimated)
         ops.parallel(partial(self._verify, snap), self.holds.release)
         self._checkpoint("retention")
-        retain(s, req.retention_snapshots, snap, self.target_tag)
+        sent_bytes = transferred if decided.action != "uptodate" or transferred else None
+        settled = settle(s, req, snap, self.target_tag, sent_bytes, self.creation)
         log.info("job %s: %s@%s is on %s (%s, %d bytes)", req.job_id, s.tgt_ds, name, s.tgt.label,
                  decided.action, transferred)
         if decided.action == "uptodate" and transferred:
             base = resumed.base  # the resume was the whole transfer: its base is the job's base
-        return ReplicationOutcome(name, base, transferred, estimated, tuple(s.notes))
+        return ReplicationOutcome(name, base, transferred, estimated, tuple(s.notes), settled.points,
+                                  settled.pruned_source, settled.pruned_target)
 
     def _send(self, snap: Snap, base: str | None, estimated: int | None) -> int:
         self.streaming = True

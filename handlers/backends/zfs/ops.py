@@ -118,7 +118,7 @@ def snapshots(runner: Runner, dataset: str, caps: Caps) -> list[Snap] | None:
 
 def snapshots_argv(dataset: str, caps: Caps) -> list[str]:
     # ``zfs get -d 1`` because zfs-fuse's ``zfs list`` has no guid column and its ``get`` no ``-t``.
-    props = "guid,createtxg,userrefs" if caps.userrefs else "guid,createtxg"
+    props = "guid,createtxg,creation,userrefs" if caps.userrefs else "guid,createtxg,creation"
     props += "," + TARGET_PROPERTY
     return ["zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", props, dataset]
 
@@ -138,8 +138,9 @@ def parse_snapshots(result: Result, where: str, dataset: str) -> list[Snap] | No
     for name, values in rows.items():
         refs = values.get("userrefs", "-")
         target = values.get(TARGET_PROPERTY, "-")
+        created = values.get("creation", "")
         snaps.append(Snap(name, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1,
-                          "" if target == "-" else target))
+                          "" if target == "-" else target, int(created) if created.isdigit() else 0))
     return sorted(snaps, key=lambda s: s.txg)
 
 

@@ -15,6 +15,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from handlers.backends.zfs.grid import EXAMPLE as GRID_EXAMPLE
+from handlers.backends.zfs.grid import grid_error
 from handlers.errors import PermanentError
 from handlers.replication import ReplicationRequest
 from handlers.types import SSHEndpoint
@@ -147,5 +149,10 @@ def validate_request(request: ReplicationRequest) -> None:
             f"protection_groups.retention_snapshots {request.retention_snapshots} must be at least 1 "
             "(or null to keep every snapshot)"
         )
+    for column, text in (("retention_grid", request.retention_grid),
+                         ("source_retention_grid", request.source_retention_grid)):
+        error = grid_error(text)  # the database refuses these; a row written around it stops here
+        if error is not None:
+            raise PermanentError(f"protection_groups.{column}: {error} (a valid grid: {GRID_EXAMPLE})")
     if request.last_snapshot:
         check_snapshot(request.last_snapshot.rsplit("@", 1)[-1], "replication_jobs.snapshot_name")
