@@ -119,7 +119,9 @@ class Metrics:
             try:
                 groups = await within(PROTECTION_TIMEOUT, store.protection_overview(), "protection_status")
             except Exception as exc:  # a scrape answers its other metrics whatever the database says
-                log.warning("metrics: could not read protection_status (%s); RPO series left out", exc)
+                # once per outage at WARNING, not once per scrape
+                log.log(logging.DEBUG if self.protection.up is False else logging.WARNING,
+                        "metrics: could not read protection_status (%s); RPO series left out", exc)
                 self.protection.up = False
             else:
                 self.protection.groups, self.protection.up = groups, True
