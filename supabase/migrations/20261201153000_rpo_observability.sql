@@ -19,6 +19,27 @@ $$;
 revoke execute on function zerfaux.protection_overview() from public, anon, authenticated;
 grant execute on function zerfaux.protection_overview() to service_role;
 
+-- The newest recovery point on a group's target at p_at (the rule in the comment below).
+create function zerfaux.newest_recovery_point(p_group uuid, p_at timestamptz)
+returns table (created_at timestamptz, removed_at timestamptz, on_target boolean)
+language sql stable security definer set search_path = zerfaux, public, pg_temp as $$
+    select p.created_at, p.removed_at, p.on_target from public.recovery_points p
+     where p.protection_group_id = p_group and p.created_at <= p_at
+       and (p.replicated_at is not null or p.on_target)
+       and greatest(coalesce(p.replicated_at, p.created_at), p.created_at) <= p_at
+       and coalesce(p.removed_at, 'infinity'::timestamptz) > p_at
+       and (p.on_target or p.removed_at is not null
+            or (select greatest(coalesce(q.replicated_at, q.created_at), q.created_at)
+                  from public.recovery_points q
+                 where q.protection_group_id = p.protection_group_id
+                   and q.created_at > p.created_at and (q.replicated_at is not null or q.on_target)
+                 order by q.created_at limit 1) > p_at)
+     order by p.created_at desc limit 1
+$$;
+
+revoke execute on function zerfaux.newest_recovery_point(uuid, timestamptz) from public, anon, authenticated;
+grant execute on function zerfaux.newest_recovery_point(uuid, timestamptz) to service_role;
+
 -- RPO compliance of every group over [p_from, p_to).
 --
 -- The RPO at time t is t minus the creation of the newest recovery point that was on the target
@@ -54,50 +75,56 @@ begin
     end if;
     return query
     with pts as (  -- points arriving or removed inside the window: where the RPO changes course
-        select p.protection_group_id as gid,
+        select p.protection_group_id as gid, p.created_at as c,
                greatest(coalesce(p.replicated_at, p.created_at), p.created_at) as a,
-               coalesce(p.removed_at, 'infinity'::timestamptz) as u
+               coalesce(p.removed_at, 'infinity'::timestamptz) as u,
+               p.on_target or p.removed_at is not null as known
           from public.recovery_points p
          where (p.replicated_at is not null or p.on_target)
            and (greatest(coalesce(p.replicated_at, p.created_at), p.created_at) between p_from and p_to
                 or p.removed_at between p_from and p_to)
     ),
-    ev as (
-        select e.protection_group_id as gid, e.at as s,
-               lead(e.at, 1, 'infinity'::timestamptz)
-                   over (partition by e.protection_group_id order by e.at, e.id) as e,
-               e.reason = 'paused' as paused
-          from public.rpo_events e
-         where e.at < p_to
+    -- A point is carried as {created_at, until}: until is when it leaves the target, -infinity
+    -- when that is not known (gone from the target only); an event as {at, +infinity when it
+    -- is 'paused', else -infinity}. The running max of either is the newest one so far.
+    start as (  -- each group at p_from: its newest point there, found exactly, and its last event
+        select g.id as gid,
+               (select array[n.created_at, case when n.on_target or n.removed_at is not null
+                                                then coalesce(n.removed_at, 'infinity'::timestamptz)
+                                                else '-infinity'::timestamptz end]
+                  from zerfaux.newest_recovery_point(g.id, p_from) n) as best,
+               (select array[x.at, case when x.reason = 'paused' then 'infinity'::timestamptz
+                                        else '-infinity'::timestamptz end]
+                  from public.rpo_events x where x.protection_group_id = g.id and x.at <= p_from
+                 order by x.at desc, x.id desc limit 1) as ev
+          from public.protection_groups g
+    ),
+    marks as (
+        select st.gid, p_from as t, st.best, st.ev from start st
+        union all select st.gid, p_to, null, null from start st
+        union all select pt.gid, pt.a, array[pt.c, case when pt.known then pt.u else '-infinity'::timestamptz end], null
+                    from pts pt where pt.a > p_from and pt.a < p_to
+        union all select pt.gid, pt.u, null, null from pts pt where pt.u > p_from and pt.u < p_to
+        union all select e.protection_group_id, e.at, null,
+                         array[e.at, case when e.reason = 'paused' then 'infinity'::timestamptz
+                                          else '-infinity'::timestamptz end]
+                    from public.rpo_events e where e.at > p_from and e.at < p_to
     ),
     cuts as (
-        select g.id as gid, p_from as t from public.protection_groups g
-        union select g.id, p_to from public.protection_groups g
-        union select gid, a from pts where a > p_from
-        union select gid, u from pts where u > p_from and u < p_to
-        union select gid, s from ev where ev.paused and s > p_from
-        union select gid, e from ev where ev.paused and e > p_from and e < p_to
+        select m.gid, m.t, max(m.best) as best, max(m.ev) as ev from marks m group by m.gid, m.t
     ),
     pieces as (
-        select c.gid, c.t as s, lead(c.t) over (partition by c.gid order by c.t) as e from cuts c
+        select c.gid, c.t as s, lead(c.t) over w as e, max(c.best) over w as cand, max(c.ev) over w as ev
+          from cuts c
+        window w as (partition by c.gid order by c.t)
     ),
+    -- The newest point so far is the answer while it is known to be there; otherwise (it left,
+    -- or when it leaves is not known) the piece looks the answer up exactly.
     measured as materialized (
         select pc.gid, pc.s, pc.e,
-               (select p.created_at from public.recovery_points p
-                 where p.protection_group_id = pc.gid and p.created_at <= pc.s
-                   and (p.replicated_at is not null or p.on_target)
-                   and greatest(coalesce(p.replicated_at, p.created_at), p.created_at) <= pc.s
-                   and coalesce(p.removed_at, 'infinity'::timestamptz) > pc.s
-                   and (p.on_target or p.removed_at is not null
-                        or (select greatest(coalesce(q.replicated_at, q.created_at), q.created_at)
-                              from public.recovery_points q
-                             where q.protection_group_id = p.protection_group_id
-                               and q.created_at > p.created_at and (q.replicated_at is not null or q.on_target)
-                             order by q.created_at limit 1) > pc.s)
-                 order by p.created_at desc limit 1) as best,
-               coalesce((select x.reason = 'paused' from public.rpo_events x
-                          where x.protection_group_id = pc.gid and x.at <= pc.s
-                          order by x.at desc, x.id desc limit 1), false) as paused
+               case when pc.cand[2] > pc.s then pc.cand[1]
+                    else (select n.created_at from zerfaux.newest_recovery_point(pc.gid, pc.s) n) end as best,
+               coalesce(pc.ev[2] = 'infinity'::timestamptz, false) as paused
           from pieces pc
          where pc.e is not null
     ),
