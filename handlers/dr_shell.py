@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from handlers.context import OperationContext
-from handlers.datastore_paths import split_datastore_path
+from handlers.datastore_paths import datastore_of_path, split_datastore_path
 from handlers.errors import PermanentError
 from handlers.types import Row, VCenterEndpoint
 
@@ -41,12 +41,44 @@ class ShellSpec:
     resource_pool: str | None = None
     folder: str | None = None
     network: str | None = None
+    # Where the shell's own files (.vmx, nvram, logs) go: replication_targets.placeholder_datastore,
+    # a datastore no replica backs. None: an existing shell is adopted, a new one is refused.
+    placeholder_datastore: str | None = None
+    target_name: str = ""
 
 
 @dataclass(frozen=True)
 class ShellResult:
     moref: str
     adopted: bool
+    config_path: str | None = None  # the shell's .vmx as vSphere reports it, "[ds] dir/name.vmx"
+
+
+def config_datastore(spec: ShellSpec) -> str:
+    """The datastore a new shell's configuration goes to, or a PermanentError saying what to set.
+
+    Called only once no existing shell was found to adopt: an install from before the column
+    keeps its shells, and is stopped only where a new file would have to be written.
+    """
+    if not spec.placeholder_datastore:
+        raise PermanentError(
+            f"replication_targets.placeholder_datastore is not set for target {spec.target_name!r}, so the DR "
+            f"shell {spec.name!r} has nowhere to keep its configuration files: set it to a datastore at the DR "
+            f"vCenter that no replica backs (not {spec.datastore!r}, the replica's), then set needs_dr_shell again"
+        )
+    return spec.placeholder_datastore
+
+
+def shell_warning(spec: ShellSpec, result: ShellResult) -> str | None:
+    """A note for the job's result when an adopted shell keeps its .vmx off the placeholder datastore."""
+    where_ds = datastore_of_path(result.config_path)
+    if where_ds is None or where_ds == spec.placeholder_datastore:
+        return None
+    fix = (
+        "it writes into the replica whenever vSphere updates the shell: see README.md, 'Placeholder datastore'"
+        if where_ds == spec.datastore else "Zerfaux leaves it there"
+    )
+    return f"the adopted DR shell keeps its configuration at {result.config_path!r}, not on the placeholder datastore; {fix}"
 
 
 class DRShellBuilder(Protocol):
@@ -63,6 +95,9 @@ class DRShellBuilder(Protocol):
         'cancel' (``OperationCancelled``). Raises
         ``PermanentError`` for a missing datastore, pool, folder, network or disk file
         (naming what exists) and ``TransientError`` when the vCenter cannot be reached.
+        A new shell's own files go to ``spec.placeholder_datastore`` only (``config_datastore``:
+        a ``PermanentError`` when it is unset); its disks are attached from ``spec.datastore``
+        as they are, so nothing is written there. ``config_path`` is the shell's .vmx.
         """
         ...
 
@@ -127,6 +162,8 @@ def build_spec(payload: Mapping[str, Row]) -> ShellSpec:
         resource_pool=group.get("dr_resource_pool"),
         folder=group.get("dr_folder"),
         network=group.get("dr_network"),
+        placeholder_datastore=target.get("placeholder_datastore") or None,
+        target_name=str(target.get("name") or target.get("id") or ""),
     )
 
 
@@ -186,4 +223,9 @@ class DRShellHandler:
         spec = build_spec(payload)
         vcenter = VCenterEndpoint.from_row(payload["dr_vcenter"])
         result = await asyncio.to_thread(self._backend.ensure_shell, vcenter, spec, ctx.stop)
-        return {"dr_shell_vm_id": result.moref, "adopted": result.adopted, "name": spec.name}
+        out: dict[str, Any] = {"dr_shell_vm_id": result.moref, "adopted": result.adopted, "name": spec.name,
+                               "config_path": result.config_path}
+        warning = shell_warning(spec, result)
+        if warning:
+            out["warning"] = warning
+        return out

@@ -24,7 +24,7 @@ from pyVmomi import vim
 from tests.integration.conftest import DR, GROUP, PRIMARY, TARGET, operations
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database
-from tests.support.vcsim import SOURCE_DS, Simulator
+from tests.support.vcsim import PLACEHOLDER_DS, SOURCE_DS, Simulator
 from tests.support.zfs import mountpoint
 from tests.support.zfshost import ZFSHost
 
@@ -44,6 +44,7 @@ def _point_at(db: Database, secrets: Path, sims: list[tuple[str, Simulator]]) ->
         db.sql("update vcenters set host = %s, port = %s, username = %s, password_secret = %s,"
                " verify_tls = true where id = %s",
                (sim.host, sim.port, sim.username, f"{sim.name}-password", vc_id))
+    db.sql("update replication_targets set placeholder_datastore = %s", (PLACEHOLDER_DS,))
 
 
 @pytest.fixture

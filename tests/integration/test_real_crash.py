@@ -27,7 +27,7 @@ from pyVmomi import vim
 
 from tests.integration.conftest import DR, PRIMARY, add_vm, protect
 from tests.support.pg import Database
-from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator, start_simulator
+from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator, start_simulator
 from tests.support.workload import Proc
 
 pytestmark = pytest.mark.vcsim
@@ -41,7 +41,8 @@ def slow_pair(vcsim_binary: str, tmp_path_factory: pytest.TempPathFactory) -> It
     """A source and a DR simulator of this module's own: their delay changes disturb nobody."""
     workdir = tmp_path_factory.mktemp("vcsim-crash")
     source = start_simulator(vcsim_binary, "crash-src", workdir, datastores={SOURCE_DS: workdir / "protect"})
-    dr = start_simulator(vcsim_binary, "crash-dr", workdir, datastores={DR_DS: workdir / "replica"})
+    dr = start_simulator(vcsim_binary, "crash-dr", workdir, datastores={DR_DS: workdir / "replica",
+                                                                    PLACEHOLDER_DS: workdir / "placeholder"})
     try:
         yield source, dr
     finally:
@@ -66,6 +67,7 @@ def setup(world: Database, slow_pair: tuple[Simulator, Simulator], tmp_path: Pat
         (secrets / f"{sim.name}-password").write_text(sim.password)
         world.sql("update vcenters set host = %s, port = %s, username = %s, password_secret = %s,"
                   " verify_tls = true where id = %s", (sim.host, sim.port, sim.username, f"{sim.name}-password", vc_id))
+    world.sql("update replication_targets set placeholder_datastore = %s", (PLACEHOLDER_DS,))
     env = {"ZERFAUX_USE_STUBS": "false", "ZERFAUX_SECRETS_DIR": str(secrets), "ZERFAUX_VCENTER_CA_BUNDLE": str(bundle),
            "ZERFAUX_LEASE_SECONDS": str(LEASE), "ZERFAUX_SWEEP_SECONDS": str(SWEEP)}
     try:

@@ -79,7 +79,10 @@ ALL = Access(select=EVERY, insert=EVERY, update=EVERY, delete=True)
 READ = Access(select=EVERY)
 VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
 TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
-                 "dr_datastore", "transport", "max_concurrent", "wire_compression")
+                 "dr_datastore", "transport", "max_concurrent", "wire_compression",
+                 "placeholder_datastore")
+BOOT_ORDER = ("boot_priority", "boot_delay_seconds", "tools_timeout_seconds")
+MAPPING_CONFIG = ("protection_group_id", "source_network", "recovery_network", "test_network")
 GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
                 "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
                 "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",
@@ -106,13 +109,18 @@ POLICY: dict[str, dict[str, Access]] = {
     "public.protected_vms": {
         "anon": NOTHING, "service_role": ALL,
         "authenticated": Access(select=EVERY,
-                                insert=("protection_group_id", "vm_id", "needs_storage_vmotion", "needs_dr_shell"),
-                                update=("needs_storage_vmotion", "needs_dr_shell"), delete=True),
+                                insert=("protection_group_id", "vm_id", "needs_storage_vmotion", "needs_dr_shell",
+                                        *BOOT_ORDER),
+                                update=("needs_storage_vmotion", "needs_dr_shell", *BOOT_ORDER), delete=True),
     },
     "public.replication_jobs": {
         "anon": NOTHING, "service_role": ALL,
         "authenticated": Access(select=EVERY, insert=("protection_group_id",),
                                 update=("cancel_requested",)),
+    },
+    "public.network_mappings": {
+        "anon": NOTHING, "service_role": ALL,
+        "authenticated": Access(select=EVERY, insert=MAPPING_CONFIG, update=MAPPING_CONFIG, delete=True),
     },
     "public.recovery_points": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "public.rpo_events": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
@@ -144,6 +152,8 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "public.protection_groups": {"name": "'rls-' || gen_random_uuid()"},
     "public.protected_vms": {"protection_group_id": f"'{GROUP}'"},
     "public.replication_jobs": {"protection_group_id": f"'{SPARE_GROUP}'"},  # a group with no job running
+    "public.network_mappings": {"protection_group_id": f"'{GROUP}'", "source_network": "'rls-' || gen_random_uuid()",
+                                "recovery_network": "'dr-net'"},
     "public.recovery_points": {"protection_group_id": f"'{GROUP}'", "snapshot_name": "'zerfaux_rls'",
                                "guid": "gen_random_uuid()::text", "created_at": "now()"},
     "public.rpo_events": {"protection_group_id": f"'{GROUP}'", "new_status": "'ok'", "reason": "'rls'"},
@@ -208,6 +218,8 @@ def populate(db: Database) -> None:
            " (%s, 'ds-2', 'nfs-02')", (PRIMARY, OTHER_VC))
     db.sql("insert into recovery_points (protection_group_id, snapshot_name, guid, created_at) values"
            " (%s, 'zerfaux_a', '1', now()), (%s, 'zerfaux_b', '2', now())", (GROUP, OTHER))
+    db.sql("insert into network_mappings (protection_group_id, source_network, recovery_network) values"
+           " (%s, 'VM Network', 'DR Network'), (%s, 'VM Network', 'DR Network')", (GROUP, OTHER))
     db.sql("insert into rpo_events (protection_group_id, new_status, reason) values"
            " (%s, 'ok', 'seed'), (%s, 'ok', 'seed')", (GROUP, OTHER))
     db.sql("insert into zerfaux.workers (worker_id) values ('w-1')")
@@ -486,6 +498,14 @@ CHECKS = [
                           " ('{group}', '20000000-0000-4000-9000-000000000001')", "operator", setup=NEW_VM),
     Check("ask for a DR shell", "update protected_vms set needs_dr_shell = true"
                                 " where protection_group_id = '{group}'", "operator"),
+    Check("set a boot order", "update protected_vms set boot_priority = 1, boot_delay_seconds = 30,"
+                              " tools_timeout_seconds = 0 where protection_group_id = '{group}'", "operator"),
+    Check("read network mappings", "select 1 from network_mappings where protection_group_id = '{group}'", "viewer"),
+    Check("map a network", "insert into network_mappings (protection_group_id, source_network, recovery_network)"
+                           " values ('{group}', 'App Network', 'DR App')", "admin"),
+    Check("remap a network", "update network_mappings set test_network = 'Test LAN'"
+                             " where protection_group_id = '{group}'", "admin"),
+    Check("unmap a network", "delete from network_mappings where protection_group_id = '{group}'", "admin"),
     Check("unprotect a VM", "delete from protected_vms where protection_group_id = '{group}'", "operator"),
     Check("read jobs", "select 1 from replication_jobs where protection_group_id = '{group}'", "viewer"),
     Check("ask for a replication", "insert into replication_jobs (protection_group_id) values ('{group}')",

@@ -30,7 +30,7 @@ from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import OperationCancelled, PermanentError, TransientError
 from handlers.secrets import SecretResolver
 from handlers.types import VCenterEndpoint
-from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator
+from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator
 
 pytestmark = pytest.mark.vcsim
 
@@ -60,6 +60,7 @@ def shell_spec(protected_vm_id: str, disks: list[str], **changes: object) -> She
         firmware="efi",
         controller="pvscsi",
         disks=tuple(ShellDisk(file=d, capacity=16 << 30) for d in disks),
+        placeholder_datastore=PLACEHOLDER_DS,
     )
     return replace(spec, **changes)  # type: ignore[arg-type]
 

@@ -18,7 +18,7 @@ from pyVmomi import vim
 from tests.integration.conftest import DR, GROUP, PRIMARY, add_vm, operations, protect
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database
-from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator
+from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator
 
 pytestmark = pytest.mark.vcsim
 
@@ -47,6 +47,7 @@ def real(world: Database, vcsim_source: Simulator, vcsim_dr: Simulator, tmp_path
             " where id = %s",
             (sim.host, sim.port, sim.username, secret, vc_id),
         )
+    world.sql("update replication_targets set placeholder_datastore = %s", (PLACEHOLDER_DS,))
     env = {
         "ZERFAUX_USE_STUBS": "false",
         "ZERFAUX_SECRETS_DIR": str(secrets),

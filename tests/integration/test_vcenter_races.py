@@ -27,7 +27,7 @@ from handlers.dr_shell import ShellDisk, ShellResult, ShellSpec
 from handlers.errors import OperationStopped, PermanentError
 from handlers.secrets import SecretResolver, env_key
 from handlers.types import VCenterEndpoint
-from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator
+from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator
 
 pytestmark = pytest.mark.vcsim
 
@@ -38,7 +38,7 @@ def _spec(sim: Simulator) -> ShellSpec:
     return ShellSpec(
         protected_vm_id=pv, name=f"{pv}-dr", datastore=DR_DS, num_cpu=1, memory_mb=256,
         guest_id="otherGuest64", firmware="bios", controller="pvscsi",
-        disks=tuple(ShellDisk(file=d, capacity=0) for d in disks),
+        disks=tuple(ShellDisk(file=d, capacity=0) for d in disks), placeholder_datastore=PLACEHOLDER_DS,
     )
 
 
@@ -297,7 +297,7 @@ def test_a_twin_that_is_powered_on_is_left_alone_in_words(
 
 def _leave_vmx(sim: Simulator, spec: ShellSpec, directory: str) -> None:
     """A .vmx with no VM, as a shell removed from the inventory (or a failed create) leaves it."""
-    leftover = sim.datastore_dirs[DR_DS] / directory
+    leftover = sim.datastore_dirs[PLACEHOLDER_DS] / directory
     leftover.mkdir()
     (leftover / f"{spec.name}.vmx").write_text("")
 
@@ -311,7 +311,7 @@ def test_a_leftover_vmx_without_a_vm_is_stepped_over(
     assert made.adopted is False
     assert _marked(vcsim_dr, spec.protected_vm_id) == [made.moref]
     path = vcsim_dr.vm(made.moref).config.files.vmPathName
-    assert path == f"[{DR_DS}] zerfaux-{spec.protected_vm_id}-2/{spec.name}.vmx"
+    assert path == f"[{PLACEHOLDER_DS}] zerfaux-{spec.protected_vm_id}-2/{spec.name}.vmx"
 
 
 def test_leftovers_in_every_directory_are_named(
@@ -334,7 +334,7 @@ def test_a_shell_asked_before_its_replica_exists_is_made_once_it_does(
     spec = ShellSpec(
         protected_vm_id=pv, name=f"{pv}-dr", datastore=DR_DS, num_cpu=1, memory_mb=256,
         guest_id="otherGuest64", firmware="bios", controller="pvscsi",
-        disks=(ShellDisk(file=f"[{DR_DS}] {pv}/disk.vmdk", capacity=0),),
+        disks=(ShellDisk(file=f"[{DR_DS}] {pv}/disk.vmdk", capacity=0),), placeholder_datastore=PLACEHOLDER_DS,
     )
     builder = DRShellBuilderReal(sessions_for(), await_seconds=0.5)
     with pytest.raises(PermanentError, match="replicate the VM's disks to the DR datastore first"):

@@ -35,6 +35,8 @@ BUILD = REPO / "tests" / "vcsim" / "build.sh"
 USERNAME = "zerfaux"
 SOURCE_DS = "zfs-protect-01"
 DR_DS = "zfs-dr-01"
+# The DR datastore no replica backs, for DR shells' configuration files (replication_targets.placeholder_datastore).
+PLACEHOLDER_DS = "zerfaux-placeholder"
 START_TIMEOUT = 60.0
 
 
@@ -267,7 +269,7 @@ def vcsim_source(vcsim_binary: str, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def vcsim_dr(vcsim_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
     workdir = tmp_path_factory.mktemp("vcsim-dr")
-    sim = start_simulator(vcsim_binary, "dr", workdir, datastores={DR_DS: workdir / "replica"})
+    sim = start_simulator(vcsim_binary, "dr", workdir, datastores={DR_DS: workdir / "replica", PLACEHOLDER_DS: workdir / "placeholder"})
     sim.add_replica("dir")  # the layout the issue names: dir/disk.vmdk + dir/disk-flat.vmdk
     try:
         yield sim

@@ -6,8 +6,12 @@ flipped twice) finds the marked VM and adopts it instead of creating a twin, eve
 renamed it. The disks are attached with no ``fileOperation``: they already exist (the ZFS replica)
 and must never be created or destroyed here.
 
+The shell's own files (.vmx, nvram, logs) go to the target's placeholder datastore, which no
+replica backs; only its disks point into ``dr_datastore``, attached as they are. So creating or
+adopting a shell writes nothing into a replica, and the next incremental receive still applies.
+
 Creation is safe across processes (a listener that lost its lease and its successor may both
-try): the shell's configuration goes to a path of its own, ``[dr_datastore]
+try): the shell's configuration goes to a path of its own, ``[placeholder_datastore]
 zerfaux-<protected_vm_id>/<name>.vmx``, so only one ``CreateVM_Task`` can succeed; the other gets
 ``FileAlreadyExists`` (or ``DuplicateName`` for the name in the folder), finds the winner's VM
 by its mark and adopts it. After a creation the mark is read again, and twins a server let
@@ -27,7 +31,7 @@ from pyVmomi import vim
 
 from handlers.backends.vcenter.query import Props, check_stop, collect, properties, wait_for_task
 from handlers.backends.vcenter.session import VCenterSessions, name_list, where
-from handlers.dr_shell import ShellResult, ShellSpec
+from handlers.dr_shell import ShellResult, ShellSpec, config_datastore
 from handlers.errors import PermanentError
 from handlers.types import VCenterEndpoint
 
@@ -57,14 +61,14 @@ SLOTS = 5  # directories tried in turn when an earlier one holds a .vmx with no 
 
 @dataclass(frozen=True)
 class Placement:
-    datastore: Any
+    datastore: Any  # the disks' (dr_datastore)
     pool: Any
     folder: Any
     network: Any | None  # a backing for the network card, or None for no card
 
 
 def shell_dir(spec: ShellSpec, slot: int = 1) -> str:
-    """The shell's own directory on the DR datastore, per protected VM: the creation lock.
+    """The shell's own directory on the placeholder datastore, per protected VM: the creation lock.
 
     ``slot`` 2, 3... are the next ones, used only when the earlier ones hold a ``.vmx`` that no
     VM carries (a failed creation, a shell removed from the inventory). Every creator walks the
@@ -75,7 +79,7 @@ def shell_dir(spec: ShellSpec, slot: int = 1) -> str:
 
 
 def shell_vmx_path(spec: ShellSpec, slot: int = 1) -> str:
-    return f"[{spec.datastore}] {shell_dir(spec, slot)}/{vsphere_name(spec.name)}.vmx"
+    return f"[{config_datastore(spec)}] {shell_dir(spec, slot)}/{vsphere_name(spec.name)}.vmx"
 
 
 def moref_order(moref: str) -> tuple[int, int, str]:
@@ -134,7 +138,8 @@ class DRShellBuilderReal:
         keeper = self._settle(si, vcenter, spec, find_marked(si, spec.protected_vm_id), stop)
         if keeper is not None:
             log.debug("%s: adopting DR shell %s", where(vcenter), keeper)
-            return ShellResult(moref=keeper, adopted=True)
+            return self._result(si, keeper, adopted=True)
+        config_datastore(spec)  # refuse before any lookup when there is nowhere to put the files
         place = self._placement(si, vcenter, spec)
         leftovers: list[str] = []
         for slot in range(1, SLOTS + 1):
@@ -152,7 +157,7 @@ class DRShellBuilderReal:
                          where(vcenter), spec.name, type(exc).__name__)
                 keeper = self._await_mark(si, vcenter, spec, stop)
                 if keeper is not None:
-                    return ShellResult(moref=keeper, adopted=True)
+                    return self._result(si, keeper, adopted=True)
                 if isinstance(exc, vim.fault.DuplicateName):
                     raise PermanentError(
                         f"a VM named {spec.name!r} already exists in the DR shell's folder at {where(vcenter)} "
@@ -164,13 +169,19 @@ class DRShellBuilderReal:
                 continue
             # A server that checks neither name nor path would have let a twin through: settle now.
             keeper = self._settle(si, vcenter, spec, find_marked(si, spec.protected_vm_id), stop) or vm._moId
-            return ShellResult(moref=keeper, adopted=keeper != vm._moId)
+            return self._result(si, keeper, adopted=keeper != vm._moId)
         raise PermanentError(
             f"{name_list(leftovers)} exist at {where(vcenter)} but no VM there carries the mark {MARK_KEY} = "
             f"{spec.protected_vm_id}: DR shells removed from the inventory (or creations that failed) left them. "
             f"Register one of those .vmx files again, or delete the folders {shell_dir(spec)!r}... from datastore "
-            f"{spec.datastore!r}; then set needs_dr_shell again"
+            f"{config_datastore(spec)!r}; then set needs_dr_shell again"
         )
+
+    def _result(self, si: Any, moref: str, adopted: bool) -> ShellResult:
+        """The shell's moref and where vSphere keeps its .vmx (read back, not assumed)."""
+        vm = vim.VirtualMachine(moref, si._stub)
+        path = properties(si, vm, ["config.files.vmPathName"]).get("config.files.vmPathName")
+        return ShellResult(moref=moref, adopted=adopted, config_path=str(path) if path else None)
 
     def _await_mark(
         self, si: Any, vcenter: VCenterEndpoint, spec: ShellSpec, stop: threading.Event | None
@@ -234,13 +245,16 @@ class DRShellBuilderReal:
 
     def _placement(self, si: Any, vcenter: VCenterEndpoint, spec: ShellSpec) -> Placement:
         datastores = collect(si, vim.Datastore, ["name"])
-        ds = next((o for o, p in datastores if p.get("name") == spec.datastore), None)
-        if ds is None:
-            raise PermanentError(
-                f"datastore {spec.datastore!r} does not exist at {where(vcenter)}: fix "
-                "replication_targets.dr_datastore; datastores there: "
-                f"{name_list(sorted({str(p.get('name')) for _, p in datastores}))}"
-            )
+        found = {}
+        for column, name in (("dr_datastore", spec.datastore), ("placeholder_datastore", config_datastore(spec))):
+            found[column] = next((o for o, p in datastores if p.get("name") == name), None)
+            if found[column] is None:
+                raise PermanentError(
+                    f"datastore {name!r} does not exist at {where(vcenter)}: fix "
+                    f"replication_targets.{column}; datastores there: "
+                    f"{name_list(sorted({str(p.get('name')) for _, p in datastores}))}"
+                )
+        ds, placeholder = found["dr_datastore"], found["placeholder_datastore"]
         dcs = collect(si, vim.Datacenter, ["name", "datastore", "vmFolder", "hostFolder"])
         dc = next(
             ({**p, "self": o} for o, p in dcs if any(r._moId == ds._moId for r in p.get("datastore") or ())),
@@ -248,6 +262,11 @@ class DRShellBuilderReal:
         )
         if dc is None:
             raise PermanentError(f"datastore {spec.datastore!r} at {where(vcenter)} belongs to no datacenter")
+        if not any(r._moId == placeholder._moId for r in dc.get("datastore") or ()):
+            raise PermanentError(
+                f"placeholder datastore {config_datastore(spec)!r} is not in datacenter {dc.get('name')!r} of "
+                f"{spec.datastore!r} at {where(vcenter)}: fix replication_targets.placeholder_datastore"
+            )
         return Placement(
             datastore=ds,
             pool=_pool(si, vcenter, spec, dc),

@@ -12,7 +12,7 @@ from handlers.backends.stub.backends import (
 )
 from handlers.backends.stub.world import StubWorld
 from handlers.context import StopSignal
-from handlers.dr_shell import build_spec, map_disk_path
+from handlers.dr_shell import ShellResult, build_spec, config_datastore, map_disk_path, shell_warning
 from handlers.errors import OperationCancelled, OperationStopped, PermanentError
 from handlers.replication import ReplicationRequest, snapshot_name
 from handlers.secrets import SecretResolver
@@ -40,6 +40,23 @@ def test_stub_dr_shell_adopts_on_the_second_call() -> None:
     assert spec.disks[0].file == "[zfs-dr-01] app/app.vmdk" and spec.name == "app-dr"
     made, again = stub.ensure_shell(VC, spec), stub.ensure_shell(VC, spec)
     assert made.moref == again.moref == "vm-1001" and not made.adopted and again.adopted
+
+
+def test_the_spec_carries_the_placeholder_datastore_and_a_misplaced_shell_is_named() -> None:
+    payload = {
+        "protected_vm": {"id": "p1"}, "group": {"name": "gold", "protection_datastore": "zfs-protect-01"},
+        "target": {"name": "dr-zfs", "dr_datastore": "zfs-dr-01", "placeholder_datastore": "ph-01"},
+        "dr_vcenter": {"id": "dr"}, "vm": {"name": "app", "disks": []},
+    }
+    spec = build_spec(payload)
+    assert (spec.placeholder_datastore, spec.target_name) == ("ph-01", "dr-zfs")
+    assert shell_warning(spec, ShellResult("vm-1", True, "[ph-01] zerfaux-p1/app-dr.vmx")) is None
+    on_replica = shell_warning(spec, ShellResult("vm-1", True, "[zfs-dr-01] zerfaux-p1/app-dr.vmx"))
+    assert on_replica and "'[zfs-dr-01] zerfaux-p1/app-dr.vmx'" in on_replica and "writes into the replica" in on_replica
+    assert "leaves it there" in str(shell_warning(spec, ShellResult("vm-1", True, "[other] x/app-dr.vmx")))
+    bare = build_spec({**payload, "target": {"name": "dr-zfs", "dr_datastore": "zfs-dr-01"}})
+    with pytest.raises(PermanentError, match="replication_targets.placeholder_datastore is not set for target 'dr-zfs'"):
+        config_datastore(bare)
 
 
 def test_disk_paths_map_only_from_the_protection_datastore() -> None:

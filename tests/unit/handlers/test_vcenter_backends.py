@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -160,6 +161,7 @@ def _spec(controller: str, disks: int) -> ShellSpec:
         firmware="efi",
         controller=controller,
         disks=tuple(ShellDisk(f"[zfs-dr-01] web/disk_{i}.vmdk", 8 << 30) for i in range(disks)),
+        placeholder_datastore="placeholder-01",
     )
 
 
@@ -172,7 +174,8 @@ def test_shell_config_attaches_existing_disks_to_one_new_controller() -> None:
         "web-dr", 2, 4096, "rhel9_64Guest", "efi",
     )
     assert [(o.key, o.value) for o in config.extraConfig] == [(MARK_KEY, "pv-7")]
-    assert config.files.vmPathName == "[zfs-dr-01] zerfaux-pv-7/web-dr.vmx"  # its own path: the creation lock
+    # Its own path (the creation lock), on the placeholder datastore: nothing of it lands in the replica.
+    assert config.files.vmPathName == "[placeholder-01] zerfaux-pv-7/web-dr.vmx"
     controller, *disks = config.deviceChange
     assert isinstance(controller.device, dev.ParaVirtualSCSIController) and controller.device.key < 0
     assert all(change.operation == "add" and not change.fileOperation for change in config.deviceChange)
@@ -180,6 +183,11 @@ def test_shell_config_attaches_existing_disks_to_one_new_controller() -> None:
     assert {c.device.controllerKey for c in disks} == {controller.device.key}
     assert [c.device.backing.fileName for c in disks][:2] == ["[zfs-dr-01] web/disk_0.vmdk", "[zfs-dr-01] web/disk_1.vmdk"]
     assert all(c.device.backing.diskMode == "persistent" for c in disks)
+
+
+def test_a_shell_with_no_placeholder_datastore_is_refused_naming_the_column() -> None:
+    with pytest.raises(PermanentError, match=r"replication_targets.placeholder_datastore is not set .* \(not 'zfs-dr-01'"):
+        build_config(replace(_spec("pvscsi", 1), placeholder_datastore=None), PLACE)
 
 
 def test_ide_disks_use_the_controller_every_vm_has() -> None:
