@@ -183,7 +183,7 @@ def test_dr_shell_is_created_once_then_adopted(vcsim_dr: Simulator, dr_sessions:
     assert vm.runtime.powerState == "poweredOff"
     assert {o.key: o.value for o in vm.config.extraConfig}[MARK_KEY] == "pv-0001"
     assert [n.name for n in vm.network] == ["VM Network"]
-    assert [d.name for d in vm.datastore] == [DR_DS]
+    assert sorted(d.name for d in vm.datastore) == sorted([DR_DS, PLACEHOLDER_DS])  # disks, and the .vmx
     controllers = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualSCSIController)]
     assert [type(c) for c in controllers] == [vim.vm.device.ParaVirtualSCSIController]
 

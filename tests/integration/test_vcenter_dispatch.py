@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from pyVmomi import vim
 
@@ -116,6 +117,8 @@ async def test_dr_shell_twice_leaves_one_dr_vm(real: Real, vcsim_dr: Simulator) 
     shell = vcsim_dr.vm(row["dr_shell_vm_id"])
     assert shell.name == f"{name}-dr"
     assert vcsim_dr.vm_disk_files(shell._moId) == [f"[{DR_DS}] {name}/{name}.vmdk"]
+    assert shell.config.files.vmPathName == f"[{PLACEHOLDER_DS}] zerfaux-{protected}/{name}-dr.vmx"
+    assert operations(real.db, "vm.dr_shell")[-1]["result"]["config_path"] == shell.config.files.vmPathName
     assert (shell.config.hardware.numCPU, shell.config.hardware.memoryMB) == (2, 4096)
     assert shell.runtime.powerState == "poweredOff"
 
@@ -138,6 +141,29 @@ async def test_dr_shell_without_replica_fails_in_words(real: Real, vcsim_dr: Sim
     assert "not found" in op["last_error"] and "replicate" in op["last_error"]
     assert real.db.value("select dr_shell_vm_created from protected_vms where id = %s", (protected,)) is False
     assert vcsim_dr.count_vms_named(f"{name}-dr") == 0
+
+
+async def test_dr_shell_of_a_target_without_placeholder_fails_naming_the_column(real: Real, vcsim_dr: Simulator) -> None:
+    """An install from before the column: no new shell, a permanent failure that says what to set."""
+    real.db.sql("update replication_targets set placeholder_datastore = null")
+    name = f"noph-{uuid.uuid4().hex[:6]}"
+    vcsim_dr.add_replica(name, stem=name)
+    vm_id = add_vm(real.db, name=name, moref=f"vm-{name}", datastore=SOURCE_DS)
+    protected = protect(real.db, vm_id, needs_dr_shell=True)
+    await real.drain()
+
+    op = operations(real.db, "vm.dr_shell")[-1]
+    assert op["status"] == "failed" and op["attempts"] == 1  # permanent: not retried
+    row = real.db.one("select * from protected_vms where id = %s", (protected,))
+    assert row["dr_shell_vm_created"] is False
+    assert "replication_targets.placeholder_datastore is not set for target 'dr-zfs-01'" in row["last_error"]
+    assert f"(not '{DR_DS}', the replica's)" in row["last_error"]
+    assert vcsim_dr.count_vms_named(f"{name}-dr") == 0
+
+
+def test_a_placeholder_equal_to_the_dr_datastore_is_refused(real: Real) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation, match="replication_targets_placeholder_is_not_the_dr_datastore"):
+        real.db.sql("update replication_targets set placeholder_datastore = dr_datastore")
 
 
 async def test_wrong_password_fails_the_sync_in_words(real: Real, vcsim_source: Simulator) -> None:
