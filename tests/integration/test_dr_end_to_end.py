@@ -10,13 +10,12 @@ Everything real, everything through the dispatcher (``ZERFAUX_USE_STUBS=false``,
 3. An INSERT into ``replication_jobs`` makes the real ZFS backend send the dataset over the
    run's sshd to the DR pool.
 4. The DR vcsim's ``zfs-dr-01`` is backed by the replica. zfs-fuse receives with ``-u``, so the
-   replica is not mounted; we CLONE its newest snapshot and mount the clone, rather than mount
-   the replica itself: vSphere writes the shell's ``.vmx``, nvram and log into its datastore, and
-   a write into the replica would make the next incremental receive refuse it ("modified since
-   most recent snapshot"). The clone is what a DR test or failover at a real site mounts, and
-   its bytes are the snapshot's.
+   replica is not mounted; we CLONE its newest snapshot and mount the clone, which is what a DR
+   test or failover at a real site mounts, and its bytes are the snapshot's. The DR vcsim also
+   has ``zerfaux-placeholder``, a plain directory: ``replication_targets.placeholder_datastore``.
 5. ``protected_vms.needs_dr_shell`` makes the listener create the DR shell at the DR vcsim, its
-   disk ``[zfs-dr-01] vm/vm.vmdk``: the replicated descriptor, found by vcsim in the clone.
+   disk ``[zfs-dr-01] vm/vm.vmdk``: the replicated descriptor, found by vcsim in the clone; its
+   ``.vmx``, nvram and log on the placeholder, so nothing new lands in the replica's datastore.
 
 Checked through vcsim's own API and the files: the shell exists with the source VM's CPUs, memory
 and controller, powered off, its disk backing is the replicated descriptor; the replica's bytes
@@ -42,7 +41,7 @@ from tests.integration.conftest import DR, GROUP, PRIMARY, TARGET, operations
 from tests.integration.test_zfs_backend import guids
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database
-from tests.support.vcsim import DR_DS, SOURCE_DS, Simulator
+from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator
 from tests.support.zfs import mountpoint
 from tests.support.zfshost import ZFSHost
 
@@ -140,9 +139,11 @@ class Site:
     async def drain(self) -> None:
         await drain(engine_settings(self.db.url, **self.env), timeout=300)
 
-    def vcenter(self, vcenter_id: str, name: str, datastore: str, directory: Path) -> Simulator:
+    def vcenter(
+        self, vcenter_id: str, name: str, datastore: str, directory: Path, more: dict[str, Path] | None = None
+    ) -> Simulator:
         """Start a simulator whose ``datastore`` is ``directory`` and point the vCenter row at it."""
-        sim = self.start_sim(name, datastores={datastore: directory}, args=SIM_ARGS)
+        sim = self.start_sim(name, datastores={datastore: directory, **(more or {})}, args=SIM_ARGS)
         self.sims.append(sim)
         with self.bundle.open("a") as fh:
             fh.write(Path(sim.cert_file).read_text())
@@ -181,8 +182,10 @@ def site(
     (secrets / "dr-key").chmod(0o600)
     world.sql(
         "update replication_targets set ssh_host = %s, ssh_port = %s, ssh_user = %s, ssh_key_secret = 'dr-key',"
-        " ssh_host_key = %s, target_root = %s, dr_datastore = %s, transport = 'ssh' where id = %s",
-        (zfs_target.ssh_host, zfs_target.ssh_port, zfs_target.ssh_user, zfs_target.host_key, root, DR_DS, TARGET),
+        " ssh_host_key = %s, target_root = %s, dr_datastore = %s, placeholder_datastore = %s, transport = 'ssh'"
+        " where id = %s",
+        (zfs_target.ssh_host, zfs_target.ssh_port, zfs_target.ssh_user, zfs_target.host_key, root, DR_DS,
+         PLACEHOLDER_DS, TARGET),
     )
     world.sql(
         "update protection_groups set source_dataset = %s, protection_datastore = %s, rpo_minutes = null,"
@@ -232,7 +235,9 @@ async def test_a_replicated_vm_gets_its_dr_shell_on_the_replica(site: Site) -> N
     # The DR site: its datastore is the replica (a clone of its newest snapshot, mounted).
     dr_dir = site.mount_replica(snapshot)
     assert sha256s(dr_dir / VM_NAME) == sha256s(site.source_dir / VM_NAME)
-    dr_sim = site.vcenter(DR, "e2e-dr", DR_DS, dr_dir)
+    replica_files = sorted(str(p.relative_to(dr_dir)) for p in dr_dir.rglob("*"))
+    placeholder_dir = site.secrets.parent / "placeholder"
+    dr_sim = site.vcenter(DR, "e2e-dr", DR_DS, dr_dir, {PLACEHOLDER_DS: placeholder_dir})
     (dr_store,) = [ds for ds in dr_sim.find(vim.Datastore) if ds.name == DR_DS]
     assert os.path.realpath(dr_store.info.url) == os.path.realpath(dr_dir)
 
@@ -254,6 +259,10 @@ async def test_a_replicated_vm_gets_its_dr_shell_on_the_replica(site: Site) -> N
     assert isinstance(controller, vim.vm.device.VirtualLsiLogicController)
     assert (shell.config.hardware.numCPU, shell.config.hardware.memoryMB) == (NUM_CPU, MEMORY_MB)
     assert shell.runtime.powerState == "poweredOff"
+    # The shell's own files are on the placeholder; the replica's datastore holds what it held.
+    assert shell.config.files.vmPathName == f"[{PLACEHOLDER_DS}] zerfaux-{protected}/{VM_NAME}-dr.vmx"
+    assert (placeholder_dir / f"zerfaux-{protected}" / f"{VM_NAME}-dr.vmx").is_file()
+    assert sorted(str(p.relative_to(dr_dir)) for p in dr_dir.rglob("*")) == replica_files
     # Attaching never rewrote the replicated disk.
     assert sha256s(dr_dir / VM_NAME) == sha256s(site.source_dir / VM_NAME)
 
