@@ -245,15 +245,16 @@ class DRShellBuilderReal:
 
     def _placement(self, si: Any, vcenter: VCenterEndpoint, spec: ShellSpec) -> Placement:
         datastores = collect(si, vim.Datastore, ["name"])
-        found = {}
+        found: dict[str, Any] = {}
         for column, name in (("dr_datastore", spec.datastore), ("placeholder_datastore", config_datastore(spec))):
-            found[column] = next((o for o, p in datastores if p.get("name") == name), None)
-            if found[column] is None:
+            hit = next((o for o, p in datastores if p.get("name") == name), None)
+            if hit is None:
                 raise PermanentError(
                     f"datastore {name!r} does not exist at {where(vcenter)}: fix "
                     f"replication_targets.{column}; datastores there: "
                     f"{name_list(sorted({str(p.get('name')) for _, p in datastores}))}"
                 )
+            found[column] = hit
         ds, placeholder = found["dr_datastore"], found["placeholder_datastore"]
         dcs = collect(si, vim.Datacenter, ["name", "datastore", "vmFolder", "hostFolder"])
         dc = next(
