@@ -75,10 +75,14 @@ def shell_warning(spec: ShellSpec, result: ShellResult) -> str | None:
     if where_ds is None or where_ds == spec.placeholder_datastore:
         return None
     fix = (
-        "it writes into the replica whenever vSphere updates the shell: see README.md, 'Placeholder datastore'"
+        "it writes into the replica whenever vSphere updates the shell: "
+        "see docs/recovery.md, 'Migrating an existing install'"
         if where_ds == spec.datastore else "Zerfaux leaves it there"
     )
-    return f"the adopted DR shell keeps its configuration at {result.config_path!r}, not on the placeholder datastore; {fix}"
+    return (
+        f"the adopted DR shell keeps its configuration at {result.config_path!r}, "
+        f"not on the placeholder datastore; {fix}"
+    )
 
 
 class DRShellBuilder(Protocol):

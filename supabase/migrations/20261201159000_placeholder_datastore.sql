@@ -12,7 +12,7 @@
 -- column could keep writing into a replica. With null, a DR shell that already exists is still
 -- found by its mark and adopted where it is (never destroyed; the job's result names the
 -- datastore holding its .vmx), and a shell that would have to be created fails permanently,
--- naming this column and what to set it to (README.md, "Placeholder datastore").
+-- naming this column and what to set it to (docs/recovery.md, "Migrating an existing install").
 
 alter table public.replication_targets
     add column placeholder_datastore text,

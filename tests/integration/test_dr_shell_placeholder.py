@@ -19,8 +19,8 @@ from pyVmomi import vim
 
 from handlers.backends.vcenter.real import DRShellBuilderReal, VCenterSessions
 from handlers.backends.vcenter.shell import MARK_KEY, annotation
-from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.datastore_paths import datastore_of_path
+from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import PermanentError
 from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, Simulator
 
@@ -123,9 +123,11 @@ def test_no_placeholder_and_no_shell_is_refused_before_any_effect(
     vcsim_dr: Simulator, dr_sessions: VCenterSessions
 ) -> None:
     spec = _spec(vcsim_dr, placeholder_datastore=None)
-    replica_before, placeholder_before = tree(vcsim_dr.datastore_dirs[DR_DS]), tree(vcsim_dr.datastore_dirs[PLACEHOLDER_DS])
+    replica_before = tree(vcsim_dr.datastore_dirs[DR_DS])
+    placeholder_before = tree(vcsim_dr.datastore_dirs[PLACEHOLDER_DS])
     tasks_before = {t._moId for t in vcsim_dr.si().content.taskManager.recentTask}
-    with pytest.raises(PermanentError, match=r"replication_targets.placeholder_datastore is not set for target 'dr-zfs-01'"):
+    refusal = r"replication_targets.placeholder_datastore is not set for target 'dr-zfs-01'"
+    with pytest.raises(PermanentError, match=refusal):
         DRShellBuilderReal(dr_sessions).ensure_shell(vcsim_dr.endpoint(), spec)
     assert vcsim_dr.count_vms_named(spec.name) == 0
     assert {t._moId for t in vcsim_dr.si().content.taskManager.recentTask} == tasks_before
@@ -135,7 +137,8 @@ def test_no_placeholder_and_no_shell_is_refused_before_any_effect(
 
 def test_a_placeholder_the_vcenter_does_not_have_is_named(vcsim_dr: Simulator, dr_sessions: VCenterSessions) -> None:
     spec = _spec(vcsim_dr, placeholder_datastore="no-such-placeholder")
-    with pytest.raises(PermanentError, match=r"datastore 'no-such-placeholder' does not exist .* "
-                                             r"replication_targets.placeholder_datastore; datastores there: .*'zerfaux-placeholder'"):
+    refusal = (r"datastore 'no-such-placeholder' does not exist .* "
+               r"replication_targets.placeholder_datastore; datastores there: .*'zerfaux-placeholder'")
+    with pytest.raises(PermanentError, match=refusal):
         DRShellBuilderReal(dr_sessions).ensure_shell(vcsim_dr.endpoint(), spec)
     assert vcsim_dr.count_vms_named(spec.name) == 0
