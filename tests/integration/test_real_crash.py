@@ -138,9 +138,9 @@ def test_a_listener_killed_after_create_vm_leaves_one_dr_shell(
     vm_id = add_vm(setup.db, name=name, moref=f"vm-{name}", datastore=SOURCE_DS)
     protected = protect(setup.db, vm_id)
     vms_before = len(dr.find(vim.VirtualMachine))
-    # vcsim writes the new VM's .vmx into the datastore's directory as CreateVM_Task runs: the
+    # vcsim writes the new VM's .vmx into the placeholder datastore's directory as CreateVM_Task runs: the
     # moment it is there the VM exists, and the victim still has five delayed calls to go.
-    vmx = dr.datastore_dirs[DR_DS] / f"zerfaux-{protected}" / f"{name}-dr.vmx"
+    vmx = dr.datastore_dirs[PLACEHOLDER_DS] / f"zerfaux-{protected}" / f"{name}-dr.vmx"
 
     figures = _crash_and_rescue(setup, dr, "update protected_vms set needs_dr_shell = true where id = %s",
                                 str(protected), "vm.dr_shell", vmx.exists)
