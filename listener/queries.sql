@@ -29,6 +29,12 @@ select zerfaux.prune(%(days)s) as pruned;
 -- name: queue_state
 select queued, runnable, running, expired, next_run_after from zerfaux.queue_state();
 
+-- name: schedule_due
+select inserted, next_due_at from zerfaux.schedule_due();
+
+-- name: record_rpo_transitions
+select zerfaux.record_rpo_transitions() as recorded;
+
 -- name: has_vault
 select exists (select 1 from pg_views where schemaname = 'vault' and viewname = 'decrypted_secrets') as present;
 

@@ -16,7 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from listener import sqlfile
 from listener.config import redact_url
-from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
+from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, Schedule, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,12 @@ class PostgresStore:
 
     async def queue_state(self) -> QueueState:
         return QueueState.from_row(await self._one("queue_state"))
+
+    async def schedule_due(self) -> Schedule:
+        return Schedule.from_row(await self._one("schedule_due"))
+
+    async def record_rpo_transitions(self) -> int:
+        return int((await self._one("record_rpo_transitions"))["recorded"])
 
     async def vault_secret(self, name: str) -> str | None:
         if self._has_vault is None:

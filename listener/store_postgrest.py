@@ -20,7 +20,7 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
+from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, Schedule, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,13 @@ class PostgrestStore:
         if row.get("next_run_after") is not None:
             row["next_run_after"] = datetime.fromisoformat(str(row["next_run_after"]))
         return QueueState.from_row(row)
+
+    async def schedule_due(self) -> Schedule:
+        rows = await self._rows("schedule_due", {})
+        return Schedule.from_row(rows[0] if rows else {})
+
+    async def record_rpo_transitions(self) -> int:
+        return int(await self._call("record_rpo_transitions", {}))
 
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         return dict(await self._call("status_report", {"p_recent": recent, "p_worker_seconds": worker_seconds}))

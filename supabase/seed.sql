@@ -15,11 +15,14 @@ values
      'tank/replicas', 'zfs-dr-01', 'ssh', 2)
 on conflict do nothing;
 
+-- gold starts paused: it replicates when asked (a replication_jobs row); set paused = false and
+-- its 15-minute RPO schedules it by itself (docs/rpo.md). `zerfaux demo` adds a group with a
+-- one-minute RPO that replicates by itself.
 insert into public.protection_groups
     (id, name, source_vcenter_id, dr_vcenter_id, replication_target_id, source_dataset,
-     protection_datastore, rpo_minutes, retention_snapshots)
+     protection_datastore, rpo_minutes, retention_snapshots, paused)
 values
     ('00000000-0000-4000-c000-000000000001', 'gold', '00000000-0000-4000-a000-000000000001',
      '00000000-0000-4000-a000-000000000002', '00000000-0000-4000-b000-000000000001',
-     'tank/vmstore', 'zfs-protect-01', 15, 24)
+     'tank/vmstore', 'zfs-protect-01', 15, 24, true)
 on conflict do nothing;
