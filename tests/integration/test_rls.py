@@ -469,6 +469,12 @@ CHECKS = [
     Check("remove a target", f"delete from replication_targets where id = '{SPARE_TARGET}'", "admin", False),
     Check("read its group", "select 1 from protection_groups where id = '{group}'", "viewer"),
     Check("change a group", "update protection_groups set retention_snapshots = 1 where id = '{group}'", "admin"),
+    Check("pause or resume its group", "update protection_groups set paused = not paused where id = '{group}'",
+          "operator"),
+    Check("pause and change a group", "update protection_groups set paused = not paused, rpo_minutes = 1"
+                                      " where id = '{group}'", "admin"),
+    Check("set a group's interval", "update protection_groups set replication_interval_minutes = 1"
+                                    " where id = '{group}'", "admin"),
     Check("add a group", "insert into protection_groups (name) values ('g-new')", "admin", False),
     Check("remove a group", f"delete from protection_groups where id = '{SPARE_GROUP}'", "admin", False),
     Check("read protected VMs", "select 1 from protected_vms where protection_group_id = '{group}'", "viewer"),
