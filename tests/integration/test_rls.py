@@ -124,6 +124,11 @@ POLICY: dict[str, dict[str, Access]] = {
         "authenticated": Access(select=EVERY, insert=("user_id", "role", "protection_group_id"),
                                 update=("role",), delete=True),
     },
+    # The schedule's and the RPO watch's bookkeeping (docs/rpo.md): the engine's own.
+    "zerfaux.schedule_slots": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.schedule_dirty": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.rpo_state": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.rpo_dirty": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
     # The kinds' registry is written by migrations only (the database owner).
     "zerfaux.kinds": {"anon": NOTHING, "service_role": READ, "authenticated": NOTHING},
     "supabase_migrations.schema_migrations": {"anon": NOTHING, "authenticated": NOTHING, "service_role": NOTHING},
@@ -151,6 +156,10 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "zerfaux.settings": {"name": "'rls-' || gen_random_uuid()", "value": "'x'", "set_by": "'rls'"},
     "zerfaux.operators": {"user_id": "gen_random_uuid()", "role": "'viewer'"},
     "zerfaux.kinds": {"kind": "'rls-' || gen_random_uuid()", "input_fn": "'zerfaux.ping'"},
+    "zerfaux.schedule_slots": {"protection_group_id": f"'{SPARE_GROUP}'", "slot": "0.5"},
+    "zerfaux.schedule_dirty": {"protection_group_id": "gen_random_uuid()"},
+    "zerfaux.rpo_state": {"protection_group_id": f"'{SPARE_GROUP}'", "status": "'ok'"},
+    "zerfaux.rpo_dirty": {"protection_group_id": "gen_random_uuid()"},
     "supabase_migrations.schema_migrations": {"version": "'rls-' || gen_random_uuid()"},
 }
 

@@ -134,6 +134,7 @@ def test_concurrent_sweeps_record_each_transition_once(seeded_db: Database) -> N
     db.sql("insert into recovery_points (protection_group_id, snapshot_name, guid, created_at)"
            " select g, 'zerfaux_' || g, g::text, now() - interval '1 minute' from unnest(%s::uuid[]) g", (groups,))
     db.sql("delete from rpo_events")
+    db.sql("delete from zerfaux.rpo_state")  # as if nothing had been recorded yet
     barrier = threading.Barrier(4)
     recorded: list[int] = []
     errors: list[BaseException] = []
