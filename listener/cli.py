@@ -1,4 +1,4 @@
-"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub]."""
+"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub] · webhook install|uninstall."""
 
 from __future__ import annotations
 
@@ -113,6 +113,33 @@ def cmd_mode(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.webhooks import WebhookInstallError, install, plan, uninstall
+
+    if not settings.database_url:
+        print("zerfaux webhook needs DATABASE_URL (direct or session pooler): the webhooks are triggers, "
+              "which no API call creates; or make them in the dashboard as docs/deploy-supabase.md shows",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.action == "uninstall":
+            removed = uninstall(settings.database_url)
+            print("removed: " + ", ".join(f"{n} on {t}" for n, t in removed) if removed else "no Zerfaux webhooks were installed")
+            return 0
+        if not settings.webhook_secret:
+            print("zerfaux webhook install needs ZERFAUX_WEBHOOK_SECRET, the same secret the listener is given "
+                  "(for example: openssl rand -hex 32)", file=sys.stderr)
+            return 2
+        target = plan(args.url, args.timeout_ms)
+        print(target.describe())
+        created = install(settings.database_url, settings.webhook_secret, target)
+    except WebhookInstallError as exc:
+        print(f"zerfaux: {exc}", file=sys.stderr)
+        return 2
+    print("created: " + ", ".join(f"{n} on {t}" for n, t in created))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zerfaux", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -127,9 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("mode", help="show or set the database's mode (stub or real)")
     p.add_argument("mode", nargs="?", choices=("real", "stub"),
                    help="set it: only listeners of this mode start against the database")
+    p = sub.add_parser("webhook", help="install or remove the Supabase database webhooks that wake listeners")
+    actions = p.add_subparsers(dest="action", required=True)
+    w = actions.add_parser("install", help="create the webhook triggers (needs DATABASE_URL, ZERFAUX_WEBHOOK_SECRET)")
+    w.add_argument("--url", required=True, help="the listener's public URL, ending in /webhooks/supabase")
+    w.add_argument("--timeout-ms", type=int, default=5000, help="pg_net's request timeout (default 5000; its own is 1000)")
+    actions.add_parser("uninstall", help="drop the webhook triggers")
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status, "mode": cmd_mode}
+    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status, "mode": cmd_mode,
+                "webhook": cmd_webhook}
     try:
         settings = Settings.from_environ()
         return commands[args.command](settings, args)

@@ -52,3 +52,6 @@ select zerfaux.set_mode(%(mode)s) as previous;
 
 -- name: database_mode
 select zerfaux.database_mode() as mode;
+
+-- name: broadcast_ready
+select zerfaux.broadcast_ready() as ready;

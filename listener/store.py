@@ -176,6 +176,10 @@ class Store(Protocol):
     async def database_mode(self) -> str | None:
         """The recorded mode, None before any listener started."""
 
+    async def broadcast_ready(self) -> bool:
+        """Whether enqueueing sends Broadcast from Database hints (zerfaux.broadcast_ready: the
+        realtime schema and Zerfaux's policies on realtime.messages are there). Read only."""
+
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         """What `zerfaux status` shows (zerfaux.status_report): by_kind, recent, workers,
         oldest_queued_seconds; timestamps as ISO text."""

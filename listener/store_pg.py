@@ -161,6 +161,9 @@ class PostgresStore:
         mode = (await self._one("database_mode"))["mode"]
         return None if mode is None else str(mode)
 
+    async def broadcast_ready(self) -> bool:
+        return bool((await self._one("broadcast_ready"))["ready"])
+
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         row = await self._one("status_report", {"recent": recent, "seconds": worker_seconds})
         return dict(row["report"])
