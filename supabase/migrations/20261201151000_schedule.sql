@@ -92,15 +92,21 @@ end $$;
 revoke execute on function zerfaux.schedule_spread() from public, anon, authenticated;
 grant execute on function zerfaux.schedule_spread() to service_role;
 
--- What a due time depends on, changed: mark the group.
-create function zerfaux.schedule_mark_row() returns trigger
+-- What a due time depends on, changed: mark the group (one function per kind of table, so each
+-- is checked against the columns it reads).
+create function zerfaux.schedule_mark_group() returns trigger
 language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
 begin
-    if tg_table_name = 'protection_groups' then
-        perform zerfaux.schedule_mark(array[case when tg_op = 'DELETE' then old.id else new.id end]);
-    elsif tg_op = 'DELETE' then
+    perform zerfaux.schedule_mark(array[new.id]);
+    return null;
+end $$;
+
+create function zerfaux.schedule_mark_member() returns trigger
+language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
+begin
+    if tg_op = 'DELETE' then
         perform zerfaux.schedule_mark(array[old.protection_group_id]);
-    elsif tg_op = 'UPDATE' and new.protection_group_id is distinct from old.protection_group_id then
+    elsif tg_op = 'UPDATE' then
         perform zerfaux.schedule_mark(array[old.protection_group_id, new.protection_group_id]);
     else
         perform zerfaux.schedule_mark(array[new.protection_group_id]);
@@ -115,19 +121,20 @@ begin
     return null;
 end $$;
 
-revoke execute on function zerfaux.schedule_mark_row() from public, anon, authenticated;
+revoke execute on function zerfaux.schedule_mark_group() from public, anon, authenticated;
+revoke execute on function zerfaux.schedule_mark_member() from public, anon, authenticated;
 revoke execute on function zerfaux.schedule_spread_statement() from public, anon, authenticated;
 
 create trigger replication_jobs_schedule_mark
     after insert or delete or update of status, created_at, started_at, completed_at, protection_group_id
-    on public.replication_jobs for each row execute function zerfaux.schedule_mark_row();
+    on public.replication_jobs for each row execute function zerfaux.schedule_mark_member();
 create trigger recovery_points_schedule_mark
     after insert or delete or update on public.recovery_points
-    for each row execute function zerfaux.schedule_mark_row();
+    for each row execute function zerfaux.schedule_mark_member();
 create trigger protection_groups_schedule_mark
     after insert or update of rpo_minutes, replication_interval_minutes, paused, state,
                               replication_target_id, source_dataset
-    on public.protection_groups for each row execute function zerfaux.schedule_mark_row();
+    on public.protection_groups for each row execute function zerfaux.schedule_mark_group();
 create trigger protection_groups_schedule_spread
     after insert or delete or update of rpo_minutes, replication_interval_minutes
     on public.protection_groups for each statement execute function zerfaux.schedule_spread_statement();

@@ -146,7 +146,7 @@ begin
              order by c.id
             returning 1
         )
-        select count(*) into v_count from inserted;
+        select count(*)::integer into v_count from inserted;
     end if;
 
     -- The marks seen above and not made again since (one being made now is skipped, not waited for).
@@ -170,48 +170,40 @@ comment on function zerfaux.record_rpo_transitions(timestamptz, uuid, double pre
     'records in rpo_events every group (or p_group) whose rpo_status at p_now differs from the last '
     'recorded one, with the RPO at that moment and why; answers how many (docs/rpo.md)';
 
--- A recovery point written, moved or removed, or an RPO set: the group is marked for the next
--- pass; a new or changed recovery point also records its group's transition at once, in the
--- same transaction, instead of at the next sweep.
-create function zerfaux.rpo_mark_row() returns trigger
+-- An RPO set or changed: the group is marked for the next pass. A recovery point written, moved
+-- or removed: marked too, and a written or moved one records its group's transition at once, in
+-- the same transaction (a replication landing turns the group 'ok' when it commits, not at the
+-- next sweep). Row triggers fire at the end of the statement, so a listing upserted in one
+-- statement is seen whole by the first call; the others find nothing more to record.
+create function zerfaux.rpo_mark_group() returns trigger
 language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
 begin
-    if tg_table_name = 'protection_groups' then
-        perform zerfaux.rpo_mark(array[new.id]);
-    elsif tg_op = 'DELETE' then
+    perform zerfaux.rpo_mark(array[new.id]);
+    return null;
+end $$;
+
+create function zerfaux.rpo_mark_point() returns trigger
+language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
+begin
+    if tg_op = 'DELETE' then
         perform zerfaux.rpo_mark(array[old.protection_group_id]);
-    elsif tg_op = 'UPDATE' then
-        perform zerfaux.rpo_mark(array[old.protection_group_id, new.protection_group_id]);
-    else
-        perform zerfaux.rpo_mark(array[new.protection_group_id]);
+        return null;
     end if;
+    if tg_op = 'UPDATE' and old.protection_group_id is distinct from new.protection_group_id then
+        perform zerfaux.rpo_mark(array[old.protection_group_id]);
+    end if;
+    perform zerfaux.rpo_mark(array[new.protection_group_id]);
+    perform zerfaux.record_rpo_transitions(now(), new.protection_group_id);
     return null;
 end $$;
 
-create function zerfaux.recovery_points_record_rpo() returns trigger
-language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
-declare
-    v_group uuid;
-begin
-    for v_group in select distinct n.protection_group_id from changed_points n order by 1 loop
-        perform zerfaux.record_rpo_transitions(now(), v_group);
-    end loop;
-    return null;
-end $$;
-
-revoke execute on function zerfaux.rpo_mark_row() from public, anon, authenticated;
-revoke execute on function zerfaux.recovery_points_record_rpo() from public, anon, authenticated;
+revoke execute on function zerfaux.rpo_mark_group() from public, anon, authenticated;
+revoke execute on function zerfaux.rpo_mark_point() from public, anon, authenticated;
 
 create trigger recovery_points_rpo_mark after insert or update or delete on public.recovery_points
-    for each row execute function zerfaux.rpo_mark_row();
+    for each row execute function zerfaux.rpo_mark_point();
 create trigger protection_groups_rpo_mark after insert or update of rpo_minutes on public.protection_groups
-    for each row execute function zerfaux.rpo_mark_row();
-create trigger recovery_points_record_rpo_insert after insert on public.recovery_points
-    referencing new table as changed_points
-    for each statement execute function zerfaux.recovery_points_record_rpo();
-create trigger recovery_points_record_rpo_update after update on public.recovery_points
-    referencing new table as changed_points
-    for each statement execute function zerfaux.recovery_points_record_rpo();
+    for each row execute function zerfaux.rpo_mark_group();
 
 -- What is there already: the last recorded status of each group, and every group marked.
 insert into zerfaux.rpo_state (protection_group_id, status)
