@@ -129,7 +129,7 @@ def spread(conn: psycopg.Connection[tuple[object, ...]], t0: datetime, hours: fl
     # Without offsets: each interval's groups all start at t0 + interval, in one second.
     cohorts = conn.execute("select count(*) from protection_groups where name like 'bench-%%'"
                            " group by rpo_minutes order by 1 desc limit 1").fetchone()
-    return max(per_second.values()) / mean, max(per_second.values()), len(starts), int(cohorts[0]) if cohorts else 0
+    return max(per_second.values()) / mean, max(per_second.values()), len(starts), int(str(cohorts[0])) if cohorts else 0
 
 
 def main() -> None:
