@@ -28,6 +28,7 @@ class ReplicationRequest:
     last_snapshot: str | None  # snapshot of the newest completed job of this pair, a hint only
     operation_id: str = ""  # the zerfaux.operations row this attempt runs for ("" outside the engine)
     attempt: int = 1  # zerfaux.operations.attempts: holds carry it, so attempts never release each other's
+    recursive: bool = False  # protection_groups.recursive: the dataset and every child (zfs/tree.py)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
         source=SSHEndpoint.source_from_group(group),
         retention_snapshots=int(retention) if retention is not None else None,
         last_snapshot=payload.get("last_snapshot"),  # type: ignore[arg-type]
+        recursive=bool(group.get("recursive")),
     )
 
 

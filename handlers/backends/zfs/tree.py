@@ -1,0 +1,177 @@
+"""``TreeAttempt``: one attempt of a recursive group's job (docs/replication.md, *Dataset trees*).
+
+The group's dataset and every child are snapshotted at once (``zfs snapshot -r``: one recovery
+point, consistent across children), then each dataset is replicated as its own stream, parent
+before child, by the same ``Attempt`` a single dataset gets (GUID matching, holds, resume, never
+``-F``). Here: the listing of both trees, the checks before the snapshot, the order, the summed
+progress, the notes about children that appeared or went, and retention for the whole tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+
+from handlers.backends.zfs import ops
+from handlers.backends.zfs.attempt import Attempt
+from handlers.backends.zfs.plan import Snap, find_job_snapshot, job_prefix, newest_common, plan
+from handlers.backends.zfs.sides import Sides
+from handlers.backends.zfs.stopping import interrupted
+from handlers.backends.zfs.stream import Transfer
+from handlers.backends.zfs.treeplan import (
+    Tree,
+    check_children,
+    gone_from_source,
+    group_prunable,
+    in_point,
+    kinds_differ,
+    parse_tree,
+    target_name,
+    tree_argv,
+)
+from handlers.errors import PermanentError
+from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationProgress, ReplicationRequest, snapshot_name
+
+log = logging.getLogger(__name__)
+
+_PENDING = 0  # the GUID of "this job's snapshot, not made yet" (as in attempt.py)
+
+
+class TreeAttempt:
+    def __init__(self, request: ReplicationRequest, sides: Sides, transfer: Callable[[Sides], Transfer],
+                 progress: ProgressSink, cancel: threading.Event) -> None:
+        self.req, self.top, self.transfer = request, sides, transfer
+        self.progress, self.cancel = progress, cancel
+        self.target_tag = ops.target_tag(request.target.host, request.target.port, request.target_dataset)
+
+    def _trees(self) -> tuple[Tree, Tree | None]:
+        s = self.top
+        src, tgt = ops.parallel(partial(s.src.run, tree_argv(s.src_ds, s.scaps.userrefs)),
+                                partial(s.tgt.run, tree_argv(s.tgt_ds, s.tcaps.userrefs)))
+        source = parse_tree(src, s.src.label, s.src_ds)
+        if source is None:
+            raise PermanentError(f"protection_groups.source_dataset {s.src_ds} does not exist on {s.src.label}")
+        return source, parse_tree(tgt, s.tgt.label, s.tgt_ds)
+
+    def execute(self) -> ReplicationOutcome:
+        s, req = self.top, self.req
+        source, target = self._trees()
+        check_children(source, s.tgt_ds)
+        mine = find_job_snapshot(source.snaps[s.src_ds], job_prefix(snapshot_name(req.job_id)))
+        if mine is None:
+            self._refuse_early(source, target)
+            name = snapshot_name(req.job_id)
+            if self.cancel.is_set():
+                raise interrupted(self.cancel, "before making the snapshot")
+            ops.create_snapshot(s.src, s.src_ds, name, req.job_id, self.target_tag, recursive=True)
+            log.info("job %s: snapshot -r %s@%s made on %s", req.job_id, s.src_ds, name, s.src.label)
+            source, target = self._trees()
+        else:
+            name = mine.name
+        members, later = in_point(source, name)
+        if later:
+            s.note(f"{', '.join(later)} appeared after the group snapshot {name} was made: "
+                   "seeded (full send) by the next job")
+        gone = gone_from_source(source, target, s.tgt_ds)
+        if gone:
+            s.note(f"{', '.join(gone)} no longer exist on the source; Zerfaux never destroys a replica, "
+                   "so they stay on the target as they are (destroy them there yourself if unwanted)")
+        wrong = kinds_differ(source, target, s.tgt_ds, members)
+        if wrong:
+            raise PermanentError("; ".join(wrong) + ": a replica keeps its source's type. Rename or destroy "
+                                 "the replica yourself, then run the job again")
+        sent = {d: snap.guid for d in members if (snap := source.snapshot(d, name)) is not None}
+        todo = [d for d in members if target is None or not target.has_guid(target_name(s.src_ds, s.tgt_ds, d), sent[d])]
+        bases = {d: self._base(source, target, d) for d in members}
+        estimates = self._estimates(todo, name, bases)
+        total = None if any(e is None for e in estimates.values()) else sum(e or 0 for e in estimates.values())
+        done = 0
+        for dataset in todo:
+            done += self._child(dataset, name, bases.get(s.src_ds), done, total)
+        if len(todo) < len(members):
+            log.info("job %s: %d of %d datasets already had %s", req.job_id, len(members) - len(todo), len(members), name)
+        if self.cancel.is_set():
+            raise interrupted(self.cancel, "before retention")
+        self._retain(members, name)
+        return ReplicationOutcome(name, bases.get(s.src_ds), done, total, tuple(s.notes))
+
+    def _refuse_early(self, source: Tree, target: Tree | None) -> None:
+        """What Attempt decides before its snapshot, for every dataset: a refused tree stays untouched."""
+        s = self.top
+        if target is None and "/" in s.tgt_ds:
+            parent = s.tgt_ds.rsplit("/", 1)[0]
+            if not ops.parse_exists(s.tgt.run(ops.exists_argv(parent)), s.tgt.label, parent):
+                raise PermanentError(
+                    f"{parent} (replication_targets.target_root) does not exist on {s.tgt.label}: "
+                    f"create it there (zfs create -p {parent}) and run the job again")
+        if target is None:
+            return
+        for dataset in source.datasets:
+            replica = target_name(s.src_ds, s.tgt_ds, dataset)
+            if replica not in target.kinds:
+                continue
+            snaps = source.snaps[dataset]
+            pending = Snap("(this job)", _PENDING, max((x.txg for x in snaps), default=0) + 1)
+            plan(snaps, target.snaps[replica], pending, replica)
+
+    @staticmethod
+    def _base(source: Tree, target: Tree | None, dataset: str) -> str | None:
+        if target is None:
+            return None
+        replica = target_name(source.top, target.top, dataset)
+        common = newest_common(source.snaps[dataset], target.snaps.get(replica, []))
+        return common[0].name if common and replica in target.kinds else None
+
+    def _estimates(self, todo: list[str], name: str, bases: dict[str, str | None]) -> dict[str, int | None]:
+        s = self.top
+        if not todo:
+            return {}
+        if not s.scaps.estimate:
+            s.note(f"size estimate not supported by this ZFS ({s.src.label}): bytes_estimated left empty")
+            return {d: None for d in todo}
+        found = ops.parallel(*(partial(ops.estimate, s.src, d, name, bases[d], None) for d in todo))
+        return dict(zip(todo, found))
+
+    def _child(self, dataset: str, name: str, top_base: str | None, before: int, total: int | None) -> int:
+        """Replicate one dataset of the tree to the job's snapshot; the bytes it moved."""
+        s = self.top
+        replica = target_name(s.src_ds, s.tgt_ds, dataset)
+        sides = Sides(s.src, s.tgt, dataset, replica, s.scaps, s.tcaps, notes=s.notes)
+        request = replace(self.req, source_dataset=dataset, target_dataset=replica, retention_snapshots=None)
+
+        def sink(p: ReplicationProgress) -> None:
+            estimate = total if total is not None else None
+            self.progress(ReplicationProgress(name, top_base, before + p.bytes_transferred, estimate))
+
+        outcome = Attempt(request, sides, self.transfer(sides), sink, self.cancel, may_snapshot=False).execute()
+        log.info("job %s: %s@%s is on %s (%d bytes)", self.req.job_id, replica, name, s.tgt.label,
+                 outcome.bytes_transferred)
+        return outcome.bytes_transferred
+
+    def _retain(self, members: list[str], name: str) -> None:
+        """Prune a group snapshot on every dataset of a side or on none (``treeplan.group_prunable``)."""
+        keep, s = self.req.retention_snapshots, self.top
+        if keep is None:
+            return
+        source, target = self._trees()
+        replicas = [target_name(s.src_ds, s.tgt_ds, d) for d in members]
+        sides = []
+        for runner, caps, tree, datasets, tag in ((s.src, s.scaps, source, members, self.target_tag),
+                                                  (s.tgt, s.tcaps, target, replicas, None)):
+            if tree is None:
+                continue
+            if not caps.userrefs:
+                s.note(f"retention skipped on {runner.label}: this ZFS cannot say which snapshots are held")
+                continue
+            sent = {d: snap.guid for d in datasets if (snap := tree.snapshot(d, name)) is not None}
+            sides.append((runner, group_prunable(tree, keep, sent, tag, datasets)))
+        for runner, chosen in sides:
+            for dataset, snaps in chosen.items():
+                for old in snaps:
+                    result = ops.destroy_snapshot(runner, dataset, old.name)
+                    if not result.ok:
+                        s.note(f"retention could not destroy {dataset}@{old.name} on {runner.label}: "
+                               f"{result.err.strip()}")

@@ -1,0 +1,145 @@
+"""Pure decisions for a dataset tree (``protection_groups.recursive``): no I/O, unit-tested.
+
+A tree is the group's dataset and every child, listed by one ``zfs get -r`` per side. The rules
+(docs/replication.md, *Dataset trees*):
+
+* the children are sent parent before child, each as its own stream (never ``send -R``);
+* a child is part of this job's recovery point only if it has the job's (recursive) snapshot:
+  one that appeared after it is seeded by the next job;
+* a child gone from the source is never destroyed on the target: it is only named in a note;
+* retention prunes a group snapshot on every dataset of a side, or on none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from handlers.backends.zfs.exec import Result, check
+from handlers.backends.zfs.ops import TARGET_PROPERTY
+from handlers.backends.zfs.plan import Snap, prunable
+from handlers.backends.zfs.validate import check_dataset
+
+KINDS = ("filesystem", "volume")
+
+
+@dataclass(frozen=True)
+class Tree:
+    """One side's tree: its datasets parent before child, their types, their snapshots oldest first."""
+
+    top: str
+    kinds: dict[str, str]  # dataset -> "filesystem" | "volume"
+    snaps: dict[str, list[Snap]]
+
+    @property
+    def datasets(self) -> list[str]:
+        """Parent before child: by depth, then by name (a stable order for notes and progress)."""
+        return sorted(self.kinds, key=lambda d: (d.count("/"), d))
+
+    def snapshot(self, dataset: str, name: str) -> Snap | None:
+        return next((s for s in self.snaps.get(dataset, []) if s.name == name), None)
+
+    def has_guid(self, dataset: str, guid: int) -> bool:
+        return any(s.guid == guid for s in self.snaps.get(dataset, []))
+
+
+def tree_argv(top: str, userrefs: bool) -> list[str]:
+    props = "type,guid,createtxg" + (",userrefs" if userrefs else "") + "," + TARGET_PROPERTY
+    return ["zfs", "get", "-Hp", "-r", "-o", "name,property,value", props, top]
+
+
+def parse_tree(result: Result, where: str, top: str) -> Tree | None:
+    """The tree under ``top``; None when ``top`` does not exist. Rows of other names are ignored."""
+    if not result.ok:
+        if "does not exist" in result.err:
+            return None
+        check(result, where, f"listing the datasets under {top}")
+    rows: dict[str, dict[str, str]] = {}
+    for line in result.out.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        name = parts[0]
+        dataset = name.split("@", 1)[0]
+        if dataset != top and not dataset.startswith(top + "/"):
+            continue
+        rows.setdefault(name, {})[parts[1]] = parts[2]
+    kinds: dict[str, str] = {}
+    snaps: dict[str, list[Snap]] = {}
+    for name, values in rows.items():
+        if "@" not in name:
+            if values.get("type") in KINDS:
+                kinds[name] = values["type"]
+            continue
+        if "guid" not in values or "createtxg" not in values:
+            continue
+        dataset, snap = name.split("@", 1)
+        refs = values.get("userrefs", "-")
+        target = values.get(TARGET_PROPERTY, "-")
+        snaps.setdefault(dataset, []).append(
+            Snap(snap, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1,
+                 "" if target == "-" else target))
+    for found in snaps.values():
+        found.sort(key=lambda s: s.txg)
+    return Tree(top, kinds, {d: snaps.get(d, []) for d in kinds})
+
+
+def check_children(tree: Tree, target_top: str) -> None:
+    """Every child name, and the name it will have on the target, is one validate.py accepts."""
+    for dataset in tree.datasets:
+        if dataset == tree.top:
+            continue
+        check_dataset(dataset, f"child dataset of protection_groups.source_dataset ({tree.top}); rename it "
+                               "(zfs rename) or turn protection_groups.recursive off, and")
+        check_dataset(target_name(tree.top, target_top, dataset),
+                      f"target name of child dataset {dataset} (replication_targets.target_root is too long?)")
+
+
+def target_name(source_top: str, target_top: str, dataset: str) -> str:
+    return target_top + dataset[len(source_top):]
+
+
+def in_point(tree: Tree, snapshot: str) -> tuple[list[str], list[str]]:
+    """(datasets that have the job's snapshot, parent before child; those that appeared after it)."""
+    having = [d for d in tree.datasets if tree.snapshot(d, snapshot) is not None]
+    return having, [d for d in tree.datasets if d not in having]
+
+
+def gone_from_source(source: Tree, target: Tree | None, target_top: str) -> list[str]:
+    """Target datasets whose source child no longer exists: kept, never destroyed."""
+    if target is None:
+        return []
+    mapped = {target_name(source.top, target_top, d) for d in source.kinds}
+    return [d for d in target.datasets if d not in mapped]
+
+
+def group_prunable(tree: Tree, keep: int, sent: Mapping[str, int], target: str | None,
+                   datasets: Iterable[str]) -> dict[str, list[Snap]]:
+    """What tree retention destroys on one side: per dataset, the snapshots of the group names that
+    ``plan.prunable`` allows on *every* dataset of ``datasets`` having that name.
+
+    ``sent`` maps a dataset to the GUID just sent (never pruned). A name held, protected or kept on
+    one child stays on all, so a recovery point is always whole or gone.
+    """
+    chosen = list(datasets)
+    allowed: dict[str, set[str]] = {}
+    present: dict[str, set[str]] = {}
+    for d in chosen:
+        snaps = tree.snaps.get(d, [])
+        allowed[d] = {s.name for s in prunable(snaps, keep, protect={sent[d]} if d in sent else (), target=target)}
+        present[d] = {s.name for s in snaps}
+    names: set[str] = set().union(*allowed.values()) if allowed else set()
+    whole = {n for n in names if all(n in allowed[d] for d in chosen if n in present[d])}
+    return {d: [s for s in tree.snaps.get(d, []) if s.name in whole] for d in chosen}
+
+
+def kinds_differ(source: Tree, target: Tree | None, target_top: str, datasets: Sequence[str]) -> list[str]:
+    """Children whose replica exists with another type (a zvol received over a filesystem or back)."""
+    if target is None:
+        return []
+    out = []
+    for d in datasets:
+        kind = target.kinds.get(target_name(source.top, target_top, d))
+        if kind is not None and kind != source.kinds[d]:
+            out.append(f"{d} is a {source.kinds[d]} but {target_name(source.top, target_top, d)} is a {kind}")
+    return out
