@@ -46,6 +46,9 @@ class ReplicationOutcome:
     bytes_transferred: int
     bytes_estimated: int | None
     notes: tuple[str, ...] = ()  # what this ZFS could not do, e.g. "resume not supported"
+    # A recursive group: the children in this group snapshot, relative to the group's dataset
+    # ("vm1", "vm1/disk0"), parent before child; each has the snapshot under the same name.
+    children: tuple[str, ...] = ()
 
 
 ProgressSink = Callable[[ReplicationProgress], None]
@@ -141,4 +144,5 @@ class ReplicationHandler:
             flusher.cancel()
         result = asdict(outcome)
         result["notes"] = list(outcome.notes)
+        result["children"] = list(outcome.children)
         return result

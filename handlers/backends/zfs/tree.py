@@ -74,11 +74,13 @@ class TreeAttempt:
         members, later = in_point(source, name)
         if later:
             s.note(f"{', '.join(later)} appeared after the group snapshot {name} was made: "
-                   "seeded (full send) by the next job")
+                   "not in this recovery point, seeded (full send) by the next job")
         gone = gone_from_source(source, target, s.tgt_ds)
         if gone:
-            s.note(f"{', '.join(gone)} no longer exist on the source; Zerfaux never destroys a replica, "
-                   "so they stay on the target as they are (destroy them there yourself if unwanted)")
+            one = len(gone) == 1
+            s.note(f"{', '.join(gone)} {'has' if one else 'have'} no source dataset any more (removed or renamed "
+                   f"on the source); Zerfaux never destroys a replica, so {'it stays' if one else 'they stay'} on "
+                   "the target as is (destroy it there yourself if unwanted)")
         wrong = kinds_differ(source, target, s.tgt_ds, members)
         if wrong:
             raise PermanentError("; ".join(wrong) + ": a replica keeps its source's type. Rename or destroy "
@@ -96,7 +98,8 @@ class TreeAttempt:
         if self.cancel.is_set():
             raise interrupted(self.cancel, "before retention")
         self._retain(members, name)
-        return ReplicationOutcome(name, bases.get(s.src_ds), done, total, tuple(s.notes))
+        children = tuple(d[len(s.src_ds) + 1:] for d in members if d != s.src_ds)
+        return ReplicationOutcome(name, bases.get(s.src_ds), done, total, tuple(s.notes), children)
 
     def _refuse_early(self, source: Tree, target: Tree | None) -> None:
         """What Attempt decides before its snapshot, for every dataset: a refused tree stays untouched."""
