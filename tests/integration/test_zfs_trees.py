@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from handlers.backends.zfs.real import ZFSReplicationReal
+from handlers.errors import PermanentError
 from handlers.replication import ReplicationProgress, ReplicationRequest
 from tests.integration.test_zfs_backend import Interrupted, replicate, replicate_retrying, request
 from tests.support.platforms import FUSE_LOCAL, FUSE_SSH, MiB, Platform, checksums, guids, write, zfs_get
@@ -200,3 +201,18 @@ def test_retention_prunes_a_group_snapshot_everywhere_or_nowhere(backend: ZFSRep
         # The hold on b keeps the first group snapshot on every child of the target, not only on b.
         assert set(guids(p.target, dst)) == {made[0], made[2]}, dst
     p.target.run(["zfs", "release", "keep-me", f"{t.dst}/b@{made[0]}"])
+
+
+@pytest.mark.parametrize("platform", [FUSE_LOCAL], indirect=True)
+def test_a_diverged_child_refuses_the_tree_before_any_snapshot(backend: ZFSReplicationReal, platform: Platform,
+                                                               tree: Tree) -> None:
+    p, t = platform, tree
+    fill(p, t, {})
+    first = replicate(backend, tree_request(p, t))
+    p.target.run(["zfs", "snapshot", f"{t.dst}/a/g@made-at-dr"])
+    before = {src: guids(p.source, src) for src, _ in t.pairs()}
+    with pytest.raises(PermanentError, match=rf"{t.dst}/a/g has diverged.*made-at-dr"):
+        replicate(backend, tree_request(p, t))
+    assert {src: guids(p.source, src) for src, _ in t.pairs()} == before  # no group snapshot made
+    assert "made-at-dr" in guids(p.target, f"{t.dst}/a/g")
+    assert all(set(guids(p.target, dst)) == {first.snapshot_name} for _, dst in t.pairs()[:-1])

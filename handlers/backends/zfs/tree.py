@@ -32,7 +32,7 @@ from handlers.backends.zfs.treeplan import (
     target_name,
     tree_argv,
 )
-from handlers.errors import PermanentError
+from handlers.errors import PermanentError, TransientError
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationProgress, ReplicationRequest, snapshot_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class TreeAttempt:
     def _trees(self) -> tuple[Tree, Tree | None]:
         s = self.top
         src, tgt = ops.parallel(partial(s.src.run, tree_argv(s.src_ds, s.scaps.userrefs)),
-                                partial(s.tgt.run, tree_argv(s.tgt_ds, s.tcaps.userrefs)))
+                                partial(s.tgt.run, tree_argv(s.tgt_ds, s.tcaps.userrefs, s.tcaps.written,
+                                                             s.tcaps.resume)))
         source = parse_tree(src, s.src.label, s.src_ds)
         if source is None:
             raise PermanentError(f"protection_groups.source_dataset {s.src_ds} does not exist on {s.src.label}")
@@ -60,9 +61,13 @@ class TreeAttempt:
         s, req = self.top, self.req
         source, target = self._trees()
         check_children(source, s.tgt_ds)
+        wrong = kinds_differ(source, target, s.tgt_ds, source.datasets)
+        if wrong:
+            raise PermanentError("; ".join(wrong) + ": a replica keeps its source's type. Rename or destroy "
+                                 "the replica yourself, then run the job again")
         mine = find_job_snapshot(source.snaps[s.src_ds], job_prefix(snapshot_name(req.job_id)))
         if mine is None:
-            self._refuse_early(source, target)
+            source, target = self._refuse_early(source, target)
             name = snapshot_name(req.job_id)
             if self.cancel.is_set():
                 raise interrupted(self.cancel, "before making the snapshot")
@@ -81,10 +86,6 @@ class TreeAttempt:
             s.note(f"{', '.join(gone)} {'has' if one else 'have'} no source dataset any more (removed or renamed "
                    f"on the source); Zerfaux never destroys a replica, so {'it stays' if one else 'they stay'} on "
                    "the target as is (destroy it there yourself if unwanted)")
-        wrong = kinds_differ(source, target, s.tgt_ds, members)
-        if wrong:
-            raise PermanentError("; ".join(wrong) + ": a replica keeps its source's type. Rename or destroy "
-                                 "the replica yourself, then run the job again")
         sent = {d: snap.guid for d in members if (snap := source.snapshot(d, name)) is not None}
         todo = [d for d in members if target is None or not target.has_guid(target_name(s.src_ds, s.tgt_ds, d), sent[d])]
         bases = {d: self._base(source, target, d) for d in members}
@@ -101,8 +102,12 @@ class TreeAttempt:
         children = tuple(d[len(s.src_ds) + 1:] for d in members if d != s.src_ds)
         return ReplicationOutcome(name, bases.get(s.src_ds), done, total, tuple(s.notes), children)
 
-    def _refuse_early(self, source: Tree, target: Tree | None) -> None:
-        """What Attempt decides before its snapshot, for every dataset: a refused tree stays untouched."""
+    def _refuse_early(self, source: Tree, target: Tree | None, reads: int = 5) -> tuple[Tree, Tree | None]:
+        """What Attempt decides before its snapshot, for every dataset: a refused tree stays untouched.
+
+        As in Attempt, a refusal rests on two equal reads of the target a second apart (a receive
+        aborted a moment ago may still be rolling back); the trees it decided on are returned.
+        """
         s = self.top
         if target is None and "/" in s.tgt_ds:
             parent = s.tgt_ds.rsplit("/", 1)[0]
@@ -110,15 +115,31 @@ class TreeAttempt:
                 raise PermanentError(
                     f"{parent} (replication_targets.target_root) does not exist on {s.tgt.label}: "
                     f"create it there (zfs create -p {parent}) and run the job again")
+        for _ in range(reads):
+            try:
+                self._plan_all(source, target)
+                return source, target
+            except PermanentError:
+                if self.cancel.wait(1.0):
+                    raise interrupted(self.cancel, "while the target was read again") from None
+                seen = target
+                source, target = self._trees()
+                if target == seen:
+                    raise
+        raise TransientError(f"{s.tgt_ds} on {s.tgt.label} kept changing while it was read (a receive may "
+                             "still be ending): the next attempt will look again")
+
+    def _plan_all(self, source: Tree, target: Tree | None) -> None:
+        s = self.top
         if target is None:
             return
         for dataset in source.datasets:
             replica = target_name(s.src_ds, s.tgt_ds, dataset)
-            if replica not in target.kinds:
-                continue
+            if replica not in target.kinds or replica in target.tokens:
+                continue  # seeded by this job, or a partial receive that its Attempt finishes first
             snaps = source.snaps[dataset]
             pending = Snap("(this job)", _PENDING, max((x.txg for x in snaps), default=0) + 1)
-            plan(snaps, target.snaps[replica], pending, replica)
+            plan(snaps, target.snaps[replica], pending, replica, target.written.get(replica))
 
     @staticmethod
     def _base(source: Tree, target: Tree | None, dataset: str) -> str | None:
@@ -146,8 +167,7 @@ class TreeAttempt:
         request = replace(self.req, source_dataset=dataset, target_dataset=replica, retention_snapshots=None)
 
         def sink(p: ReplicationProgress) -> None:
-            estimate = total if total is not None else None
-            self.progress(ReplicationProgress(name, top_base, before + p.bytes_transferred, estimate))
+            self.progress(ReplicationProgress(name, top_base, before + p.bytes_transferred, total))
 
         outcome = Attempt(request, sides, self.transfer(sides), sink, self.cancel, may_snapshot=False).execute()
         log.info("job %s: %s@%s is on %s (%d bytes)", self.req.job_id, replica, name, s.tgt.label,

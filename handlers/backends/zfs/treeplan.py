@@ -13,12 +13,13 @@ A tree is the group's dataset and every child, listed by one ``zfs get -r`` per 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from handlers.backends.zfs.exec import Result, check
 from handlers.backends.zfs.ops import TARGET_PROPERTY
 from handlers.backends.zfs.plan import Snap, prunable
 from handlers.backends.zfs.validate import check_dataset
+from handlers.errors import PermanentError
 
 KINDS = ("filesystem", "volume")
 
@@ -30,6 +31,8 @@ class Tree:
     top: str
     kinds: dict[str, str]  # dataset -> "filesystem" | "volume"
     snaps: dict[str, list[Snap]]
+    written: dict[str, int] = field(default_factory=dict)  # bytes written since the newest snapshot
+    tokens: dict[str, str] = field(default_factory=dict)  # receive_resume_token of a partial receive
 
     @property
     def datasets(self) -> list[str]:
@@ -43,9 +46,10 @@ class Tree:
         return any(s.guid == guid for s in self.snaps.get(dataset, []))
 
 
-def tree_argv(top: str, userrefs: bool) -> list[str]:
-    props = "type,guid,createtxg" + (",userrefs" if userrefs else "") + "," + TARGET_PROPERTY
-    return ["zfs", "get", "-Hp", "-r", "-o", "name,property,value", props, top]
+def tree_argv(top: str, userrefs: bool, written: bool = False, resume: bool = False) -> list[str]:
+    props = ["type", "guid", "createtxg"] + (["userrefs"] if userrefs else []) + [TARGET_PROPERTY]
+    props += (["written"] if written else []) + (["receive_resume_token"] if resume else [])
+    return ["zfs", "get", "-Hp", "-r", "-o", "name,property,value", ",".join(props), top]
 
 
 def parse_tree(result: Result, where: str, top: str) -> Tree | None:
@@ -66,10 +70,16 @@ def parse_tree(result: Result, where: str, top: str) -> Tree | None:
         rows.setdefault(name, {})[parts[1]] = parts[2]
     kinds: dict[str, str] = {}
     snaps: dict[str, list[Snap]] = {}
+    written: dict[str, int] = {}
+    tokens: dict[str, str] = {}
     for name, values in rows.items():
         if "@" not in name:
             if values.get("type") in KINDS:
                 kinds[name] = values["type"]
+                if values.get("written", "").isdigit():
+                    written[name] = int(values["written"])
+                if values.get("receive_resume_token", "-") not in ("", "-"):
+                    tokens[name] = values["receive_resume_token"]
             continue
         if "guid" not in values or "createtxg" not in values:
             continue
@@ -81,7 +91,7 @@ def parse_tree(result: Result, where: str, top: str) -> Tree | None:
                  "" if target == "-" else target))
     for found in snaps.values():
         found.sort(key=lambda s: s.txg)
-    return Tree(top, kinds, {d: snaps.get(d, []) for d in kinds})
+    return Tree(top, kinds, {d: snaps.get(d, []) for d in kinds}, written, tokens)
 
 
 def check_children(tree: Tree, target_top: str) -> None:
@@ -89,10 +99,12 @@ def check_children(tree: Tree, target_top: str) -> None:
     for dataset in tree.datasets:
         if dataset == tree.top:
             continue
-        check_dataset(dataset, f"child dataset of protection_groups.source_dataset ({tree.top}); rename it "
-                               "(zfs rename) or turn protection_groups.recursive off, and")
-        check_dataset(target_name(tree.top, target_top, dataset),
-                      f"target name of child dataset {dataset} (replication_targets.target_root is too long?)")
+        try:
+            check_dataset(dataset, f"a child of protection_groups.source_dataset ({tree.top}):")
+            check_dataset(target_name(tree.top, target_top, dataset), f"the replica of child {dataset}:")
+        except PermanentError as exc:
+            raise PermanentError(f"{exc}. Rename the child on the source (zfs rename), or set "
+                                 "protection_groups.recursive to false to replicate the dataset alone") from None
 
 
 def target_name(source_top: str, target_top: str, dataset: str) -> str:

@@ -48,6 +48,11 @@ def test_parse_missing_top_and_zvol_kind() -> None:
     tree = parse_tree(listing(dataset("p/t") + dataset("p/t/vol", "volume")), "here", "p/t")
     assert tree is not None and tree.kinds["p/t/vol"] == "volume"
     assert tree_argv("p/t", userrefs=False)[-2] == "type,guid,createtxg,zerfaux:target"
+    assert tree_argv("p/t", True, written=True, resume=True)[-2] == \
+        "type,guid,createtxg,userrefs,zerfaux:target,written,receive_resume_token"
+    partial = parse_tree(listing(dataset("d/t") + [("d/t", "written", "4096"), ("d/t", "receive_resume_token", "1-ab"),
+                                                   ("d/t@s", "written", "9")]), "tgt", "d/t")
+    assert partial is not None and partial.written == {"d/t": 4096} and partial.tokens == {"d/t": "1-ab"}
 
 
 def test_children_appeared_after_the_snapshot_and_gone_from_source() -> None:
@@ -63,8 +68,14 @@ def test_children_appeared_after_the_snapshot_and_gone_from_source() -> None:
 def test_child_names_are_checked_like_the_group_dataset() -> None:
     src = parse_tree(listing(dataset("p/t") + dataset("p/t/bad name")), "src", "p/t")
     assert src is not None
-    with pytest.raises(PermanentError, match="child dataset of protection_groups.source_dataset"):
+    with pytest.raises(PermanentError, match="a child of protection_groups.source_dataset .* 'p/t/bad name' is not an"
+                                             ".*protection_groups.recursive to false"):
         check_children(src, "d/t")
+    fine = parse_tree(listing(dataset("p/t") + dataset("p/t/ok")), "src", "p/t")
+    assert fine is not None
+    check_children(fine, "d/t")
+    with pytest.raises(PermanentError, match="the replica of child p/t/ok"):
+        check_children(fine, "d/" + "x" * 253)
 
 
 def test_a_replica_of_another_type_is_named() -> None:
