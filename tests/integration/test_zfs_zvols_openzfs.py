@@ -4,7 +4,8 @@
 What a user would check on the DR host: the replica is a volume, its snapshot has the source's
 GUID, and the block device of the snapshot reads the same bytes (sha256 of ``dd`` over a clone's
 ``/dev/zvol/...``) as the source's, after a full and after an incremental send; and a zvol that
-is a child of a recursive group comes across as a volume too. One guest boot for the module.
+is a child of a recursive group comes across as a volume too, its interrupted stream resumed by the
+retry as a single dataset's would be. One guest boot for the module.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import replace
 import pytest
 
 from handlers.backends.zfs.real import ZFSReplicationReal
-from tests.integration.test_zfs_backend import replicate, request
-from tests.support.platforms import OPENZFS, MiB, Platform, guids, zfs_get
+from handlers.replication import ReplicationProgress
+from tests.integration.test_zfs_backend import Interrupted, replicate, replicate_retrying, request
+from tests.support.platforms import OPENZFS, MiB, Platform, guids, held, resume_token, zfs_get
 from tests.support.zfs import secret_env
 from tests.support.zfshost import ZFSHost
 
@@ -100,22 +102,42 @@ def test_zvol_full_then_incremental(backend: ZFSReplicationReal, platform: Platf
 
 
 @pytest.mark.parametrize("platform", [OPENZFS], indirect=True)
-def test_zvol_child_of_a_recursive_group(backend: ZFSReplicationReal, platform: Platform) -> None:
+def test_zvol_child_of_a_recursive_group_resumes(backend: ZFSReplicationReal, platform: Platform) -> None:
+    """A tree's child is sent by the same rules as a single dataset: interrupted inside the zvol's
+    stream, the retry keeps the group snapshot, skips the top by GUID and resumes the zvol's receive."""
     p, tag = platform, uuid.uuid4().hex[:8]
     top, dst = f"{p.source.pool}/tree{tag}", f"{p.target.pool}/dr/tree{tag}"
     p.source.run(["zfs", "create", top])
     p.source.run(["zfs", "create", "-V", VOLSIZE, f"{top}/lun0"])
     p.target.run(["zfs", "create", "-p", f"{p.target.pool}/dr"], check=False)
     try:
-        write_blocks(p.source, f"{top}/lun0", 0, 4)
+        write_blocks(p.source, f"{top}/lun0", 0, 16)
         p.source.run(["sh", "-c", f"head -c 1048576 /dev/urandom > /{top}/vm.vmx && sync"])
-        outcome = replicate(backend, replace(request(str(uuid.uuid4()), top, dst, p), recursive=True))
+        req = replace(request(str(uuid.uuid4()), top, dst, p), recursive=True)
+        estimates: list[int | None] = []
+
+        def die(progress: ReplicationProgress) -> None:
+            estimates.append(progress.bytes_estimated)
+            if progress.bytes_transferred > 6 * MiB:  # the top's 1 MiB is sent, the zvol's stream is under way
+                raise Interrupted()
+
+        with pytest.raises(Interrupted):
+            replicate(backend, req, die)
+        snap = next(n for n in guids(p.source, top) if n.startswith("zerfaux_"))
+        assert guids(p.target, dst)[snap] == guids(p.source, top)[snap]
+        assert resume_token(p.target, f"{dst}/lun0"), "the zvol's interrupted receive leaves a token"
+        assert held(p.source, f"{top}/lun0@{snap}")  # kept for the resume
+        # bytes_estimated sums both streams (zfs send -nP of each): 16 MiB of blocks and a 1 MiB file.
+        assert estimates and all(e is not None and 17 * MiB <= e <= 19 * MiB for e in estimates), estimates
+        outcome = replicate_retrying(backend, req)
+        assert outcome.snapshot_name == snap and outcome.children == ("lun0",)
+        assert any("resumed" in n for n in outcome.notes), outcome.notes
+        assert 0 < outcome.bytes_transferred < 13 * MiB, outcome.bytes_transferred  # the rest of the zvol only
         assert zfs_get(p.target, "type", dst) == "filesystem"
-        assert_zvol_same(p, f"{top}/lun0", f"{dst}/lun0", outcome.snapshot_name)
-        assert guids(p.target, dst)[outcome.snapshot_name] == guids(p.source, top)[outcome.snapshot_name]
-        # OpenZFS estimates: the tree's bytes_estimated sums both streams, within 10 % of what crossed.
-        assert outcome.bytes_estimated is not None
-        assert abs(outcome.bytes_estimated - outcome.bytes_transferred) <= 0.10 * outcome.bytes_transferred
+        assert resume_token(p.target, f"{dst}/lun0") is None
+        assert_zvol_same(p, f"{top}/lun0", f"{dst}/lun0", snap)
+        for host, dataset in ((p.source, top), (p.source, f"{top}/lun0"), (p.target, dst), (p.target, f"{dst}/lun0")):
+            assert not any(held(host, f"{dataset}@{n}") for n in guids(host, dataset)), dataset
     finally:
         p.source.run(["zfs", "destroy", "-R", top], check=False)
         p.target.run(["zfs", "destroy", "-R", dst], check=False)
