@@ -95,7 +95,8 @@ def assert_tree_same(p: Platform, t: Tree, snap: str) -> None:
         assert zfs_get(p.target, "type", dst) == "filesystem"
 
 
-@pytest.mark.parametrize("platform,transport", [(FUSE_LOCAL, "ssh"), (FUSE_SSH, "paramiko")],
+@pytest.mark.parametrize("platform,transport",
+                         [(FUSE_LOCAL, "ssh"), (FUSE_SSH, "paramiko"), (FUSE_LOCAL, "syncoid")],
                          indirect=["platform"])
 def test_tree_full_then_incremental(backend: ZFSReplicationReal, platform: Platform, tree: Tree,
                                     transport: str) -> None:
