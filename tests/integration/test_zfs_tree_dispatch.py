@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import GROUP
+from tests.integration.conftest import GROUP, operations
 from tests.integration.test_zfs_dispatch import Real, real
 from tests.integration.test_zfs_trees import destroy_on_source
 from tests.support.engine import drain, engine_settings
@@ -29,6 +29,9 @@ async def test_recursive_group_replicates_its_tree(real: Real, platform: Platfor
     assert first["status"] == "completed", first["error"]
     assert first["bytes_transferred"] >= 3 * MiB
     snap = first["snapshot_name"]
+    # The operation's result names the children of the group snapshot, parent before child.
+    result = operations(real.db, "replication.run")[0]["result"]
+    assert result["children"] == ["data", "os", "data/logs"], result
     for child in ("", "/os", "/data", "/data/logs"):
         assert guids(target, real.target + child)[snap] == guids(source, real.source + child)[snap]
         assert checksums(target, f"{real.target}{child}@{snap}") == checksums(source, f"{real.source}{child}@{snap}")
