@@ -18,12 +18,16 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from handlers.backends.zfs.exec import Result
 from handlers.backends.zfs.real import ZFSReplicationReal
+from handlers.backends.zfs.treeplan import Tree as TreeListing
+from handlers.backends.zfs.treeplan import parse_tree, tree_argv, whole_on_target
 from handlers.errors import PermanentError
 from handlers.replication import ReplicationProgress, ReplicationRequest
 from tests.integration.test_zfs_backend import Interrupted, replicate, replicate_retrying, request
 from tests.support.platforms import FUSE_LOCAL, FUSE_SSH, MiB, Platform, checksums, guids, write, zfs_get
 from tests.support.zfs import mountpoint, secret_env
+from tests.support.zfshost import ZFSHost
 
 pytestmark = pytest.mark.zfs
 
@@ -75,6 +79,16 @@ def snapshots_if_any(p: Platform, dataset: str) -> dict[str, int]:
     if p.target.run(["zfs", "list", dataset], check=False).returncode != 0:
         return {}
     return guids(p.target, dataset)
+
+
+def point_whole(p: Platform, t: Tree, snap: str) -> bool:
+    """treeplan.whole_on_target over the hosts' real listings (what a recovery-point listing uses)."""
+    def tree_of(host: ZFSHost, top: str) -> TreeListing | None:
+        done = host.run(tree_argv(top, userrefs=True), check=False)
+        return parse_tree(Result((), done.returncode, done.stdout.decode(), done.stderr.decode()), host.name, top)
+    source = tree_of(p.source, t.src)
+    assert source is not None
+    return whole_on_target(source, tree_of(p.target, t.dst), t.dst)[snap]
 
 
 def destroy_on_source(p: Platform, dataset: str) -> None:
@@ -179,9 +193,11 @@ def test_failure_in_one_child_then_retry(backend: ZFSReplicationReal, platform: 
     assert snap not in snapshots_if_any(p, f"{t.dst}/b")
     for child in ("c", "a/g"):
         assert p.target.run(["zfs", "list", f"{t.dst}/{child}"], check=False).returncode != 0
+    assert not point_whole(p, t, snap)  # the top's replica has it, b's does not: no recovery point yet
     retry = replicate_retrying(backend, req)
     assert retry.snapshot_name == snap  # the same group snapshot, not a new one
     assert_tree_same(p, t, snap)
+    assert point_whole(p, t, snap)
     # top and a were skipped by GUID: the retry moved b, c and a/g (about 33 MiB), not the whole 37.
     assert 32 * MiB < retry.bytes_transferred < 35 * MiB, retry.bytes_transferred
 

@@ -155,3 +155,18 @@ def kinds_differ(source: Tree, target: Tree | None, target_top: str, datasets: S
         if kind is not None and kind != source.kinds[d]:
             out.append(f"{d} is a {source.kinds[d]} but {target_name(source.top, target_top, d)} is a {kind}")
     return out
+
+
+def whole_on_target(source: Tree, target: Tree | None, target_top: str) -> dict[str, bool]:
+    """For each snapshot of the top dataset: is the recovery point whole on the target?
+
+    A tree's point is one group snapshot; it is on the target only when every source dataset that
+    has it has a replica holding the same GUID (a job that failed in a child leaves the top's
+    replica with the snapshot and the child without: not a point to recover from).
+    """
+    out: dict[str, bool] = {}
+    for snap in source.snaps.get(source.top, []):
+        having = [(d, s) for d in source.datasets if (s := source.snapshot(d, snap.name)) is not None]
+        out[snap.name] = target is not None and all(
+            target.has_guid(target_name(source.top, target_top, d), s.guid) for d, s in having)
+    return out

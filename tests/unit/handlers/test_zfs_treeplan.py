@@ -13,6 +13,7 @@ from handlers.backends.zfs.treeplan import (
     kinds_differ,
     parse_tree,
     tree_argv,
+    whole_on_target,
 )
 from handlers.errors import PermanentError
 from handlers.replication import build_request
@@ -108,3 +109,15 @@ def test_build_request_reads_recursive() -> None:
     group = {"name": "g", "source_dataset": "p/t"}
     assert build_request({"job": job, "group": group, "target": target}).recursive is False
     assert build_request({"job": job, "group": {**group, "recursive": True}, "target": target}).recursive is True
+
+
+def test_a_point_is_whole_on_the_target_only_with_every_child() -> None:
+    src = parse_tree(listing(dataset("p/t") + dataset("p/t/a") + snap(f"p/t@{OURS[0]}", 1, 5)
+                             + snap(f"p/t/a@{OURS[0]}", 2, 5) + snap(f"p/t@{OURS[1]}", 3, 6)
+                             + snap(f"p/t/a@{OURS[1]}", 4, 6)), "src", "p/t")
+    tgt = parse_tree(listing(dataset("d/t") + dataset("d/t/a") + snap(f"d/t@{OURS[0]}", 1, 5)
+                             + snap(f"d/t/a@{OURS[0]}", 2, 5) + snap(f"d/t@{OURS[1]}", 3, 6)), "tgt", "d/t")
+    assert src is not None
+    # OURS[1] reached the top's replica but not a's (a job that failed in a child).
+    assert whole_on_target(src, tgt, "d/t") == {OURS[0]: True, OURS[1]: False}
+    assert whole_on_target(src, None, "d/t") == {OURS[0]: False, OURS[1]: False}
