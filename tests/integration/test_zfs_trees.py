@@ -24,7 +24,7 @@ from handlers.backends.zfs.treeplan import Tree as TreeListing
 from handlers.backends.zfs.treeplan import parse_tree, tree_argv, whole_on_target
 from handlers.errors import PermanentError
 from handlers.replication import ReplicationProgress, ReplicationRequest
-from tests.integration.test_zfs_backend import Interrupted, replicate, replicate_retrying, request
+from tests.integration.test_zfs_backend import Interrupted, assert_no_holds, replicate, replicate_retrying, request
 from tests.support.platforms import FUSE_LOCAL, FUSE_SSH, MiB, Platform, checksums, guids, write, zfs_get
 from tests.support.zfs import mountpoint, secret_env
 from tests.support.zfshost import ZFSHost
@@ -134,6 +134,8 @@ def test_tree_full_then_incremental(backend: ZFSReplicationReal, platform: Platf
     assert second.base_snapshot == first.snapshot_name
     assert_tree_same(p, t, second.snapshot_name)
     assert second.bytes_transferred < first.bytes_transferred  # incrementals: only a/g changed much
+    for src, dst in t.pairs():  # every stream's holds (zfs-fuse counts them in userrefs) released
+        assert_no_holds(p, src, dst)
     # Each child is its own dataset on the target, received stream by stream: no -R, no -F.
     listed = p.target.run(["zfs", "list", "-H", "-r", "-o", "name", t.dst]).stdout.decode().split()
     assert listed == [dst for _, dst in sorted(t.pairs(), key=lambda x: x[1])]
