@@ -18,14 +18,15 @@ from functools import partial
 from handlers.backends.zfs import ops
 from handlers.backends.zfs.attempt import Attempt
 from handlers.backends.zfs.plan import Snap, find_job_snapshot, job_prefix, newest_common, plan
+from handlers.backends.zfs.retention import Creation, zfs_creation
 from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.stopping import interrupted
 from handlers.backends.zfs.stream import Transfer
+from handlers.backends.zfs.treepoints import settle_tree
 from handlers.backends.zfs.treeplan import (
     Tree,
     check_children,
     gone_from_source,
-    group_prunable,
     in_point,
     kinds_differ,
     parse_tree,
@@ -42,8 +43,9 @@ _PENDING = 0  # the GUID of "this job's snapshot, not made yet" (as in attempt.p
 
 class TreeAttempt:
     def __init__(self, request: ReplicationRequest, sides: Sides, transfer: Callable[[Sides], Transfer],
-                 progress: ProgressSink, cancel: threading.Event) -> None:
+                 progress: ProgressSink, cancel: threading.Event, creation: Creation = zfs_creation) -> None:
         self.req, self.top, self.transfer = request, sides, transfer
+        self.creation = creation  # what retention grids read as a snapshot's creation (retention.py)
         self.progress, self.cancel = progress, cancel
         self.target_tag = ops.target_tag(request.target.host, request.target.port, request.target_dataset)
 
@@ -98,9 +100,11 @@ class TreeAttempt:
             log.info("job %s: %d of %d datasets already had %s", req.job_id, len(members) - len(todo), len(members), name)
         if self.cancel.is_set():
             raise interrupted(self.cancel, "before retention")
-        self._retain(members, name)
+        settled = settle_tree(s, req, members, name, self.target_tag, done if todo else None, self.creation,
+                              self._trees)
         children = tuple(d[len(s.src_ds) + 1:] for d in members if d != s.src_ds)
-        return ReplicationOutcome(name, bases.get(s.src_ds), done, total, tuple(s.notes), children)
+        return ReplicationOutcome(name, bases.get(s.src_ds), done, total, tuple(s.notes), settled.points,
+                                  settled.pruned_source, settled.pruned_target, children=children)
 
     def _refuse_early(self, source: Tree, target: Tree | None, reads: int = 5) -> tuple[Tree, Tree | None]:
         """What Attempt decides before its snapshot, for every dataset: a refused tree stays untouched.
@@ -164,37 +168,15 @@ class TreeAttempt:
         s = self.top
         replica = target_name(s.src_ds, s.tgt_ds, dataset)
         sides = Sides(s.src, s.tgt, dataset, replica, s.scaps, s.tcaps, notes=s.notes)
-        request = replace(self.req, source_dataset=dataset, target_dataset=replica, retention_snapshots=None)
+        # Retention and the points are the tree's (treepoints.py): none per dataset.
+        request = replace(self.req, source_dataset=dataset, target_dataset=replica, retention_snapshots=None,
+                          retention_grid=None, source_retention_grid=None)
 
         def sink(p: ReplicationProgress) -> None:
             self.progress(ReplicationProgress(name, top_base, before + p.bytes_transferred, total))
 
-        outcome = Attempt(request, sides, self.transfer(sides), sink, self.cancel, may_snapshot=False).execute()
+        outcome = Attempt(request, sides, self.transfer(sides), sink, self.cancel, self.creation,
+                          may_snapshot=False).execute()
         log.info("job %s: %s@%s is on %s (%d bytes)", self.req.job_id, replica, name, s.tgt.label,
                  outcome.bytes_transferred)
         return outcome.bytes_transferred
-
-    def _retain(self, members: list[str], name: str) -> None:
-        """Prune a group snapshot on every dataset of a side or on none (``treeplan.group_prunable``)."""
-        keep, s = self.req.retention_snapshots, self.top
-        if keep is None:
-            return
-        source, target = self._trees()
-        replicas = [target_name(s.src_ds, s.tgt_ds, d) for d in members]
-        sides = []
-        for runner, caps, tree, datasets, tag in ((s.src, s.scaps, source, members, self.target_tag),
-                                                  (s.tgt, s.tcaps, target, replicas, None)):
-            if tree is None:
-                continue
-            if not caps.userrefs:
-                s.note(f"retention skipped on {runner.label}: this ZFS cannot say which snapshots are held")
-                continue
-            sent = {d: snap.guid for d in datasets if (snap := tree.snapshot(d, name)) is not None}
-            sides.append((runner, group_prunable(tree, keep, sent, tag, datasets)))
-        for runner, chosen in sides:
-            for dataset, snaps in chosen.items():
-                for old in snaps:
-                    result = ops.destroy_snapshot(runner, dataset, old.name)
-                    if not result.ok:
-                        s.note(f"retention could not destroy {dataset}@{old.name} on {runner.label}: "
-                               f"{result.err.strip()}")

@@ -12,12 +12,12 @@ A tree is the group's dataset and every child, listed by one ``zfs get -r`` per 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from handlers.backends.zfs.exec import Result, check
 from handlers.backends.zfs.ops import TARGET_PROPERTY
-from handlers.backends.zfs.plan import Snap, prunable
+from handlers.backends.zfs.plan import Snap
 from handlers.backends.zfs.validate import check_dataset
 from handlers.errors import PermanentError
 
@@ -47,7 +47,7 @@ class Tree:
 
 
 def tree_argv(top: str, userrefs: bool, written: bool = False, resume: bool = False) -> list[str]:
-    props = ["type", "guid", "createtxg"] + (["userrefs"] if userrefs else []) + [TARGET_PROPERTY]
+    props = ["type", "guid", "createtxg", "creation"] + (["userrefs"] if userrefs else []) + [TARGET_PROPERTY]
     props += (["written"] if written else []) + (["receive_resume_token"] if resume else [])
     return ["zfs", "get", "-Hp", "-r", "-o", "name,property,value", ",".join(props), top]
 
@@ -84,11 +84,11 @@ def parse_tree(result: Result, where: str, top: str) -> Tree | None:
         if "guid" not in values or "createtxg" not in values:
             continue
         dataset, snap = name.split("@", 1)
-        refs = values.get("userrefs", "-")
+        refs, created = values.get("userrefs", "-"), values.get("creation", "")
         target = values.get(TARGET_PROPERTY, "-")
         snaps.setdefault(dataset, []).append(
             Snap(snap, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1,
-                 "" if target == "-" else target))
+                 "" if target == "-" else target, int(created) if created.isdigit() else 0))
     for found in snaps.values():
         found.sort(key=lambda s: s.txg)
     return Tree(top, kinds, {d: snaps.get(d, []) for d in kinds}, written, tokens)
@@ -125,24 +125,17 @@ def gone_from_source(source: Tree, target: Tree | None, target_top: str) -> list
     return [d for d in target.datasets if d not in mapped]
 
 
-def group_prunable(tree: Tree, keep: int, sent: Mapping[str, int], target: str | None,
-                   datasets: Iterable[str]) -> dict[str, list[Snap]]:
-    """What tree retention destroys on one side: per dataset, the snapshots of the group names that
-    ``plan.prunable`` allows on *every* dataset of ``datasets`` having that name.
+def whole_groups(tree: Tree, datasets: Sequence[str], allowed: Mapping[str, set[str]]) -> dict[str, list[Snap]]:
+    """What tree retention destroys on one side: per dataset, its snapshots of the group names that
+    ``allowed`` (what retention.choose lets go there) holds on *every* dataset having that name.
 
-    ``sent`` maps a dataset to the GUID just sent (never pruned). A name held, protected or kept on
-    one child stays on all, so a recovery point is always whole or gone.
+    A name held, protected, kept by the policy or cloned on one child stays on all, so a recovery
+    point is always whole or gone. A child seeded later lacks the older names: it holds none back.
     """
-    chosen = list(datasets)
-    allowed: dict[str, set[str]] = {}
-    present: dict[str, set[str]] = {}
-    for d in chosen:
-        snaps = tree.snaps.get(d, [])
-        allowed[d] = {s.name for s in prunable(snaps, keep, protect={sent[d]} if d in sent else (), target=target)}
-        present[d] = {s.name for s in snaps}
-    names: set[str] = set().union(*allowed.values()) if allowed else set()
-    whole = {n for n in names if all(n in allowed[d] for d in chosen if n in present[d])}
-    return {d: [s for s in tree.snaps.get(d, []) if s.name in whole] for d in chosen}
+    present = {d: {s.name for s in tree.snaps.get(d, [])} for d in datasets}
+    names: set[str] = set().union(*(allowed.get(d, set()) for d in datasets))
+    whole = {n for n in names if all(n in allowed.get(d, set()) for d in datasets if n in present[d])}
+    return {d: [s for s in tree.snaps.get(d, []) if s.name in whole] for d in datasets}
 
 
 def kinds_differ(source: Tree, target: Tree | None, target_top: str, datasets: Sequence[str]) -> list[str]:

@@ -8,11 +8,11 @@ from handlers.backends.zfs.exec import Result
 from handlers.backends.zfs.treeplan import (
     check_children,
     gone_from_source,
-    group_prunable,
     in_point,
     kinds_differ,
     parse_tree,
     tree_argv,
+    whole_groups,
     whole_on_target,
 )
 from handlers.errors import PermanentError
@@ -48,9 +48,9 @@ def test_parse_missing_top_and_zvol_kind() -> None:
     assert parse_tree(Result((), 1, "", "cannot open 'p/t': dataset does not exist"), "here", "p/t") is None
     tree = parse_tree(listing(dataset("p/t") + dataset("p/t/vol", "volume")), "here", "p/t")
     assert tree is not None and tree.kinds["p/t/vol"] == "volume"
-    assert tree_argv("p/t", userrefs=False)[-2] == "type,guid,createtxg,zerfaux:target"
+    assert tree_argv("p/t", userrefs=False)[-2] == "type,guid,createtxg,creation,zerfaux:target"
     assert tree_argv("p/t", True, written=True, resume=True)[-2] == \
-        "type,guid,createtxg,userrefs,zerfaux:target,written,receive_resume_token"
+        "type,guid,createtxg,creation,userrefs,zerfaux:target,written,receive_resume_token"
     partial = parse_tree(listing(dataset("d/t") + [("d/t", "written", "4096"), ("d/t", "receive_resume_token", "1-ab"),
                                                    ("d/t@s", "written", "9")]), "tgt", "d/t")
     assert partial is not None and partial.written == {"d/t": 4096} and partial.tokens == {"d/t": "1-ab"}
@@ -90,17 +90,17 @@ def test_group_snapshot_pruned_everywhere_or_nowhere() -> None:
     rows = dataset("d/t") + dataset("d/t/a") + dataset("d/t/new")
     for i, name in enumerate(OURS):
         rows += snap(f"d/t@{name}", 100 + i, 10 + i)
-        rows += snap(f"d/t/a@{name}", 200 + i, 10 + i, refs=1 if i == 1 else 0)  # a holds the middle one
+        rows += snap(f"d/t/a@{name}", 200 + i, 10 + i)
     rows += snap(f"d/t/new@{OURS[2]}", 302, 12)  # seeded at the newest: lacks the older ones
     tree = parse_tree(listing(rows), "tgt", "d/t")
     assert tree is not None
-    sent = {"d/t": 102, "d/t/a": 202, "d/t/new": 302}
-    chosen = group_prunable(tree, 1, sent, None, ["d/t", "d/t/a", "d/t/new"])
-    # The oldest goes from every dataset that has it; the middle one, held on a, stays on all.
+    # What retention.choose let go per dataset: on a, the middle one is held (or cloned, or kept).
+    allowed = {"d/t": {OURS[0], OURS[1]}, "d/t/a": {OURS[0]}, "d/t/new": set()}
+    chosen = whole_groups(tree, ["d/t", "d/t/a", "d/t/new"], allowed)
+    # The oldest goes from every dataset that has it; the middle one stays on all; new holds nothing back.
     assert {d: [s.name for s in snaps] for d, snaps in chosen.items()} == {
         "d/t": [OURS[0]], "d/t/a": [OURS[0]], "d/t/new": []}
-    # Source side: only snapshots made for this replica count.
-    assert group_prunable(tree, 1, sent, "another-target", ["d/t"]) == {"d/t": []}
+    assert whole_groups(tree, ["d/t"], {}) == {"d/t": []}
 
 
 def test_build_request_reads_recursive() -> None:
