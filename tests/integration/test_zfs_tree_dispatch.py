@@ -32,6 +32,11 @@ async def test_recursive_group_replicates_its_tree(real: Real, platform: Platfor
     # The operation's result names the children of the group snapshot, parent before child.
     result = operations(real.db, "replication.run")[0]["result"]
     assert result["children"] == ["data", "os", "data/logs"], result
+    # One recovery point for the group snapshot, named by the top dataset's GUID, its bytes the tree's.
+    points = real.db.sql("select * from recovery_points where protection_group_id = %s", (GROUP,))
+    assert [(p["snapshot_name"], p["guid"], p["on_target"]) for p in points] == [
+        (snap, str(guids(source, real.source)[snap]), True)]
+    assert points[0]["bytes"] == first["bytes_transferred"]
     for child in ("", "/os", "/data", "/data/logs"):
         assert guids(target, real.target + child)[snap] == guids(source, real.source + child)[snap]
         assert checksums(target, f"{real.target}{child}@{snap}") == checksums(source, f"{real.source}{child}@{snap}")

@@ -235,3 +235,25 @@ def test_a_diverged_child_refuses_the_tree_before_any_snapshot(backend: ZFSRepli
     assert {src: guids(p.source, src) for src, _ in t.pairs()} == before  # no group snapshot made
     assert "made-at-dr" in guids(p.target, f"{t.dst}/a/g")
     assert all(set(guids(p.target, dst)) == {first.snapshot_name} for _, dst in t.pairs()[:-1])
+
+
+@pytest.mark.parametrize("platform", [FUSE_LOCAL], indirect=True)
+def test_recovery_points_are_group_snapshots_whole_on_every_child(backend: ZFSReplicationReal, platform: Platform,
+                                                                  tree: Tree) -> None:
+    p, t = platform, tree
+    made = []
+    for _ in range(2):
+        fill(p, t, {})
+        made.append(replicate(backend, tree_request(p, t)).snapshot_name)
+        time.sleep(1.05)
+    p.target.run(["zfs", "destroy", f"{t.dst}/b@{made[0]}"])  # by hand, on one child's replica
+    fill(p, t, {})
+    last = replicate(backend, tree_request(p, t))
+    points = {pt.snapshot_name: pt for pt in last.recovery_points}
+    assert list(points) == [*made, last.snapshot_name]
+    top = guids(p.source, t.src)
+    assert all(points[n].guid == str(top[n]) and points[n].on_source for n in points)  # the top's GUID stands
+    # The top's replica still has the first, b's does not: not a point to recover from any more.
+    assert made[0] in guids(p.target, t.dst)
+    assert [points[n].on_target for n in points] == [False, True, True]
+    assert points[last.snapshot_name].bytes == last.bytes_transferred
