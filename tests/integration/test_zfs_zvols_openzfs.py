@@ -118,7 +118,7 @@ def test_zvol_child_of_a_recursive_group_resumes(backend: ZFSReplicationReal, pl
 
         def die(progress: ReplicationProgress) -> None:
             estimates.append(progress.bytes_estimated)
-            if progress.bytes_transferred > 6 * MiB:  # the top's 1 MiB is sent, the zvol's stream is under way
+            if progress.bytes_transferred > 10 * MiB:  # the top's 1 MiB is sent, the zvol's stream well under way
                 raise Interrupted()
 
         with pytest.raises(Interrupted):
@@ -132,7 +132,9 @@ def test_zvol_child_of_a_recursive_group_resumes(backend: ZFSReplicationReal, pl
         outcome = replicate_retrying(backend, req)
         assert outcome.snapshot_name == snap and outcome.children == ("lun0",)
         assert any("resumed" in n for n in outcome.notes), outcome.notes
-        assert 0 < outcome.bytes_transferred < 13 * MiB, outcome.bytes_transferred  # the rest of the zvol only
+        # The rest of the zvol only (the token's offset lags the bytes relayed by a few MiB); starting
+        # over would send all of its 16 MiB again.
+        assert 0 < outcome.bytes_transferred < 14 * MiB, outcome.bytes_transferred
         assert zfs_get(p.target, "type", dst) == "filesystem"
         assert resume_token(p.target, f"{dst}/lun0") is None
         assert_zvol_same(p, f"{top}/lun0", f"{dst}/lun0", snap)
