@@ -257,3 +257,32 @@ def test_recovery_points_are_group_snapshots_whole_on_every_child(backend: ZFSRe
     assert made[0] in guids(p.target, t.dst)
     assert [points[n].on_target for n in points] == [False, True, True]
     assert points[last.snapshot_name].bytes == last.bytes_transferred
+
+
+@pytest.mark.parametrize("platform", [FUSE_SSH], indirect=True)
+def test_a_retention_grid_prunes_group_snapshots_whole(platform: Platform, tree: Tree) -> None:
+    """The target's grid (1 h of all, then 24 hourly) by the snapshots' given ages: the group snapshot
+    older than the grid goes from every replica, the one held on one child stays on all; the source
+    (no grid, no count) keeps everything. Ages are handed in as in test_zfs_grid.py."""
+    p, t = platform, tree
+    hours: dict[str, float] = {}
+    now = int(time.time())
+    backend = ZFSReplicationReal(secret_env(p.target, p.source),
+                                 creation=lambda snap: now - int(hours.get(snap.name, 0) * 3600))
+    try:
+        made, outcomes = [], []
+        for age in (50, 40, 0):  # each job's snapshot gets its age right after the job
+            fill(p, t, {})
+            outcomes.append(replicate(backend, replace(tree_request(p, t), retention_grid="1x1h(keep=all) | 24x1h")))
+            made.append(outcomes[-1].snapshot_name)
+            hours[made[-1]] = age
+            if age == 50:
+                p.target.run(["zfs", "hold", "keep-me", f"{t.dst}/b@{made[0]}"])
+            time.sleep(1.05)
+    finally:
+        backend.close()
+    for src, dst in t.pairs():
+        assert set(guids(p.target, dst)) == {made[0], made[2]}, dst  # the 40 h old one: gone from every replica
+        assert set(guids(p.source, src)) == set(made), src
+    assert outcomes[2].pruned_target == (made[1],) and outcomes[2].pruned_source == ()
+    p.target.run(["zfs", "release", "keep-me", f"{t.dst}/b@{made[0]}"])
