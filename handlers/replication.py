@@ -31,6 +31,7 @@ class ReplicationRequest:
     retention_grid: str | None = None  # target side, zrepl form (handlers/backends/zfs/grid.py); None: the count
     source_retention_grid: str | None = None  # source side, the same form
     wire_compression: str = "off"  # replication_targets.wire_compression: auto | zstd | lz4 | off
+    recursive: bool = False  # protection_groups.recursive: the dataset and every child (zfs/tree.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ReplicationOutcome:
     pruned_source: tuple[str, ...] = ()  # snapshot names retention destroyed on the source
     pruned_target: tuple[str, ...] = ()  # and on the target
     recovery_points_partial: bool = False  # True: points not listed are unknown, not removed (the stub)
+    # A recursive group: the children in this group snapshot, relative to the group's dataset
+    # ("vm1", "vm1/disk0"), parent before child; each has the snapshot under the same name.
+    children: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
         retention_grid=grids["retention_grid"],
         source_retention_grid=grids["source_retention_grid"],
         wire_compression=str(target.get("wire_compression") or "off"),
+        recursive=bool(group.get("recursive")),
     )
 
 
@@ -162,6 +167,6 @@ class ReplicationHandler:
         finally:
             flusher.cancel()
         result = asdict(outcome)
-        for key in ("notes", "recovery_points", "pruned_source", "pruned_target"):
+        for key in ("notes", "recovery_points", "pruned_source", "pruned_target", "children"):
             result[key] = list(result[key])
         return result

@@ -23,6 +23,7 @@ from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from listener.apikeys import is_api_key
+from listener.protection import GroupStatus, RpoCompliance
 from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, Schedule, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,13 @@ class PostgrestStore:
     async def vault_secret(self, name: str) -> str | None:
         value = await self._call("vault_secret", {"p_name": name})
         return None if value is None else str(value)
+
+    async def protection_overview(self) -> list[GroupStatus]:
+        return [GroupStatus.from_row(row) for row in await self._rows("protection_overview", {})]
+
+    async def rpo_report(self, since: datetime, until: datetime) -> list[RpoCompliance]:
+        rows = await self._rows("rpo_report", {"p_from": since.isoformat(), "p_to": until.isoformat()})
+        return [RpoCompliance.from_row(row) for row in rows]
 
 
 def _describe(exc: APIError) -> str:

@@ -84,7 +84,8 @@ GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_targe
                 "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
                 "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",
                 "dr_resource_pool", "dr_folder", "dr_network", "dr_vm_suffix", "paused",
-                "replication_interval_minutes", "retention_grid", "source_retention_grid", "encryption_key_secret")
+                "replication_interval_minutes", "retention_grid", "source_retention_grid", "encryption_key_secret",
+                "recursive")
 
 # The column grants, once. Rows: tables; columns: roles.
 POLICY: dict[str, dict[str, Access]] = {

@@ -25,6 +25,7 @@ from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.ssh import KeyFiles, Peer, sweep_stale_key_dirs
 from handlers.backends.zfs.stopping import interrupted
 from handlers.backends.zfs.stream import Links, Transfer
+from handlers.backends.zfs.tree import TreeAttempt
 from handlers.backends.zfs.validate import check_cipher, parse_host_key, validate_request
 from handlers.errors import PermanentError
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationRequest
@@ -79,7 +80,7 @@ class ZFSReplicationReal:
 
     @staticmethod
     def _attempt(request: ReplicationRequest, links: Links, progress: ProgressSink,
-                 cancel: threading.Event, creation: Creation) -> Attempt:
+                 cancel: threading.Event, creation: Creation) -> Attempt | TreeAttempt:
         tgt: Runner = ParamikoRunner(links.target_client, links.target)
         src: Runner = (ParamikoRunner(links.source_client, links.source) if links.source_client and links.source
                        else LocalRunner())
@@ -87,6 +88,9 @@ class ZFSReplicationReal:
         scaps, tcaps = ops.parallel(partial(ops.capabilities, src, src_ds.split("/")[0]),
                                     partial(ops.capabilities, tgt, tgt_ds.split("/")[0]))
         sides = Sides(src, tgt, src_ds, tgt_ds, scaps, tcaps)
+        if request.recursive:  # the dataset and every child: zfs/tree.py
+            return TreeAttempt(request, sides, lambda child: Transfer(request.job_id, request.transport, child,
+                                                                      links, cancel), progress, cancel, creation)
         return Attempt(request, sides, Transfer(request.job_id, request.transport, sides, links, cancel),
                        progress, cancel, creation)
 
