@@ -28,6 +28,7 @@ from handlers.backends.zfs.validate import check_cipher, parse_host_key, validat
 from handlers.errors import PermanentError
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationRequest
 from handlers.secrets import SecretResolver
+from handlers.throttle import THROTTLES, Throttles
 from handlers.types import SSHEndpoint
 
 
@@ -37,8 +38,10 @@ def missing_tools() -> list[str]:
 
 
 class ZFSReplicationReal:
-    def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com") -> None:
+    def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com",
+                 throttles: Throttles = THROTTLES) -> None:
         self._secrets = secrets
+        self._throttles = throttles
         self._cipher = check_cipher(cipher)
         self.sessions = SessionPool()
         self.shared = SharedConnections()
@@ -64,7 +67,8 @@ class ZFSReplicationReal:
                 if source_client is None and shutil.which("zfs") is None:
                     raise PermanentError("protection_groups.source_ssh_host is empty (a local source) "
                                          "but zfs is not installed here")
-                links = Links(self._cipher, files, self.shared, target, source, target_client, source_client)
+                links = Links(self._cipher, files, self.shared, target, source, target_client, source_client,
+                              self._throttles.bucket(request.target_id) if request.target_id else None)
                 outcome = self._attempt(request, links, progress, cancel).execute()
             except BaseException:
                 for _, client in clients:

@@ -24,6 +24,7 @@ from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.ssh import KeyFiles, Peer, classify_ssh_failure
 from handlers.backends.zfs.syncoid import run_syncoid, syncoid_argv
 from handlers.errors import PermanentError, TransientError
+from handlers.throttle import Bucket
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Links:
     source: Peer | None
     target_client: paramiko.SSHClient
     source_client: paramiko.SSHClient | None
+    bucket: Bucket | None = None  # the target's bandwidth limit, shared by its streams (handlers/throttle.py)
 
 
 class Transfer:
@@ -64,7 +66,7 @@ class Transfer:
                     else ProcEnd(send, "zfs send (local)", "producer"))
                 consumer: ProcEnd | ChannelEnd = ChannelEnd(links.target_client, self.recv_argv(),
                                                             f"zfs receive on {s.tgt.label}")
-                return relay(producer, consumer, on_bytes, self.cancel)
+                return relay(producer, consumer, on_bytes, self.cancel, links.bucket)
             with ExitStack() as stack:
                 if links.source:
                     shared = stack.enter_context(links.shared.options(links.source, links.cipher))
@@ -75,7 +77,7 @@ class Transfer:
                 shared = stack.enter_context(links.shared.options(links.target, links.cipher))
                 consumer = ProcEnd(links.files.ssh_argv(links.target, links.cipher, shlex.join(self.recv_argv()), shared),
                                    f"zfs receive on {s.tgt.label}", "consumer")
-                return relay(producer, consumer, on_bytes, self.cancel)
+                return relay(producer, consumer, on_bytes, self.cancel, links.bucket)
         except Ended as exc:
             raise self._explain(exc) from None
         finally:
@@ -112,6 +114,12 @@ class Transfer:
             src = f"{links.source.endpoint.user}@{links.source.endpoint.host}:{s.src_ds}"
         argv = syncoid_argv(src, f"{e.user}@{e.host}:{s.tgt_ds}", links.target, links.source,
                             links.files, links.cipher, s.resumable)
+        rate = links.bucket.rate if links.bucket else None
+        if rate is not None:
+            # syncoid's own limit (mbuffer -r on the target): fixed when the stream starts, per stream.
+            argv[-2:-2] = [f"--target-bwlimit={int(rate)}"]
+            s.note(f"syncoid limited this stream to {rate * 8 / 1e6:g} Mbit/s with mbuffer on the target: "
+                   "the limit is not shared with other streams and a change applies from the next job")
         moved = run_syncoid(argv, links.target, on_bytes, self.cancel)
         if moved == 0:
             s.note("syncoid reported no byte count (pv missing on the listener): bytes_transferred is 0")
