@@ -38,6 +38,7 @@ CHUNK = 1 << 20
 PIPE_BYTES = 32 << 20  # zrepl's choice; falls back to what the kernel allows
 STALL_SECONDS = 120.0
 PROGRESS_EVERY = 0.1
+ORPHAN_SECONDS = 2.0  # a producer still running this long after its consumer failed is not the cause
 
 
 class Ended(Exception):
@@ -198,7 +199,16 @@ def relay(
         if killed.is_set() or cancel.is_set():
             raise interrupted(cancel, f"after {total} bytes")
         crc, cerr = consumer.finish(STALL_SECONDS)
-        prc, perr = producer.finish(STALL_SECONDS)
+        if crc != 0:
+            try:
+                prc, perr = producer.finish(ORPHAN_SECONDS)
+            except subprocess.TimeoutExpired:
+                # The consumer died first (a link that went down): the producer is blocked writing
+                # into a stream nobody reads any more, and would wait there for ever.
+                producer.kill()
+                raise Ended(consumer.where, crc, cerr) from None
+        else:
+            prc, perr = producer.finish(STALL_SECONDS)
         if killed.is_set():
             raise interrupted(cancel, f"after {total} bytes")
         # Name the end that failed first: a sender's "Broken pipe" only echoes the receiver's death,
