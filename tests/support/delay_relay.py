@@ -68,6 +68,8 @@ class DelayRelay:
             await asyncio.gather(self._direction(c_reader, s_writer), self._direction(s_reader, c_writer))
         except (OSError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the relay closes: end quietly (asyncio's server callback reads this task's outcome)
         finally:
             for w in (c_writer, s_writer):
                 self._writers.discard(w)

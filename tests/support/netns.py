@@ -44,7 +44,8 @@ TABLE = "zerfaux_wan"
 @dataclass
 class Wan:
     namespace: str
-    host_addr: str  # the host's end of the veth pair
+    host_if: str  # the host's end of the veth pair
+    host_addr: str
     ns_addr: str  # the namespace's end, where its sshd listens on port 22
     relay: DelayRelay
     sshd_host_key: str  # known_hosts line for the relay's address and port
@@ -66,6 +67,11 @@ class Wan:
 
     def heal(self) -> None:
         self.nft(f"flush chain inet {TABLE} cut_in\nflush chain inet {TABLE} cut_out\n")
+
+    def tx_bytes(self) -> int:
+        """Bytes the host sent into the link so far (the stream plus SSH, TCP and IP overhead)."""
+        with open(f"/sys/class/net/{self.host_if}/statistics/tx_bytes") as fh:
+            return int(fh.read())
 
     def counters(self) -> str:
         """The namespace's nftables rules with their counters (what the loss rule dropped)."""
@@ -153,7 +159,7 @@ def wan(base: Sshd, workdir: str, rate: str = RATE, loss_per_mille: int = LOSS_P
             missing("netns", f"the WAN namespace could not be set up: {exc}")
         with open(os.path.join(base.directory, "host_ed25519.pub")) as fh:
             kind, b64 = fh.read().split()[:2]
-        yield Wan(namespace, host_addr, ns_addr, relay, f"[{host_addr}]:{relay.port} {kind} {b64}")
+        yield Wan(namespace, host_if, host_addr, ns_addr, relay, f"[{host_addr}]:{relay.port} {kind} {b64}")
     finally:
         if relay is not None:
             relay.close()
