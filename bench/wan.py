@@ -10,7 +10,7 @@ the DR host's sshd inside the namespace. On that link, in the same run:
   the window of the channel carrying ``zfs send`` is ours (ssh.WINDOW_BYTES), at Zerfaux's 64 MiB
   and at 256 KiB, a window below the link's bandwidth-delay product (200 Mbit/s × 40 ms = 1 MB);
 * a bandwidth limit of 50 Mbit/s: the stream's rate (bytes_transferred) and the link's (the veth's
-  tx counter: the stream plus SSH, TCP and IP overhead) over 30 s, against the limit;
+  tx counter: the stream plus SSH framing; with GSO one TCP/IP header per segment) over 30 s;
 * wire compression: the hook ``COMPRESSION_CONTENDERS`` below (replication_targets.wire_compression
   is another change's; it adds its transports there and they are measured like the others).
 """

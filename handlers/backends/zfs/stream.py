@@ -132,6 +132,12 @@ class Transfer:
             fault = classify_ssh_failure(exc.stderr, peer)
             if fault is not None:
                 return fault
+        if exc.rc == 255 and peer is not None and not exc.stderr.strip():
+            # What ssh says when the peer goes silent ("Timeout, server not responding") is below LogLevel=ERROR.
+            return TransientError(
+                f"{exc.where}: the SSH connection to {peer.label} ended without a message (exit 255): the host "
+                "stopped answering (ssh gives up after 30 s of silence) or the link dropped; the next attempt "
+                "connects again")
         err = exc.stderr.strip()[-800:] or f"exit status {exc.rc}"
         lowered = err.lower()
         if "has been modified" in lowered or "does not match incremental source" in lowered:
