@@ -10,6 +10,9 @@ Latency is ``started_at - created_at`` of each operation, both read from the dat
 - realtime: the Realtime fake (tests/fakes), which is itself fed by NOTIFY and then reads the
   row, so this is NOTIFY plus one websocket hop and one query. Hosted Realtime polls its WAL slot
   every 100 ms, so expect it to add up to about that much on a real project.
+- broadcast: the same fake with Broadcast from Database: the trigger's realtime.send writes a row
+  into a test-only realtime.messages (tests/fakes/realtime_schema.sql), whose insert the fake hears
+  by NOTIFY and reads; hosted Realtime reads realtime.messages through a replication slot instead.
 - webhook: the bench POSTs the database-webhook body to the real HTTP app right after the
   commit (what pg_net does, minus pg_net's own queueing, which this does not model).
 - sweep: no source but the periodic sweep, every ``--sweep-seconds``.
@@ -42,7 +45,8 @@ from listener.sources.sweep import SweepSource  # noqa: E402
 from listener.sources.webhook import WebhookSource  # noqa: E402
 from listener.store_pg import PostgresStore  # noqa: E402
 
-SOURCES = ("notify", "realtime", "webhook", "sweep")
+SOURCES = ("notify", "realtime", "broadcast", "webhook", "sweep")
+REALTIME_SCHEMA = Path(__file__).resolve().parent.parent / "tests" / "fakes" / "realtime_schema.sql"
 SECRET = "bench-webhook-secret"
 
 
@@ -66,7 +70,15 @@ async def _source(name: str, url: str, store: PostgresStore, dispatcher: Dispatc
             from tests.fakes.supabase import FakeSupabase
 
             fake = stack.enter_context(FakeSupabase(url))
-            source = RealtimeSource(fake.url, fake.key, dispatcher.wake, dispatcher.poke)
+            source = RealtimeSource(fake.url, fake.key, dispatcher.wake, dispatcher.poke, wakeups="changes")
+        elif name == "broadcast":
+            from tests.fakes.supabase import FakeSupabase
+
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(REALTIME_SCHEMA.read_text())
+                conn.execute("select zerfaux.install_broadcast_policies()")
+            fake = stack.enter_context(FakeSupabase(url))
+            source = RealtimeSource(fake.url, fake.key, dispatcher.wake, dispatcher.poke, wakeups="broadcast")
         elif name == "webhook":
             source = WebhookSource(dispatcher.wake, dispatcher.poke)
             app = create_app(secret=SECRET, webhook=source, store=store, sources=[source], metrics=Metrics())

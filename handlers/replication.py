@@ -31,6 +31,9 @@ class ReplicationRequest:
     last_snapshot: str | None  # snapshot of the newest completed job of this pair, a hint only
     operation_id: str = ""  # the zerfaux.operations row this attempt runs for ("" outside the engine)
     attempt: int = 1  # zerfaux.operations.attempts: holds carry it, so attempts never release each other's
+    retention_grid: str | None = None  # target side, zrepl form (handlers/backends/zfs/grid.py); None: the count
+    source_retention_grid: str | None = None  # source side, the same form
+    wire_compression: str = "off"  # replication_targets.wire_compression: auto | zstd | lz4 | off
     target_id: str = ""  # replication_targets.id: streams to one target share its bandwidth limit
     bandwidth_limit_mbps: float | None = None  # the row's value when the job was claimed (None: no limit)
 
@@ -50,6 +53,23 @@ class ReplicationOutcome:
     bytes_transferred: int
     bytes_estimated: int | None
     notes: tuple[str, ...] = ()  # what this ZFS could not do, e.g. "resume not supported"
+    # Our snapshots of this replica after retention, GUID-matched across the two sides (docs/rpo.md).
+    recovery_points: tuple[RecoveryPoint, ...] = ()
+    pruned_source: tuple[str, ...] = ()  # snapshot names retention destroyed on the source
+    pruned_target: tuple[str, ...] = ()  # and on the target
+    recovery_points_partial: bool = False  # True: points not listed are unknown, not removed (the stub)
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    """One of our snapshots of a replica, as ``zerfaux.complete_replication_run`` upserts it."""
+
+    snapshot_name: str
+    guid: str  # decimal text: ZFS GUIDs exceed bigint
+    created_at: str  # ISO 8601, UTC: the snapshot's creation on the source
+    bytes: int | None  # the incremental's size, for the snapshot this job sent; None for the others
+    on_source: bool
+    on_target: bool
 
 
 ProgressSink = Callable[[ReplicationProgress], None]
@@ -99,6 +119,7 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
             "set replication_targets.target_root"
         )
     retention = group.get("retention_snapshots")
+    grids = {column: group.get(column) or None for column in ("retention_grid", "source_retention_grid")}
     return ReplicationRequest(
         job_id=str(job["id"]),
         source_dataset=source_dataset,
@@ -108,6 +129,9 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
         source=SSHEndpoint.source_from_group(group),
         retention_snapshots=int(retention) if retention is not None else None,
         last_snapshot=payload.get("last_snapshot"),  # type: ignore[arg-type]
+        retention_grid=grids["retention_grid"],
+        source_retention_grid=grids["source_retention_grid"],
+        wire_compression=str(target.get("wire_compression") or "off"),
         target_id=str(target.get("id") or ""),
         bandwidth_limit_mbps=bandwidth_limit(target),
     )
@@ -167,7 +191,8 @@ class ReplicationHandler:
         finally:
             flusher.cancel()
         result = asdict(outcome)
-        result["notes"] = list(outcome.notes)
+        for key in ("notes", "recovery_points", "pruned_source", "pruned_target"):
+            result[key] = list(result[key])
         return result
 
     async def _reread_limit(self, ctx: OperationContext, target_id: str) -> None:

@@ -1,4 +1,4 @@
-"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub]."""
+"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub] · report rpo · webhook install|uninstall."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 
 from handlers import BackendUnavailable
 from listener.config import ConfigError, Settings, redact_url
@@ -113,6 +114,70 @@ def cmd_mode(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.webhooks import WebhookInstallError, install, plan, uninstall
+
+    if not settings.database_url:
+        print("zerfaux webhook needs DATABASE_URL (direct or session pooler): the webhooks are triggers, "
+              "which no API call creates; or make them in the dashboard as docs/deploy-supabase.md shows",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.action == "uninstall":
+            removed = uninstall(settings.database_url)
+            print("removed: " + ", ".join(f"{n} on {t}" for n, t in removed) if removed else "no Zerfaux webhooks were installed")
+            return 0
+        if not settings.webhook_secret:
+            print("zerfaux webhook install needs ZERFAUX_WEBHOOK_SECRET, the same secret the listener is given "
+                  "(for example: openssl rand -hex 32)", file=sys.stderr)
+            return 2
+        target = plan(args.url, args.timeout_ms)
+        print(target.describe())
+        created = install(settings.database_url, settings.webhook_secret, target)
+    except WebhookInstallError as exc:
+        print(f"zerfaux: {exc}", file=sys.stderr)
+        return 2
+    print("created: " + ", ".join(f"{n} on {t}" for n, t in created))
+    return 0
+
+
+def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    from listener.report import print_rpo_report
+
+    _prepare(settings, apply_seed=False)
+    if args.report == "rpo":
+        return print_rpo_report(settings, args.days, args.until, args.json)
+    raise AssertionError(f"unknown report {args.report}")
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = 0.0
+    if not 0 < days <= 3660:
+        raise argparse.ArgumentTypeError(f"--days must be a number of days above 0 (at most 3660), not {text!r}")
+    return days
+
+
+def _stamp(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--until must be an ISO 8601 time such as 2026-12-01T00:00:00+00:00, not {text!r}") from None
+
+
+def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("report", help="reports over time: rpo")
+    reports = p.add_subparsers(dest="report", required=True)
+    r = reports.add_parser("rpo", help="per group: share of time within RPO, worst RPO, violations")
+    r.add_argument("--days", type=_days, default=30.0, help="length of the window in days (default 30)")
+    r.add_argument("--until", type=_stamp, default=None,
+                   help="end of the window, ISO 8601 (default now; without a zone: UTC)")
+    r.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zerfaux", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,13 +188,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--until-idle", action="store_true", help="drain what is runnable, then exit 0")
     p = sub.add_parser("demo", help="ask for each kind of work and watch it converge")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each step")
-    sub.add_parser("status", help="queue depth, workers, recent operations")
+    sub.add_parser("status", help="groups' RPO, queue depth, workers, recent operations")
     p = sub.add_parser("mode", help="show or set the database's mode (stub or real)")
     p.add_argument("mode", nargs="?", choices=("real", "stub"),
                    help="set it: only listeners of this mode start against the database")
+    p = sub.add_parser("webhook", help="install or remove the Supabase database webhooks that wake listeners")
+    actions = p.add_subparsers(dest="action", required=True)
+    w = actions.add_parser("install", help="create the webhook triggers (needs DATABASE_URL, ZERFAUX_WEBHOOK_SECRET)")
+    w.add_argument("--url", required=True, help="the listener's public URL, ending in /webhooks/supabase")
+    w.add_argument("--timeout-ms", type=int, default=5000, help="pg_net's request timeout (default 5000; its own is 1000)")
+    actions.add_parser("uninstall", help="drop the webhook triggers")
+    _report_parser(sub)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status, "mode": cmd_mode}
+    commands = {"migrate": cmd_migrate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status, "mode": cmd_mode,
+                "webhook": cmd_webhook, "report": cmd_report}
     try:
         settings = Settings.from_environ()
         return commands[args.command](settings, args)

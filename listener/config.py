@@ -9,7 +9,10 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Literal, cast
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from listener.apikeys import server_key_problem
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,40 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+RealtimeWakeups = Literal["auto", "broadcast", "changes"]
+TRANSACTION_POOLER_PORT = 6543
+_KEYWORD_PORT = re.compile(r"(?i)(?<![\w.])port\s*=\s*'?([\d,]+)")
+
+
+def pooler_problem(url: str) -> str | None:
+    """Why ``url`` cannot carry the listener (Supabase's transaction pooler), or None.
+
+    The transaction pooler (Supavisor, port 6543; ``pgbouncer=true`` is Prisma's flag for it)
+    hands every transaction to another server connection: LISTEN, session settings and prepared
+    statements do not survive. The session pooler (port 5432) and the direct connection keep one
+    server connection per client, prepared statements included, so they need nothing special."""
+    if _URL.match(url):
+        parts = urlsplit(url)
+        hosts = parts.netloc.rsplit("@", 1)[-1]
+        ports = [h.rsplit(":", 1)[1] for h in hosts.split(",") if ":" in h.rsplit("]", 1)[-1]]
+        query = {k.lower(): v for k, v in parse_qs(parts.query).items()}
+        ports += query.get("port", [])
+        bouncer = any(v.strip().lower() in ("true", "1") for v in query.get("pgbouncer", []))
+    else:
+        found = _KEYWORD_PORT.search(url)
+        ports = found.group(1).split(",") if found else []
+        bouncer = False
+    fix = ("use the session pooler (the same host on port 5432: postgresql://postgres.<project-ref>:"
+           "<password>@aws-0-<region>.pooler.supabase.com:5432/postgres) or the direct connection "
+           "(db.<project-ref>.supabase.co:5432); Dashboard > Connect shows both")
+    if str(TRANSACTION_POOLER_PORT) in [p.strip() for p in ports]:
+        return (f"DATABASE_URL points at the transaction pooler (port {TRANSACTION_POOLER_PORT}), which "
+                f"cannot carry LISTEN or the listener's sessions: {fix}")
+    if bouncer:
+        return f"DATABASE_URL has pgbouncer=true, the setting for a transaction pooler: remove it and {fix}"
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None
@@ -99,6 +136,7 @@ class Settings:
     home: Path  # where the embedded Postgres lives
     stub_seconds_jitter: float = 0.0
     stub_world: str | None = None  # directory of the stubs' shared outside world (tests, soak)
+    realtime_wakeups: RealtimeWakeups = "auto"  # auto | broadcast | changes (listener.sources.realtime)
 
     @property
     def attempt_retry_seconds(self) -> float:
@@ -114,12 +152,18 @@ class Settings:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         supabase_url = env.get("SUPABASE_URL") or None
-        supabase_key = env.get("SUPABASE_SERVICE_ROLE_KEY") or None
+        supabase_key = _server_key(env)
         if supabase_url and not supabase_key and not env.get("DATABASE_URL"):
             raise ConfigError(
-                "SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not: set the project's "
-                "service-role key (Settings > API in the Supabase dashboard)"
+                "SUPABASE_URL is set but neither SUPABASE_SECRET_KEY nor SUPABASE_SERVICE_ROLE_KEY is: set "
+                "the project's secret key (sb_secret_..., Project Settings > API Keys) or its legacy "
+                "service_role key"
             )
+        if env.get("DATABASE_URL") and (problem := pooler_problem(env["DATABASE_URL"])):
+            raise ConfigError(problem)
+        wakeups = (env.get("ZERFAUX_REALTIME_WAKEUPS") or "auto").strip().lower()
+        if wakeups not in ("auto", "broadcast", "changes"):
+            raise ConfigError(f"ZERFAUX_REALTIME_WAKEUPS must be auto, broadcast or changes, got {wakeups!r}")
         port = env.get("ZERFAUX_HTTP_PORT")
         return cls(
             database_url=env.get("DATABASE_URL") or None,
@@ -147,4 +191,20 @@ class Settings:
             home=Path(env.get("ZERFAUX_HOME") or ".zerfaux"),
             stub_seconds_jitter=_number(env, "ZERFAUX_STUB_SECONDS_JITTER", 0.0, 0.0),
             stub_world=env.get("ZERFAUX_STUB_WORLD") or None,
+            realtime_wakeups=cast(RealtimeWakeups, wakeups),
         )
+
+
+def _server_key(env: Mapping[str, str]) -> str | None:
+    """SUPABASE_SECRET_KEY or SUPABASE_SERVICE_ROLE_KEY (either may hold either kind of key),
+    checked: a publishable key or a JWT of another role stops start-up."""
+    secret, legacy = env.get("SUPABASE_SECRET_KEY") or None, env.get("SUPABASE_SERVICE_ROLE_KEY") or None
+    if secret and legacy and secret != legacy:
+        raise ConfigError("SUPABASE_SECRET_KEY and SUPABASE_SERVICE_ROLE_KEY are both set and differ: keep one")
+    name, key = ("SUPABASE_SECRET_KEY", secret) if secret else ("SUPABASE_SERVICE_ROLE_KEY", legacy)
+    if key is None:
+        return None
+    key = key.strip()
+    if problem := server_key_problem(name, key):
+        raise ConfigError(problem)
+    return key

@@ -116,6 +116,7 @@ def create_app(*, secret: str | None, webhook: WebhookSource | None, store: Stor
 
     async def prometheus(request: Request) -> Response:
         metrics.observe_sources(sources)
+        await metrics.observe_protection(store)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psycopg
 
+from listener import migrate_guard
+
 log = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^(?P<version>\d+)_(?P<name>[A-Za-z0-9_\-]+)\.sql$")
@@ -84,6 +86,20 @@ def discover(directory: Traversable | None = None) -> list[Migration]:
     return found
 
 
+_NOT_PERMITTED = (
+    "; run `zerfaux migrate` as the role that owns the project's schema public (on Supabase: "
+    "postgres). A role that is not a superuser also needs the API roles anon, authenticated and "
+    "service_role to exist already (a superuser creates them on bare Postgres; Supabase has them) "
+    "and to own publication supabase_realtime if it exists: docs/deploy-supabase.md, \"Running "
+    "as a role that is not a superuser\""
+)
+
+
+def _log_notice(diag: psycopg.errors.Diagnostic) -> None:
+    level = logging.WARNING if diag.severity_nonlocalized == "WARNING" else logging.INFO
+    log.log(level, "migration: %s", diag.message_primary)
+
+
 def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migration]:
     """Apply what is pending; return what was applied (empty when up to date)."""
     applied: list[Migration] = []
@@ -94,13 +110,20 @@ def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migrati
         try:
             conn.execute(_BOOKKEEPING)
             done = {row[0] for row in conn.execute("select version from supabase_migrations.schema_migrations")}
+            # A migration says what it skipped or what to check (a feature absent, a relation
+            # of the application) with RAISE NOTICE; the operator reads it in the log.
+            conn.add_notice_handler(_log_notice)
             for migration in migrations:
                 if migration.version in done:
                     continue
                 sql = migration.path.read_text()
+                ours = migrate_guard.GUARDED.get(migration.version)
                 try:
                     with conn.transaction():
+                        before = migrate_guard.snapshot(conn, ours) if ours is not None else None
                         conn.execute(sql)
+                        if ours is not None and before is not None:
+                            migrate_guard.restore(conn, before, ours, migration.path.name)
                         conn.execute(
                             "insert into supabase_migrations.schema_migrations (version, statements, name)"
                             " values (%s, %s, %s)",
@@ -111,6 +134,7 @@ def migrate(conninfo: str, directory: Traversable | None = None) -> list[Migrati
                         f"migration {migration.path.name} failed and was rolled back: "
                         f"{exc.diag.message_primary or exc}"
                         + (f" (at: {exc.diag.context.splitlines()[0]})" if exc.diag.context else "")
+                        + (_NOT_PERMITTED if isinstance(exc, psycopg.errors.InsufficientPrivilege) else "")
                     ) from exc
                 log.info("applied migration %s", migration.path.name)
                 applied.append(migration)

@@ -49,3 +49,17 @@ select zerfaux.set_mode(%(mode)s) as previous;
 
 -- name: database_mode
 select zerfaux.database_mode() as mode;
+
+-- name: broadcast_ready
+select zerfaux.broadcast_ready() as ready;
+
+-- name: protection_overview
+select protection_group_id, name, rpo_minutes, last_recovery_point_at, current_rpo_seconds, rpo_status,
+       next_replication_at, last_job_status, last_error, paused
+  from zerfaux.protection_overview();
+
+-- name: rpo_report
+select protection_group_id, name, rpo_minutes, window_seconds, observed_seconds, within_seconds,
+       within_share, worst_rpo_seconds, violations, longest_violation_seconds, paused_seconds,
+       unknown_seconds
+  from zerfaux.rpo_report(%(since)s, %(until)s);

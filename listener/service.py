@@ -114,7 +114,9 @@ def build_listener(settings: Settings, store: Store | None = None) -> Listener:
         from listener.sources.realtime import RealtimeSource
 
         listener.sources.append(
-            RealtimeSource(settings.supabase_url, settings.supabase_key, dispatcher.wake, dispatcher.poke)
+            RealtimeSource(settings.supabase_url, settings.supabase_key, dispatcher.wake, dispatcher.poke,
+                           wakeups=settings.realtime_wakeups,
+                           broadcast_ready=store.broadcast_ready)
         )
     if settings.webhook_secret and settings.http_port is not None:
         from listener.sources.webhook import WebhookSource

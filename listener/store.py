@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
+from listener.protection import GroupStatus, RpoCompliance
+
 T = TypeVar("T")
 
 # Calls made for a running attempt. Their retries are bounded below the lease (the stores'
@@ -154,6 +156,16 @@ class Store(Protocol):
     async def database_mode(self) -> str | None:
         """The recorded mode, None before any listener started."""
 
+    async def broadcast_ready(self) -> bool:
+        """Whether enqueueing sends Broadcast from Database hints (zerfaux.broadcast_ready: the
+        realtime schema and Zerfaux's policies on realtime.messages are there). Read only."""
+
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         """What `zerfaux status` shows (zerfaux.status_report): by_kind, recent, workers,
         oldest_queued_seconds; timestamps as ISO text."""
+
+    async def protection_overview(self) -> list[GroupStatus]:
+        """Every group's row of public.protection_status (zerfaux.protection_overview), by name."""
+
+    async def rpo_report(self, since: datetime, until: datetime) -> list[RpoCompliance]:
+        """Every group's RPO compliance over [since, until) (zerfaux.rpo_report), by name."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from datetime import datetime
 from typing import Any, cast
 from uuid import UUID
 
@@ -16,6 +17,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from listener import sqlfile
 from listener.config import redact_url
+from listener.protection import GroupStatus, RpoCompliance
 from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,16 @@ class PostgresStore:
         mode = (await self._one("database_mode"))["mode"]
         return None if mode is None else str(mode)
 
+    async def broadcast_ready(self) -> bool:
+        return bool((await self._one("broadcast_ready"))["ready"])
+
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         row = await self._one("status_report", {"recent": recent, "seconds": worker_seconds})
         return dict(row["report"])
+
+    async def protection_overview(self) -> list[GroupStatus]:
+        return [GroupStatus.from_row(row) for row in await self._rows("protection_overview")]
+
+    async def rpo_report(self, since: datetime, until: datetime) -> list[RpoCompliance]:
+        rows = await self._rows("rpo_report", {"since": since, "until": until})
+        return [RpoCompliance.from_row(row) for row in rows]

@@ -1,6 +1,8 @@
-"""The PostgREST store: the engine's SQL functions called as RPC with the service-role key.
+"""The PostgREST store: the engine's SQL functions called as RPC with the server key.
 
-For a team whose only credentials are ``SUPABASE_URL`` and ``SUPABASE_SERVICE_ROLE_KEY``. Every
+For a team whose only credentials are ``SUPABASE_URL`` and the server key (``SUPABASE_SECRET_KEY``
+or ``SUPABASE_SERVICE_ROLE_KEY``: an ``sb_secret_…`` key, sent as ``apikey`` only, or the legacy
+service_role JWT, sent as ``apikey`` and bearer token; listener.apikeys). Every
 state change is ``POST /rest/v1/rpc/<function>`` on schema ``zerfaux`` (which must be among the
 project's exposed schemas, docs/deploy-supabase.md) with the functions' own argument names, so
 the behaviour is the Postgres store's; only the wire differs. Transport failures and gateway
@@ -20,6 +22,8 @@ from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from listener.apikeys import is_api_key
+from listener.protection import GroupStatus, RpoCompliance
 from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,11 @@ class PostgrestStore:
             AsyncClientOptions(schema=SCHEMA, httpx_client=self._http, auto_refresh_token=False,
                                persist_session=False),
         )
+        if is_api_key(self._key):
+            # supabase-py sends the key as a bearer token too; an sb_ key is not a JWT and goes
+            # in apikey alone (the gateway mints the JWT of its role).
+            self._client.options.headers.pop("Authorization", None)
+            self._client._postgrest = None  # built again, from these headers, at the first call
         try:
             await self.ping()
         except StoreUnavailable:
@@ -202,9 +211,19 @@ class PostgrestStore:
         mode = await self._call("database_mode", {})
         return None if mode is None else str(mode)
 
+    async def broadcast_ready(self) -> bool:
+        return bool(await self._call("broadcast_ready", {}))
+
     async def vault_secret(self, name: str) -> str | None:
         value = await self._call("vault_secret", {"p_name": name})
         return None if value is None else str(value)
+
+    async def protection_overview(self) -> list[GroupStatus]:
+        return [GroupStatus.from_row(row) for row in await self._rows("protection_overview", {})]
+
+    async def rpo_report(self, since: datetime, until: datetime) -> list[RpoCompliance]:
+        rows = await self._rows("rpo_report", {"p_from": since.isoformat(), "p_to": until.isoformat()})
+        return [RpoCompliance.from_row(row) for row in rows]
 
 
 def _describe(exc: APIError) -> str:

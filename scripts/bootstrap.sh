@@ -8,7 +8,7 @@ want=${1:-run}
 run_pkgs=(postgresql-client)
 # Debian's own python3 needs python3-venv for `python3 -m venv` (a pyenv or upstream build has it).
 python3 -c 'import ensurepip, venv' 2>/dev/null || run_pkgs+=(python3-venv)
-test_pkgs=(zfs-fuse openssh-server openssh-client sanoid mbuffer pv golang-go
+test_pkgs=(zfs-fuse openssh-server openssh-client sanoid mbuffer pv zstd lz4 golang-go
            golang-github-vmware-govmomi-dev debootstrap qemu-system-x86 qemu-utils
            e2fsprogs cpio postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
            postgresql-15-plpgsql-check prometheus iproute2 nftables)

@@ -9,8 +9,9 @@ function answers its value, a set-returning one an array of objects; errors come
 ``{"code", "message", "details", "hint"}`` with PostgREST's status codes. Only functions found in
 the catalog are called, and every name is quoted as an identifier.
 
-Keys: ``apikey`` must be the project key (the API gateway checks it) and ``Authorization:
-Bearer <key>`` makes the request ``service_role``; without Authorization it runs as ``anon``.
+Keys: the API gateway's rules of tests/fakes/keys.py decide the role (``apikey`` must be one of
+the project's keys; a verified JWT in ``Authorization: Bearer`` names the role; an ``sb_secret_…``
+key alone runs as ``service_role``; a legacy key alone as ``anon``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -29,6 +30,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.fakes.keys import ProjectKeys
 
 _FUNCTION = """
 select p.proname, p.proretset,
@@ -46,6 +49,7 @@ class Faults:
     """Failures the tests inject: the next ``unavailable`` requests answer 503 PGRST001."""
 
     unavailable: int = 0
+    credentials: list[tuple[str, str | None]] = field(default_factory=list)  # (apikey, Authorization) seen
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,10 @@ def _status_for(sqlstate: str, authenticated: bool) -> int:
     return 400
 
 
-def create_app(database_url: str, key: str, schemas: Sequence[str] = ("public", "zerfaux"),
+def create_app(database_url: str, keys: ProjectKeys, schemas: Sequence[str] = ("public", "zerfaux"),
                faults: Faults | None = None) -> Starlette:
     faults = faults or Faults()
+    seen = faults.credentials
     pool = AsyncConnectionPool(database_url, min_size=1, max_size=10, open=False)
 
     @asynccontextmanager
@@ -97,12 +102,16 @@ def create_app(database_url: str, key: str, schemas: Sequence[str] = ("public", 
             await pool.close()
 
     async def rpc(request: Request) -> Response:
-        if request.headers.get("apikey") != key:
+        apikey = request.headers.get("apikey")
+        if apikey is None:
+            return JSONResponse({"message": "No API key found in request",
+                                 "hint": "No `apikey` request header or url param was found."}, status_code=401)
+        if keys.apikey_role(apikey, request.headers.get("user-agent", "")) is None:
             return JSONResponse({"message": "Invalid API key"}, status_code=401)
-        auth = request.headers.get("authorization")
-        if auth is not None and auth != f"Bearer {key}":
+        seen.append((apikey, request.headers.get("authorization")))
+        role = keys.request_role(apikey, request.headers.get("authorization"), request.headers.get("user-agent", ""))
+        if role is None:
             return _error(401, "PGRST301", "JWT could not be decoded")
-        role = "service_role" if auth else "anon"
         schema = request.headers.get("content-profile") or schemas[0]
         if schema not in schemas:
             return _error(406, "PGRST106", f"The schema must be one of the following: {', '.join(schemas)}")

@@ -13,9 +13,22 @@ an UPDATE of ``replication_jobs`` asking for cancellation through the engine's `
 applied to the record as on the server; as there, a change with no live subscriber is dropped and
 nothing is replayed.
 
+Broadcast from Database, on private channels (FACTS.md, Supabase in 2026): a join with
+``config.private = true`` is authorized as Realtime does it, by RLS on ``realtime.messages``: as
+the channel's role (the socket's key, or a JWT ``access_token``; an ``sb_`` key as access_token
+is ignored) it inserts a row for the topic and reads it back, then rolls back; refused, the
+reply is an error. A row that ``realtime.send`` writes into ``realtime.messages`` (a NOTIFY
+from a trigger the fake adds stands in for Realtime's replication slot) reaches the channels
+joined to its topic with the same privacy as ``event: "broadcast"``, payload ``{"type":
+"broadcast", "event", "payload", "meta": {"id"}}``. ``config.broadcast.replay {since, limit}``
+(private channels only, limit at most 25) sends the topic's messages inserted since ``since``
+(ms since the epoch) after the join reply, with ``meta.replayed = true``. Every broadcast frame
+sent is kept in ``broadcast_frames``.
+
 Faults the tests use (call them on the fake's loop): ``close_clean()`` (close frame 1000), ``close_abrupt()`` (TCP dropped, no
 close frame), ``subscribed_delay`` (seconds before "Subscribed"), ``drop_events`` (the next n
-changes vanish), ``fail_subscribe`` (a ``system`` error instead of "Subscribed").
+changes vanish), ``fail_subscribe`` (a ``system`` error instead of "Subscribed"), ``refuse``
+(new sockets are answered 503, as during an outage).
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ from psycopg.rows import dict_row
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+from tests.fakes.keys import ProjectKeys
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +76,27 @@ drop trigger if exists zerfaux_fake_wal on zerfaux.operations;
 create trigger zerfaux_fake_wal after insert or update on zerfaux.operations
     for each row execute function public.zerfaux_fake_wal();
 """
+_MESSAGES_TRIGGER = """
+create or replace function public.zerfaux_fake_realtime_messages() returns trigger language plpgsql as $$
+begin
+    perform pg_notify('zerfaux_fake_broadcast', new.id::text);
+    return null;
+end $$;
+drop trigger if exists zerfaux_fake_realtime_messages on realtime.messages;
+create trigger zerfaux_fake_realtime_messages after insert on realtime.messages
+    for each row execute function public.zerfaux_fake_realtime_messages();
+"""
+_MESSAGE = "select id::text, topic, event, payload, private from realtime.messages where id = %s and extension = 'broadcast'"
+_REPLAY = """
+select id::text, topic, event, payload, private from realtime.messages
+ where topic = %s and extension = 'broadcast' and private
+   and inserted_at >= to_timestamp(%s / 1000.0)::timestamp
+ order by inserted_at limit %s
+"""
+_CAN_READ = """
+with probe as (insert into realtime.messages (topic, extension) values (%(topic)s, 'broadcast') returning id)
+select id from probe
+"""
 _COLUMNS = """
 select a.attname as name, format_type(a.atttypid, null) as type
   from pg_attribute a where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped
@@ -74,18 +110,23 @@ class _Channel:
     join_ref: str | None
     bindings: list[dict[str, Any]]
     live: bool = False
+    private: bool = False
 
 
 @dataclass(eq=False)  # one per connection, kept in a set
 class _Client:
     ws: ServerConnection
+    role: str
     channels: dict[str, _Channel] = field(default_factory=dict)
 
 
 class RealtimeFake:
-    def __init__(self, database_url: str, key: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, database_url: str, keys: ProjectKeys, host: str = "127.0.0.1") -> None:
         self._database_url = database_url
-        self._key = key
+        self._keys = keys
+        self.refuse = False
+        self.broadcast_frames: list[dict[str, Any]] = []
+        self.join_payloads: list[dict[str, Any]] = []
         self._host = host
         self.subscribed_delay = 0.0
         self.drop_events = 0
@@ -109,6 +150,9 @@ class RealtimeFake:
         await listener.execute(_WAL_TRIGGER)
         await listener.execute("listen zerfaux_cancel")
         await listener.execute("listen zerfaux_fake_wal")
+        if (await (await listener.execute("select to_regclass('realtime.messages')")).fetchone() or [None])[0]:
+            await listener.execute(_MESSAGES_TRIGGER)
+            await listener.execute("listen zerfaux_fake_broadcast")
         self._feed = asyncio.create_task(self._follow(listener))
         self._server = await serve(self._session, self._host, 0, process_request=self._authorize)
         self.port = list(self._server.sockets)[0].getsockname()[1]
@@ -138,12 +182,18 @@ class RealtimeFake:
         query = parse_qs(url.query)
         if url.path != PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        if query.get("apikey") != [self._key] or query.get("vsn") != ["1.0.0"]:
+        if self.refuse:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable\n")
+        apikey = (query.get("apikey") or [""])[0]
+        role = self._keys.apikey_role(apikey, request.headers.get("User-Agent", ""))
+        if role is None or query.get("vsn") != ["1.0.0"]:
             return connection.respond(HTTPStatus.FORBIDDEN, "invalid apikey or vsn\n")
+        # The new keys stand for their role; a legacy JWT for the role it names.
+        connection.zerfaux_role = role if self._keys.minted(apikey) else self._keys.jwt_role(apikey)  # type: ignore[attr-defined]
         return None
 
     async def _session(self, ws: ServerConnection) -> None:
-        client = _Client(ws)
+        client = _Client(ws, getattr(ws, "zerfaux_role", "anon"))
         self._clients.add(client)
         try:
             async for raw in ws:
@@ -166,16 +216,71 @@ class RealtimeFake:
 
     async def _join(self, client: _Client, topic: str, msg: dict[str, Any]) -> None:
         self.joins += 1
-        config = (msg.get("payload") or {}).get("config") or {}
+        payload = msg.get("payload") or {}
+        self.join_payloads.append(payload)
+        config = payload.get("config") or {}
         bindings = [dict(b, id=next(_binding_ids)) for b in config.get("postgres_changes") or []]
-        channel = _Channel(topic, msg.get("join_ref"), bindings)
+        private = bool(config.get("private"))
+        replay = ((config.get("broadcast") or {}).get("replay")) or None
+        refusal = await self._refusal(client, topic, payload, private, replay)
+        if refusal is not None:
+            await client.ws.send(json.dumps({"topic": topic, "event": "phx_reply", "ref": msg.get("ref"),
+                                             "join_ref": msg.get("join_ref"),
+                                             "payload": {"status": "error", "response": {"reason": refusal}}}))
+            return
+        channel = _Channel(topic, msg.get("join_ref"), bindings, live=not bindings, private=private)
         client.channels[topic] = channel
         await self._send(client, topic, "phx_reply",
                          {"status": "ok", "response": {"postgres_changes": bindings}}, msg.get("ref"))
+        if replay:
+            rows = await (await self._reader.execute(
+                _REPLAY, (topic.removeprefix("realtime:"), int(replay["since"]), int(replay.get("limit") or 25)))).fetchall()
+            for row in rows:
+                await self._broadcast(client, channel, row, replayed=True)
         if bindings:
             task = asyncio.create_task(self._confirm(client, channel))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _refusal(self, client: _Client, topic: str, payload: dict[str, Any], private: bool,
+                       replay: dict[str, Any] | None) -> str | None:
+        """Why a join is refused, or None."""
+        token = payload.get("access_token")
+        role = client.role
+        if isinstance(token, str) and not token.startswith("sb_"):
+            role = self._keys.jwt_role(token) or ""
+            if not role:
+                return "InvalidJWTToken: the access_token does not verify"
+        if replay is not None:
+            limit = replay.get("limit", 25)
+            if not private or not isinstance(replay.get("since"), int) or not isinstance(limit, int) or not 0 < limit <= 25:
+                return "Replay needs a private channel, an integer since and a limit from 1 to 25"
+        if private and not await self._may_read(role, topic.removeprefix("realtime:")):
+            return f"Unauthorized: You do not have permissions to read from this Channel topic: {topic.removeprefix('realtime:')}"
+        return None
+
+    async def _may_read(self, role: str, topic: str) -> bool:
+        """Realtime's check: as the role, insert a message for the topic, read it back, roll back."""
+        async with await psycopg.AsyncConnection.connect(self._database_url) as conn:
+            try:
+                async with conn.transaction(force_rollback=True):
+                    await conn.execute("select set_config('realtime.topic', %s, true),"
+                                       " set_config('request.jwt.claims', %s, true)", (topic, json.dumps({"role": role})))
+                    await conn.execute(f'set local role "{role}"')
+                    row = await (await conn.execute(_CAN_READ, {"topic": topic})).fetchone()
+                    return row is not None
+            except psycopg.Error as exc:
+                log.debug("fake realtime: %s may not read %s: %s", role, topic, exc)
+                return False
+
+    async def _broadcast(self, client: _Client, channel: _Channel, row: dict[str, Any], replayed: bool = False) -> None:
+        meta: dict[str, Any] = {"id": row["id"]}
+        if replayed:
+            meta["replayed"] = True
+        payload = {"type": "broadcast", "event": row["event"], "payload": row["payload"], "meta": meta}
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(client, channel.topic, "broadcast", payload, None)
+            self.broadcast_frames.append({"topic": channel.topic, "event": "broadcast", "payload": payload})
 
     async def _confirm(self, client: _Client, channel: _Channel) -> None:
         await asyncio.sleep(self.subscribed_delay)
@@ -200,9 +305,20 @@ class RealtimeFake:
             async for note in listener.notifies():
                 if note.channel == "zerfaux_cancel":
                     await self._change("public", "replication_jobs", note.payload, "UPDATE")
+                elif note.channel == "zerfaux_fake_broadcast":
+                    await self._deliver(note.payload)
                 else:
                     change = json.loads(note.payload)
                     await self._change("zerfaux", "operations", change["id"], change["op"], change["row"])
+
+    async def _deliver(self, message_id: str) -> None:
+        row = await (await self._reader.execute(_MESSAGE, (message_id,))).fetchone()
+        if row is None:
+            return
+        for client in list(self._clients):
+            for channel in list(client.channels.values()):
+                if channel.topic == f"realtime:{row['topic']}" and channel.private == bool(row["private"]):
+                    await self._broadcast(client, channel, row)
 
     async def _change(self, schema: str, table: str, row_id: str, kind: str,
                       record: dict[str, Any] | None = None) -> None:

@@ -8,6 +8,7 @@ loop (a synchronous query, a subprocess) never stalls the fakes.
 
     with FakeSupabase(db.url) as fake:
         env = {"SUPABASE_URL": fake.url, "SUPABASE_SERVICE_ROLE_KEY": fake.key}
+        fake.keys.secret_key                    # the project's other keys (tests/fakes/keys.py)
         fake.call(fake.realtime.close_clean)    # control the fakes on their own loop
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 
+from tests.fakes.keys import ProjectKeys
 from tests.fakes.postgrest_server import Faults, create_app
 from tests.fakes.realtime_server import RealtimeFake
 
@@ -87,11 +88,12 @@ class Gateway:
 
 
 class FakeSupabase:
-    def __init__(self, database_url: str, key: str | None = None) -> None:
-        self.key = key or "service-role-" + secrets.token_hex(16)
+    def __init__(self, database_url: str, keys: ProjectKeys | None = None) -> None:
+        self.keys = keys or ProjectKeys()
+        self.key = self.keys.service_role_jwt  # the legacy service_role key, as most projects still have
         self.faults = Faults()
-        self.realtime = RealtimeFake(database_url, self.key, HOST)
-        self._app = create_app(database_url, self.key, faults=self.faults)
+        self.realtime = RealtimeFake(database_url, self.keys, HOST)
+        self._app = create_app(database_url, self.keys, faults=self.faults)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-supabase", daemon=True)
         self._rest: uvicorn.Server | None = None

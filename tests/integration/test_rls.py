@@ -21,9 +21,11 @@ Two tables, both written once below from docs/authorization.md and the README's 
    global admin; service_role) tries each request on a row of its group (``mine``) and of another
    group (``other``); what it may do follows from the role each request needs.
 
-Both on a bare Postgres and on one whose ``public`` schema has Supabase's default privileges
-(new tables and functions granted to anon, authenticated and service_role), since the same
-migrations must hold on both.
+On three databases, since the same migrations must hold on each: a bare Postgres; one whose
+``public`` schema has Supabase's default privileges before 2026 (new tables, sequences and
+functions granted to anon, authenticated and service_role); and one as Supabase makes them since
+2026 (``supabase-2026``: the roles exist, new tables and sequences in ``public`` are granted to no
+API role), where whatever an API role may do must come from an explicit grant of a migration.
 """
 
 from __future__ import annotations
@@ -77,12 +79,12 @@ ALL = Access(select=EVERY, insert=EVERY, update=EVERY, delete=True)
 READ = Access(select=EVERY)
 VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
 TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
-                 "dr_datastore", "transport", "max_concurrent", "bandwidth_limit_mbps")
+                 "dr_datastore", "transport", "max_concurrent", "wire_compression", "bandwidth_limit_mbps")
 GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
                 "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
                 "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",
                 "dr_resource_pool", "dr_folder", "dr_network", "dr_vm_suffix", "paused",
-                "replication_interval_minutes", "retention_grid", "source_retention_grid")
+                "replication_interval_minutes", "retention_grid", "source_retention_grid", "encryption_key_secret")
 
 # The column grants, once. Rows: tables; columns: roles.
 POLICY: dict[str, dict[str, Access]] = {
@@ -170,6 +172,18 @@ SUPABASE_DEFAULTS = """
     alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
     alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
 """
+# Since 2026 (new projects from 2026-05-30, all from 2026-10-30) Supabase no longer grants new
+# tables in public to the API roles; functions stay executable (PUBLIC's default).
+SUPABASE_2026 = """
+    alter default privileges in schema public revoke all on tables from anon, authenticated, service_role;
+    alter default privileges in schema public revoke all on sequences from anon, authenticated, service_role;
+    alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
+"""
+API_ROLES = """do $$ begin
+    if not exists (select 1 from pg_roles where rolname = 'anon') then create role anon nologin noinherit; end if;
+    if not exists (select 1 from pg_roles where rolname = 'authenticated') then create role authenticated nologin noinherit; end if;
+    if not exists (select 1 from pg_roles where rolname = 'service_role') then create role service_role nologin noinherit bypassrls; end if;
+end $$"""
 
 
 def populate(db: Database) -> None:
@@ -204,17 +218,13 @@ def populate(db: Database) -> None:
            (VIEWER, GROUP, OPERATOR, GROUP, GROUP_ADMIN, GROUP, ADMIN, BYSTANDER, GROUP, BYSTANDER, OTHER))
 
 
-@pytest.fixture(scope="module", params=["bare", "supabase-defaults"])
+@pytest.fixture(scope="module", params=["bare", "supabase-defaults", "supabase-2026"])
 def policy_db(request: pytest.FixtureRequest, pg_server: str) -> Iterator[Database]:
     db = create_database()
     try:
-        if request.param == "supabase-defaults":
-            db.sql("""do $$ begin
-                if not exists (select 1 from pg_roles where rolname = 'anon') then create role anon nologin noinherit; end if;
-                if not exists (select 1 from pg_roles where rolname = 'authenticated') then create role authenticated nologin noinherit; end if;
-                if not exists (select 1 from pg_roles where rolname = 'service_role') then create role service_role nologin noinherit bypassrls; end if;
-            end $$""")
-            db.sql(SUPABASE_DEFAULTS)
+        if request.param != "bare":
+            db.sql(API_ROLES)
+            db.sql(SUPABASE_DEFAULTS if request.param == "supabase-defaults" else SUPABASE_2026)
         migrate(db.url)
         seed(db.url)
         populate(db)

@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import NoReturn
 
+from handlers.backends.stub.points import StubReplica
 from handlers.backends.stub.world import StubWorld
 from handlers.dr_shell import ShellResult, ShellSpec
 from handlers.errors import HandlerError, OperationCancelled, OperationStopped
@@ -241,6 +242,7 @@ class ZFSReplicationStub:
         self._steps = steps
         self._jitter = jitter
         self._world = world
+        self._replica = StubReplica(world)
 
     def replicate(
         self, request: ReplicationRequest, progress: ProgressSink, cancel: threading.Event
@@ -256,7 +258,7 @@ class ZFSReplicationStub:
         size = full // 50 if base else full
         if world is not None and world.read("received", request.target_dataset, snap) is not None:
             world.record("replication.run", request.job_id, "already-there", snapshot=snap)
-            return ReplicationOutcome(snap, base, size, size, ("stub backend: no data was copied",))
+            return self._outcome(request, snap, base, size, size, None)
         first = 1
         if world is not None:
             # A receive stopped earlier left its resume token: continue from there.
@@ -278,7 +280,13 @@ class ZFSReplicationStub:
             effect = "sent" if world.create_once("received", request.target_dataset, snap,
                                                  content=request.job_id) else "already-there"
             world.record("replication.run", request.job_id, effect, snapshot=snap, bytes=sent)
-        return ReplicationOutcome(snap, base, sent, size, ("stub backend: no data was copied",))
+        return self._outcome(request, snap, base, sent, size, sent)
+
+    def _outcome(self, request: ReplicationRequest, snap: str, base: str | None, sent: int, size: int,
+                 sent_bytes: int | None) -> ReplicationOutcome:
+        points, pruned = self._replica.received(request, snap, sent_bytes)
+        return ReplicationOutcome(snap, base, sent, size, ("stub backend: no data was copied",), points,
+                                  pruned, pruned, not self._replica.complete)
 
     def _stop_here(self, request: ReplicationRequest, snap: str, steps_done: int, sent: int, size: int,
                    cancel: threading.Event) -> NoReturn:

@@ -11,12 +11,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+from handlers.backends.zfs import caps as stream_caps
 from handlers.backends.zfs.exec import Result, Runner, check
 from handlers.backends.zfs.plan import Snap
 from handlers.errors import PermanentError, TransientError
@@ -31,6 +32,13 @@ class Caps:
     written: bool  # the 'written' property
     userrefs: bool  # the 'userrefs' property (how many holds)
     get_types: bool = True  # `zfs get -t snapshot` (syncoid needs it to list a remote host's snapshots)
+    # The stream (zfs/caps.py): each send flag only where the pool has the feature its receiver needs.
+    large_blocks: bool = False  # send -L
+    embedded: bool = False  # send -e
+    compressed: bool = False  # send -c
+    raw: bool = False  # send -w, native encryption
+    bookmarks: bool = False  # zfs bookmark, send -i #bookmark
+    tools: frozenset[str] = frozenset()  # zstd, lz4, mbuffer on the host's PATH
 
 
 T = TypeVar("T")
@@ -79,18 +87,27 @@ def capabilities(runner: Runner, pool: str) -> Caps:
         ["zfs", "get", "-H", "-o", "value", "written", pool],
         ["zfs", "get", "-H", "-o", "value", "userrefs", pool],
         ["zfs", "get", "-H", "-t", "snapshot", "-o", "name", "guid", pool],
+        stream_caps.features_argv(pool),
+        stream_caps.BOOKMARK_ARGV,
+        stream_caps.TOOLS_ARGV,
     ]
-    send, recv, token, written, userrefs, get_types = parallel(*(partial(runner.run, p) for p in probes))
+    send, recv, token, written, userrefs, get_types, features, bookmark, tools = parallel(
+        *(partial(runner.run, p) for p in probes))
     if send.rc == 127:
         raise PermanentError(f"zfs is not installed on {runner.label}")
     send_flags = _usage_flags(send.err + send.out, "send")
     recv_flags = _usage_flags(recv.err + recv.out, "receive")
+    pool_features = stream_caps.parse_features(features)
+    large_blocks, embedded, compressed, raw = stream_caps.stream_flags(send_flags, pool_features)
     caps = Caps(
         resume=token.ok and "s" in recv_flags and "t" in send_flags,
         estimate={"n", "P"} <= send_flags,
         written=written.ok,
         userrefs=userrefs.ok,
         get_types=get_types.ok,
+        large_blocks=large_blocks, embedded=embedded, compressed=compressed, raw=raw,
+        bookmarks=stream_caps.parse_bookmark_usage(bookmark) and "bookmarks" in pool_features,
+        tools=stream_caps.parse_tools(tools),
     )
     log.info("ZFS on %s: %s", runner.label, caps)
     with _caps_lock:
@@ -118,7 +135,7 @@ def snapshots(runner: Runner, dataset: str, caps: Caps) -> list[Snap] | None:
 
 def snapshots_argv(dataset: str, caps: Caps) -> list[str]:
     # ``zfs get -d 1`` because zfs-fuse's ``zfs list`` has no guid column and its ``get`` no ``-t``.
-    props = "guid,createtxg,userrefs" if caps.userrefs else "guid,createtxg"
+    props = "guid,createtxg,creation,userrefs" if caps.userrefs else "guid,createtxg,creation"
     props += "," + TARGET_PROPERTY
     return ["zfs", "get", "-Hp", "-d", "1", "-o", "name,property,value", props, dataset]
 
@@ -138,8 +155,9 @@ def parse_snapshots(result: Result, where: str, dataset: str) -> list[Snap] | No
     for name, values in rows.items():
         refs = values.get("userrefs", "-")
         target = values.get(TARGET_PROPERTY, "-")
+        created = values.get("creation", "")
         snaps.append(Snap(name, int(values["guid"]), int(values["createtxg"]), int(refs) if refs.isdigit() else -1,
-                          "" if target == "-" else target))
+                          "" if target == "-" else target, int(created) if created.isdigit() else 0))
     return sorted(snaps, key=lambda s: s.txg)
 
 
@@ -265,14 +283,17 @@ def release(runner: Runner, tag: str, dataset: str, snap: str) -> None:
         log.warning("releasing hold %s on %s@%s at %s failed: %s", tag, dataset, snap, runner.label, result.err.strip())
 
 
-def estimate(runner: Runner, dataset: str, snap: str, base: str | None, token: str | None) -> int | None:
-    """Stream size from ``zfs send -nP``; None when absent or absurd (zrepl's rule: do not trust those)."""
+def estimate(runner: Runner, dataset: str, snap: str, base: str | None, token: str | None,
+             flags: Sequence[str] = ()) -> int | None:
+    """Stream size from ``zfs send -nP``; None when absent or absurd (zrepl's rule: do not trust those).
+
+    ``flags`` are the stream's (-L -e -c -w): a compressed stream is smaller than a plain one."""
     if token:
         argv = ["zfs", "send", "-nP", "-t", token]
     elif base:
-        argv = ["zfs", "send", "-nP", "-i", f"{dataset}@{base}", f"{dataset}@{snap}"]
+        argv = ["zfs", "send", "-nP", *flags, "-i", f"{dataset}@{base}", f"{dataset}@{snap}"]
     else:
-        argv = ["zfs", "send", "-nP", f"{dataset}@{snap}"]
+        argv = ["zfs", "send", "-nP", *flags, f"{dataset}@{snap}"]
     result = runner.run(argv)
     return parse_size(result.out + result.err) if result.ok else None
 

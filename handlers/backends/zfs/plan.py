@@ -31,6 +31,7 @@ class Snap:
     txg: int  # createtxg: creation order on its own pool
     userrefs: int = 0  # holds; -1 when the ZFS cannot say
     target: str = ""  # the zerfaux:target property: which replica a source snapshot was made for
+    creation: int = 0  # the creation property, seconds since the epoch (received snapshots keep the sender's)
 
 
 @dataclass(frozen=True)

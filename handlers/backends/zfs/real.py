@@ -20,6 +20,7 @@ from handlers.backends.zfs import ops
 from handlers.backends.zfs.attempt import Attempt
 from handlers.backends.zfs.connections import SessionPool, SharedConnections, receive_lock
 from handlers.backends.zfs.exec import LocalRunner, ParamikoRunner, Runner
+from handlers.backends.zfs.retention import Creation, zfs_creation
 from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.ssh import KeyFiles, Peer, sweep_stale_key_dirs
 from handlers.backends.zfs.stopping import interrupted
@@ -39,10 +40,11 @@ def missing_tools() -> list[str]:
 
 class ZFSReplicationReal:
     def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com",
-                 throttles: Throttles = THROTTLES) -> None:
+                 creation: Creation = zfs_creation, throttles: Throttles = THROTTLES) -> None:
         self._secrets = secrets
         self._throttles = throttles
         self._cipher = check_cipher(cipher)
+        self._creation = creation  # what retention grids read as a snapshot's creation (retention.py)
         self.sessions = SessionPool()
         self.shared = SharedConnections()
         sweep_stale_key_dirs()
@@ -69,7 +71,7 @@ class ZFSReplicationReal:
                                          "but zfs is not installed here")
                 links = Links(self._cipher, files, self.shared, target, source, target_client, source_client,
                               self._throttles.bucket(request.target_id) if request.target_id else None)
-                outcome = self._attempt(request, links, progress, cancel).execute()
+                outcome = self._attempt(request, links, progress, cancel, self._creation).execute()
             except BaseException:
                 for _, client in clients:
                     client.close()  # a session in an unknown state is not lent again
@@ -80,7 +82,7 @@ class ZFSReplicationReal:
 
     @staticmethod
     def _attempt(request: ReplicationRequest, links: Links, progress: ProgressSink,
-                 cancel: threading.Event) -> Attempt:
+                 cancel: threading.Event, creation: Creation) -> Attempt:
         tgt: Runner = ParamikoRunner(links.target_client, links.target)
         src: Runner = (ParamikoRunner(links.source_client, links.source) if links.source_client and links.source
                        else LocalRunner())
@@ -89,7 +91,7 @@ class ZFSReplicationReal:
                                     partial(ops.capabilities, tgt, tgt_ds.split("/")[0]))
         sides = Sides(src, tgt, src_ds, tgt_ds, scaps, tcaps)
         return Attempt(request, sides, Transfer(request.job_id, request.transport, sides, links, cancel),
-                       progress, cancel)
+                       progress, cancel, creation)
 
     def _peer(self, endpoint: SSHEndpoint, field: str) -> Peer:
         key = self._secrets.resolve(endpoint.key_secret, f"{field}_key_secret")

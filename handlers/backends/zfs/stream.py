@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import paramiko
 
 from handlers.backends.zfs.connections import SharedConnections
+from handlers.backends.zfs.flags import StreamFlags
 from handlers.backends.zfs.pipe import ChannelEnd, Ended, ProcEnd, relay
 from handlers.backends.zfs.plan import Snap
 from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.ssh import KeyFiles, Peer, classify_ssh_failure
 from handlers.backends.zfs.syncoid import run_syncoid, syncoid_argv
+from handlers.backends.zfs.wire import Wire
 from handlers.errors import PermanentError, TransientError
 from handlers.throttle import Bucket
 
@@ -48,15 +50,24 @@ class Transfer:
         self.job_id, self.transport = job_id, transport
         self.sides, self.links, self.cancel = sides, links, cancel
         self.target_exists = True  # until listed: syncoid's listing of a remote target needs `zfs get -t`
+        # Set by the attempt for its own stream (a resume's token carries its flags): zfs/flags.py, wire.py.
+        self.flags = StreamFlags()
+        self.wire: Wire | None = None
+        self.recv_options: list[str] = []  # -o zerfaux:send_flags=... on a seed
+        self.from_bookmark = False  # the base is a cursor: syncoid cannot be told to send from it
 
     def recv_argv(self) -> list[str]:
-        return ["zfs", "receive", "-u"] + (["-s"] if self.sides.resumable else []) + [self.sides.tgt_ds]
+        return ["zfs", "receive", "-u"] + (["-s"] if self.sides.resumable else []) + self.recv_options + \
+            [self.sides.tgt_ds]
 
     def run(self, send: list[str], on_bytes: Callable[[int], None], sending: Snap | None = None) -> int:
         """Run one transfer; ``sending`` is the snapshot the stream ends at (None for a resume token's)."""
         s, links = self.sides, self.links
         transport = self._choose(sending)
         started = time.monotonic()
+        receive = self.recv_argv()
+        if self.wire is not None and transport != "syncoid":
+            send, receive = self.wire.sending(send), self.wire.receiving(receive)
         try:
             if transport == "syncoid":
                 return self._syncoid(on_bytes)
@@ -64,7 +75,7 @@ class Transfer:
                 producer: ProcEnd | ChannelEnd = (
                     ChannelEnd(links.source_client, send, f"zfs send on {s.src.label}") if links.source_client
                     else ProcEnd(send, "zfs send (local)", "producer"))
-                consumer: ProcEnd | ChannelEnd = ChannelEnd(links.target_client, self.recv_argv(),
+                consumer: ProcEnd | ChannelEnd = ChannelEnd(links.target_client, receive,
                                                             f"zfs receive on {s.tgt.label}")
                 return relay(producer, consumer, on_bytes, self.cancel, links.bucket)
             with ExitStack() as stack:
@@ -75,7 +86,7 @@ class Transfer:
                 else:
                     producer = ProcEnd(send, f"zfs send on {s.src.label}", "producer")
                 shared = stack.enter_context(links.shared.options(links.target, links.cipher))
-                consumer = ProcEnd(links.files.ssh_argv(links.target, links.cipher, shlex.join(self.recv_argv()), shared),
+                consumer = ProcEnd(links.files.ssh_argv(links.target, links.cipher, shlex.join(receive), shared),
                                    f"zfs receive on {s.tgt.label}", "consumer")
                 return relay(producer, consumer, on_bytes, self.cancel, links.bucket)
         except Ended as exc:
@@ -87,6 +98,9 @@ class Transfer:
         if self.transport != "syncoid":
             return self.transport
         s = self.sides
+        if self.from_bookmark:
+            s.note("syncoid cannot be told to send from Zerfaux's bookmark: this transfer used the ssh transport")
+            return "ssh"
         if not self._syncoid_can_list():
             s.note("syncoid cannot list snapshots over SSH on this ZFS (zfs get has no -t, and syncoid 2.1's "
                    "fallback for remote hosts is broken): this transfer used the ssh transport")
@@ -113,7 +127,8 @@ class Transfer:
         if links.source is not None:
             src = f"{links.source.endpoint.user}@{links.source.endpoint.host}:{s.src_ds}"
         argv = syncoid_argv(src, f"{e.user}@{e.host}:{s.tgt_ds}", links.target, links.source,
-                            links.files, links.cipher, s.resumable)
+                            links.files, links.cipher, s.resumable, self.flags.letters,
+                            "u" + "".join(f" o {value}" for value in self.recv_options[1::2]))
         rate = links.bucket.rate if links.bucket else None
         if rate is not None:
             # syncoid's own limit (mbuffer -r on the target): fixed when the stream starts, per stream.

@@ -34,7 +34,7 @@ TIMEOUT_SECONDS = 24 * 3600.0
 
 def syncoid_argv(
     source: str, target: str, target_peer: Peer, source_peer: Peer | None, files: KeyFiles,
-    cipher: str, resume: bool,
+    cipher: str, resume: bool, send_options: str = "", recv_options: str = "u",
 ) -> list[str]:
     if source_peer is not None and source_peer.endpoint.port != target_peer.endpoint.port:
         raise PermanentError(
@@ -44,11 +44,13 @@ def syncoid_argv(
         )
     argv = [
         "syncoid", "--no-sync-snap", "--no-rollback", "--no-stream", "--no-privilege-elevation",
-        "--no-clone-handling", "--compress=none", "--recvoptions=u", "--pv-options=-n -b -i 0.5",
+        "--no-clone-handling", "--compress=none", f"--recvoptions={recv_options}", "--pv-options=-n -b -i 0.5",
         f"--sshport={target_peer.endpoint.port}", f"--sshcipher={cipher}",
     ]
     if not resume:
         argv.append("--no-resume")
+    if send_options:
+        argv.append(f"--sendoptions={send_options}")  # the chain's flags (zfs/flags.py), raw above all
     options = files.ssh_options(target_peer, cipher)
     if source_peer is not None:
         options += [o for o in files.ssh_options(source_peer, cipher) if o.startswith("IdentityFile=")]

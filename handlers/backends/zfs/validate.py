@@ -15,6 +15,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from handlers.backends.zfs.grid import EXAMPLE as GRID_EXAMPLE
+from handlers.backends.zfs.grid import grid_error
 from handlers.errors import PermanentError
 from handlers.replication import ReplicationRequest
 from handlers.types import SSHEndpoint
@@ -29,6 +31,7 @@ JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]{0,63}$")
 CIPHER = re.compile(r"^[a-z0-9][a-z0-9@.\-]{0,63}$")
 KEY_TYPE = re.compile(r"^(?:ssh-[a-z0-9\-]+|ecdsa-sha2-nistp(?:256|384|521)|sk-[a-z0-9\-@.]+)$")
 TRANSPORTS = ("ssh", "paramiko", "syncoid")
+WIRE_COMPRESSION = ("auto", "zstd", "lz4", "off")
 MAX_NAME = 255
 
 
@@ -139,6 +142,11 @@ def validate_request(request: ReplicationRequest) -> None:
         raise PermanentError(
             f"replication_targets.transport {request.transport!r} is unknown: use one of {', '.join(TRANSPORTS)}"
         )
+    if request.wire_compression not in WIRE_COMPRESSION:
+        raise PermanentError(
+            f"replication_targets.wire_compression {request.wire_compression!r} is unknown: use one of "
+            f"{', '.join(WIRE_COMPRESSION)}"
+        )
     check_endpoint(request.target, "replication_targets.ssh")
     if request.source is not None:
         check_endpoint(request.source, "protection_groups.source_ssh")
@@ -147,5 +155,10 @@ def validate_request(request: ReplicationRequest) -> None:
             f"protection_groups.retention_snapshots {request.retention_snapshots} must be at least 1 "
             "(or null to keep every snapshot)"
         )
+    for column, text in (("retention_grid", request.retention_grid),
+                         ("source_retention_grid", request.source_retention_grid)):
+        error = grid_error(text)  # the database refuses these; a row written around it stops here
+        if error is not None:
+            raise PermanentError(f"protection_groups.{column}: {error} (a valid grid: {GRID_EXAMPLE})")
     if request.last_snapshot:
         check_snapshot(request.last_snapshot.rsplit("@", 1)[-1], "replication_jobs.snapshot_name")
