@@ -52,6 +52,7 @@ from pathlib import Path
 import pytest
 
 from bench.wan import wan_section
+from bench.wire import text_and_zeros
 from handlers.backends.zfs.pipe import grow_pipe  # the raw pipe gets Zerfaux's buffer too
 from handlers.backends.zfs.real import ZFSReplicationReal
 from handlers.replication import ReplicationRequest
@@ -238,9 +239,13 @@ def wan_figures(args: argparse.Namespace, work: str, src_pool: str, dst_pool: st
     write_random(f"{work}/wansrc/disk-flat.vmdk", args.wan_mib << 20)
     zfs("snapshot", f"{source}@bench")
     stream = stream_size(f"{source}@bench")
+    image = f"{src_pool}/wanimage"  # compressible: what a guest's disk mostly holds (bench/wire.py)
+    zfs("create", "-o", f"mountpoint={work}/wanimage", image)
+    text_and_zeros(f"{work}/wanimage/disk-flat.vmdk", args.wan_mib // 2)
+    zfs("snapshot", f"{image}@bench")
     try:
         with wan(sshd, work) as link:
-            return wan_section(link, sshd, work, source, dst_pool, stream, args.wan_rounds)
+            return wan_section(link, sshd, work, source, dst_pool, stream, args.wan_rounds, image)
     except (Exception, pytest.skip.Exception) as exc:  # netns.wan reports a missing piece as a test skip
         return [f"WAN RATIO unavailable: {exc}"]
 

@@ -11,8 +11,9 @@ the DR host's sshd inside the namespace. On that link, in the same run:
   and at 256 KiB, a window below the link's bandwidth-delay product (200 Mbit/s × 40 ms = 1 MB);
 * a bandwidth limit of 50 Mbit/s: the stream's rate (bytes_transferred) and the link's (the veth's
   tx counter: the stream plus SSH framing; with GSO one TCP/IP header per segment) over 30 s;
-* wire compression: the hook ``COMPRESSION_CONTENDERS`` below (replication_targets.wire_compression
-  is another change's; it adds its transports there and they are measured like the others).
+* wire compression (``replication_targets.wire_compression``, handlers/backends/zfs/wire.py) across
+  the link on a VM image of text and zeros (bench/wire.py's) and on the random stream, against none
+  (``WAN WIRE`` lines); ``COMPRESSION_CONTENDERS`` adds more of them to the contenders above.
 """
 
 from __future__ import annotations
@@ -43,11 +44,10 @@ LIMIT_MBPS = 50.0
 LIMIT_WINDOW = 30.0
 SMALL_WINDOW = 256 * 1024
 
-# Wire compression's hook: (label, transport, ReplicationRequest fields to replace), measured across the
-# WAN like ssh and paramiko and printed as "WAN RATIO <label>". For example, once ReplicationRequest has
-# the field: ("ssh+zstd", "ssh", {"wire_compression": "zstd"}). Compressible data (a VM image of text and
-# zeros) is that change's to add; the stream here is random.
+# (label, transport, ReplicationRequest fields to replace): more contenders on the random stream, measured
+# like ssh and paramiko and printed as "WAN RATIO <label>", e.g. ("ssh+zstd", "ssh", {"wire_compression": "zstd"}).
 COMPRESSION_CONTENDERS: list[tuple[str, str, dict[str, object]]] = []
+WIRE_CODECS = ("off", "lz4", "zstd")
 
 
 def _zfs(*argv: str) -> None:
@@ -107,7 +107,7 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def wan_section(link: Wan, sshd: Sshd, work: str, source: str, dst_pool: str, stream: int,
-                rounds: int = 1) -> list[str]:
+                rounds: int = 1, compressible: str | None = None) -> list[str]:
     """Run the WAN contenders; returns the lines to print above the final RATIO."""
     key = os.path.join(sshd.directory, "user_ed25519")
     known = os.path.join(work, "known_hosts_wan")
@@ -175,6 +175,20 @@ def wan_section(link: Wan, sshd: Sshd, work: str, source: str, dst_pool: str, st
                     zfs_ssh.WINDOW_BYTES = saved
                 record(f"zerfaux paramiko pull, {window >> 10} KiB window", int(moved), seconds)  # type: ignore[arg-type]
                 _zfs("destroy", "-r", into)
+        wire_lines = []
+        for data, dataset in (("text+zeros", compressible), ("random", source)):
+            if dataset is None:
+                continue
+            took: dict[str, float] = {}
+            for codec in WIRE_CODECS:
+                into = f"{dst_pool}/wan_wire"
+                asked = replace(request(into, "ssh"), source_dataset=dataset, wire_compression=codec)
+                took[codec], moved = _timed(lambda: _replicate(kept, asked))
+                print(f"  WAN wire {codec:<5} {data:<10} {took[codec]:6.2f} s, {int(moved) / MB:7.1f} MB on the wire",  # type: ignore[call-overload]
+                      flush=True)
+                _zfs("destroy", "-r", into)
+            wire_lines.append(f"WAN WIRE {data}: " + ", ".join(
+                f"{c} {took['off'] / took[c]:.2f}x" for c in WIRE_CODECS if c != "off") + " the speed of none")
         limit_line = _limit(kept, link, request(f"{dst_pool}/wan_limit", "ssh", target_id="bench-wan-limit"))
         _zfs("destroy", "-r", f"{dst_pool}/wan_limit")
     finally:
@@ -192,6 +206,7 @@ def wan_section(link: Wan, sshd: Sshd, work: str, source: str, dst_pool: str, st
     big, small = (best[f"zerfaux paramiko pull, {w >> 10} KiB window"] for w in (zfs_ssh.WINDOW_BYTES, SMALL_WINDOW))
     lines.append(f"WAN paramiko window: {zfs_ssh.WINDOW_BYTES >> 20} MiB {big:.2f} MB/s, "
                  f"{SMALL_WINDOW >> 10} KiB {small:.2f} MB/s ({small / big:.2f}x)")
+    lines += wire_lines
     lines.append(limit_line)
     return lines
 
