@@ -11,6 +11,9 @@ select id, cancel_requested from zerfaux.heartbeat(%(worker)s, %(ids)s::uuid[], 
 -- name: progress
 select zerfaux.progress(%(id)s, %(worker)s, %(progress)s) as state;
 
+-- name: current_input
+select zerfaux.current_input(%(id)s, %(worker)s) as payload;
+
 -- name: complete_many
 select id, done, error from zerfaux.complete_many(%(worker)s, %(items)s);
 

@@ -23,7 +23,8 @@ T = TypeVar("T")
 # worker is worth nothing, and waiting for it would hold the attempt's slot. Claims, the sweep
 # and status keep the longer budget that rides out a database restart.
 ATTEMPT_CALLS = frozenset(
-    {"heartbeat", "progress", "complete", "complete_many", "fail", "finish_cancelled", "release"}
+    {"heartbeat", "progress", "current_input", "complete", "complete_many", "fail", "finish_cancelled",
+     "release"}
 )
 
 
@@ -135,6 +136,9 @@ class Store(Protocol):
         """Renew leases; answer {id: cancel_requested} for every id still held."""
 
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str: ...
+
+    async def current_input(self, op_id: UUID, worker: str) -> Mapping[str, Any] | None:
+        """The kind's input for an operation this worker holds, read now (zerfaux.current_input)."""
 
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]

@@ -108,6 +108,11 @@ class PostgresStore:
         row = await self._one("progress", {"id": op_id, "worker": worker, "progress": Jsonb(dict(progress))})
         return str(row["state"])
 
+    async def current_input(self, op_id: UUID, worker: str) -> Mapping[str, Any] | None:
+        row = await self._one("current_input", {"id": op_id, "worker": worker})
+        payload = row["payload"]
+        return dict(payload) if payload is not None else None
+
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
     ) -> dict[UUID, tuple[bool, str | None]]:

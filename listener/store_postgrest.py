@@ -163,6 +163,10 @@ class PostgrestStore:
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str:
         return str(await self._call("progress", {"p_id": str(op_id), "p_worker": worker, "p_progress": dict(progress)}))
 
+    async def current_input(self, op_id: UUID, worker: str) -> Mapping[str, Any] | None:
+        payload = await self._call("current_input", {"p_id": str(op_id), "p_worker": worker})
+        return dict(payload) if isinstance(payload, Mapping) else None
+
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
     ) -> dict[UUID, tuple[bool, str | None]]:

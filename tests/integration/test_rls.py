@@ -79,7 +79,7 @@ ALL = Access(select=EVERY, insert=EVERY, update=EVERY, delete=True)
 READ = Access(select=EVERY)
 VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
 TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
-                 "dr_datastore", "transport", "max_concurrent", "wire_compression")
+                 "dr_datastore", "transport", "max_concurrent", "wire_compression", "bandwidth_limit_mbps")
 GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
                 "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
                 "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",

@@ -30,6 +30,7 @@ from handlers.backends.zfs.validate import check_cipher, parse_host_key, validat
 from handlers.errors import PermanentError
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationRequest
 from handlers.secrets import SecretResolver
+from handlers.throttle import THROTTLES, Throttles
 from handlers.types import SSHEndpoint
 
 
@@ -40,8 +41,9 @@ def missing_tools() -> list[str]:
 
 class ZFSReplicationReal:
     def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com",
-                 creation: Creation = zfs_creation) -> None:
+                 creation: Creation = zfs_creation, throttles: Throttles = THROTTLES) -> None:
         self._secrets = secrets
+        self._throttles = throttles
         self._cipher = check_cipher(cipher)
         self._creation = creation  # what retention grids read as a snapshot's creation (retention.py)
         self.sessions = SessionPool()
@@ -68,7 +70,8 @@ class ZFSReplicationReal:
                 if source_client is None and shutil.which("zfs") is None:
                     raise PermanentError("protection_groups.source_ssh_host is empty (a local source) "
                                          "but zfs is not installed here")
-                links = Links(self._cipher, files, self.shared, target, source, target_client, source_client)
+                links = Links(self._cipher, files, self.shared, target, source, target_client, source_client,
+                              self._throttles.bucket(request.target_id) if request.target_id else None)
                 outcome = self._attempt(request, links, progress, cancel, self._creation).execute()
             except BaseException:
                 for _, client in clients:
