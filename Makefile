@@ -30,6 +30,7 @@ bench: bootstrap-test
 	$(PY) bench/dispatch.py
 	$(PY) bench/inventory.py --memory
 	$(PY) -m bench.replication
+	$(PY) bench/schedule.py
 
 # Ten minutes at 20 operations/s with two listeners (`make soak MINUTES=2` for a shorter run).
 MINUTES ?= 10

@@ -24,6 +24,11 @@ snapshot (``--openzfs-mib``, tens of MiB: the guest's disks are small). Software
 absolute figures meaningless; only the ratio counts. It is printed as ``OPENZFS RATIO`` (fresh
 handshakes on both sides; the warm pair beside it) before the final line, which stays the zfs-fuse
 ``RATIO``.
+
+Then the WAN section (skip with ``--no-wan``; bench/wan.py): the DR sshd in a network namespace
+behind 200 Mbit/s, 0.1 % loss and 40 ms of round trip, raw pipe against Zerfaux's ``ssh`` and
+``paramiko`` transports on ``--wan-mib`` of data (``WAN RATIO`` lines), the paramiko window, and a
+50 Mbit/s bandwidth limit measured over 30 s (``WAN LIMIT``). Printed above the final ``RATIO``.
 """
 
 from __future__ import annotations
@@ -44,12 +49,17 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+
+from bench.wan import wan_section
+from bench.wire import text_and_zeros
 from handlers.backends.zfs.pipe import grow_pipe  # the raw pipe gets Zerfaux's buffer too
 from handlers.backends.zfs.real import ZFSReplicationReal
 from handlers.replication import ReplicationRequest
 from handlers.secrets import SecretResolver
 from handlers.types import SSHEndpoint
 from tests.support.openzfs import Guest, GuestError, OpenZFSHost, build_guest
+from tests.support.netns import wan
 from tests.support.zfs import Sshd, pool, sshd_running, zfs_fuse_running
 
 CIPHER = "aes128-gcm@openssh.com"
@@ -221,6 +231,25 @@ def openzfs_section(size_mib: int, rounds: int) -> tuple[float, float]:
         subprocess.run(["rm", "-rf", work], check=False)
 
 
+def wan_figures(args: argparse.Namespace, work: str, src_pool: str, dst_pool: str, sshd: Sshd) -> list[str]:
+    """The namespace WAN (bench/wan.py) on its own dataset; its lines go above the final RATIO."""
+    source = f"{src_pool}/wanvm"
+    zfs("create", "-o", f"mountpoint={work}/wansrc", source)
+    print(f"WAN: writing {args.wan_mib} MiB of random data ...", flush=True)
+    write_random(f"{work}/wansrc/disk-flat.vmdk", args.wan_mib << 20)
+    zfs("snapshot", f"{source}@bench")
+    stream = stream_size(f"{source}@bench")
+    image = f"{src_pool}/wanimage"  # compressible: what a guest's disk mostly holds (bench/wire.py)
+    zfs("create", "-o", f"mountpoint={work}/wanimage", image)
+    text_and_zeros(f"{work}/wanimage/disk-flat.vmdk", args.wan_mib // 2)
+    zfs("snapshot", f"{image}@bench")
+    try:
+        with wan(sshd, work) as link:
+            return wan_section(link, sshd, work, source, dst_pool, stream, args.wan_rounds, image)
+    except (Exception, pytest.skip.Exception) as exc:  # netns.wan reports a missing piece as a test skip
+        return [f"WAN RATIO unavailable: {exc}"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -229,6 +258,9 @@ def main() -> int:
     parser.add_argument("--openzfs-mib", type=int, default=32)
     parser.add_argument("--openzfs-rounds", type=int, default=2)
     parser.add_argument("--no-openzfs", action="store_true", help="skip the OpenZFS guest section")
+    parser.add_argument("--wan-mib", type=int, default=224, help="data for the WAN section (bench/wan.py)")
+    parser.add_argument("--wan-rounds", type=int, default=1)
+    parser.add_argument("--no-wan", action="store_true", help="skip the WAN section")
     args = parser.parse_args()
     size = args.size_mib << 20
     suffix = secrets.token_hex(3)
@@ -325,6 +357,7 @@ def main() -> int:
             median = statistics.median(rates[label])
             print(f"  {label:<32} {rate:8.1f}  ({rate / raw:.2f}x raw)   median {median:8.1f}  ({median / raw_median:.2f}x raw)")
         print(f"incremental sends: at most {max(ratios):.3f}x the changed bytes", flush=True)
+        wan_lines = [] if args.no_wan else wan_figures(args, work, src_pool, dst_pool, sshd)
     # The zfs-fuse pools and sshd are gone before the guest boots: the guest wants both cores.
     if not args.no_openzfs:
         print(f"OpenZFS 2.1 in a QEMU guest (software emulation), {args.openzfs_mib} MiB", flush=True)
@@ -334,6 +367,8 @@ def main() -> int:
                   f"(both pools in the guest), both with fresh SSH handshakes; both over a warm master: {warm:.3f}")
         except (GuestError, OSError, subprocess.SubprocessError, RuntimeError) as exc:
             print(f"OPENZFS RATIO unavailable: {exc}")
+    for line in wan_lines:
+        print(line)
     fresh = best["zerfaux ssh, fresh handshake"] / raw
     warm = best["zerfaux ssh, warm master"] / best["raw, warm master"]
     print(f"RATIO {fresh:.3f} replication throughput vs raw zfs send | ssh | zfs receive, both with a fresh SSH "

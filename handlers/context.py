@@ -66,7 +66,9 @@ class OperationContext(Protocol):
     handler and the blocking backend it runs in a thread stop at their next check and raise
     ``OperationCancelled`` (cancel) or ``OperationStopped`` (stop). ``cancel`` is the same
     object, the older name. ``report`` writes live progress into the subject's row; it is
-    throttled by the engine and silently ignored once the lease is lost.
+    throttled by the engine and silently ignored once the lease is lost. The engine's context also
+    has ``async reread() -> Mapping | None``: the operation's input as the database has it now
+    (None once the lease is lost); handlers look for it with ``getattr``, as test contexts lack it.
     """
 
     operation_id: UUID

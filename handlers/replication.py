@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -11,6 +13,7 @@ from typing import Any, Protocol
 
 from handlers.context import OperationContext, StopSignal
 from handlers.errors import PermanentError
+from handlers.throttle import THROTTLES, Throttles
 from handlers.types import Row, SSHEndpoint
 
 SNAPSHOT_PREFIX = "zerfaux_"
@@ -31,6 +34,9 @@ class ReplicationRequest:
     retention_grid: str | None = None  # target side, zrepl form (handlers/backends/zfs/grid.py); None: the count
     source_retention_grid: str | None = None  # source side, the same form
     wire_compression: str = "off"  # replication_targets.wire_compression: auto | zstd | lz4 | off
+    recursive: bool = False  # protection_groups.recursive: the dataset and every child (zfs/tree.py)
+    target_id: str = ""  # replication_targets.id: streams to one target share its bandwidth limit
+    bandwidth_limit_mbps: float | None = None  # the row's value when the job was claimed (None: no limit)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,9 @@ class ReplicationOutcome:
     pruned_source: tuple[str, ...] = ()  # snapshot names retention destroyed on the source
     pruned_target: tuple[str, ...] = ()  # and on the target
     recovery_points_partial: bool = False  # True: points not listed are unknown, not removed (the stub)
+    # A recursive group: the children in this group snapshot, relative to the group's dataset
+    # ("vm1", "vm1/disk0"), parent before child; each has the snapshot under the same name.
+    children: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,18 +136,35 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
         retention_grid=grids["retention_grid"],
         source_retention_grid=grids["source_retention_grid"],
         wire_compression=str(target.get("wire_compression") or "off"),
+        recursive=bool(group.get("recursive")),
+        target_id=str(target.get("id") or ""),
+        bandwidth_limit_mbps=bandwidth_limit(target),
     )
+
+
+def bandwidth_limit(target: Row) -> float | None:
+    """``replication_targets.bandwidth_limit_mbps`` as a float; None (or a non-positive value): no limit."""
+    value = target.get("bandwidth_limit_mbps")
+    if value is None:
+        return None
+    mbps = float(value)
+    return mbps if mbps > 0 else None
 
 
 class ReplicationHandler:
     kind = "replication.run"
 
-    def __init__(self, backend: ZFSReplication, progress_interval: float = 1.0) -> None:
+    def __init__(self, backend: ZFSReplication, progress_interval: float = 1.0,
+                 throttles: Throttles = THROTTLES, reread_seconds: float = 3.0) -> None:
         self._backend = backend
         self._interval = progress_interval
+        self._throttles = throttles
+        self._reread_seconds = reread_seconds
 
     async def __call__(self, ctx: OperationContext, payload: Mapping[str, Row]) -> dict[str, Any]:
         request = replace(build_request(payload), operation_id=str(ctx.operation_id), attempt=ctx.attempt)
+        if request.target_id:
+            self._throttles.set_limit(request.target_id, request.bandwidth_limit_mbps)
         lock = threading.Lock()
         latest: list[ReplicationProgress] = []
 
@@ -147,14 +173,22 @@ class ReplicationHandler:
                 latest[:] = [progress]
 
         async def flush_forever() -> None:
-            sent: ReplicationProgress | None = None
+            sent: dict[str, Any] | None = None
+            rate = Rate()
+            reread_at = time.monotonic() + self._reread_seconds
             while True:
                 await asyncio.sleep(self._interval)
                 with lock:
                     current = latest[0] if latest else None
-                if current is not None and current != sent:
-                    await ctx.report(asdict(current))
-                    sent = current
+                if current is not None:
+                    report = asdict(current)
+                    report["rate_bytes_per_second"] = rate.sample(current.bytes_transferred)
+                    if report != sent:
+                        await ctx.report(report)
+                        sent = report
+                if request.target_id and time.monotonic() >= reread_at:
+                    reread_at = time.monotonic() + self._reread_seconds
+                    await self._reread_limit(ctx, request.target_id)
 
         flusher = asyncio.create_task(flush_forever())
         try:
@@ -162,6 +196,36 @@ class ReplicationHandler:
         finally:
             flusher.cancel()
         result = asdict(outcome)
-        for key in ("notes", "recovery_points", "pruned_source", "pruned_target"):
+        for key in ("notes", "recovery_points", "pruned_source", "pruned_target", "children"):
             result[key] = list(result[key])
         return result
+
+    async def _reread_limit(self, ctx: OperationContext, target_id: str) -> None:
+        """Apply the target row's bandwidth limit as it is now (an engine without ``reread``: as claimed)."""
+        reread = getattr(ctx, "reread", None)
+        if reread is None:
+            return
+        payload = await reread()
+        target = (payload or {}).get("target")
+        if target and str(target.get("id")) == target_id:
+            self._throttles.set_limit(target_id, bandwidth_limit(target))
+
+
+class Rate:
+    """Bytes per second over the last few seconds, from the byte counts of successive reports."""
+
+    def __init__(self, window: float = 3.0) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def sample(self, moved: int, now: float | None = None) -> int | None:
+        now = time.monotonic() if now is None else now
+        if self._samples and moved < self._samples[-1][1]:
+            self._samples.clear()  # a new transfer (a resume, a restart): its count starts again
+        self._samples.append((now, moved))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
+            self._samples.popleft()
+        first_t, first_b = self._samples[0]
+        if now - first_t <= 0:
+            return None
+        return int((moved - first_b) / (now - first_t))

@@ -175,7 +175,7 @@ class Settings:
             or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
             concurrency=_int(env, "ZERFAUX_CONCURRENCY", 8, 1),
             lease_seconds=_number(env, "ZERFAUX_LEASE_SECONDS", 30.0, 1.0),
-            sweep_seconds=_number(env, "ZERFAUX_SWEEP_SECONDS", 10.0, 0.1),
+            sweep_seconds=_number(env, "ZERFAUX_SWEEP_SECONDS", 5.0, 0.1),
             stub_seconds=_number(env, "ZERFAUX_STUB_SECONDS", 2.0, 0.0),
             stub_vms=_int(env, "ZERFAUX_STUB_VMS", 50, 0),
             http_port=_int(env, "ZERFAUX_HTTP_PORT", 0, 0) if port else None,

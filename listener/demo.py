@@ -41,6 +41,9 @@ In another terminal, ask for work as a frontend would:
   # 4. create the DR shell VM at the DR vCenter
   {psql} -c "update protected_vms set needs_dr_shell = true"
   {psql} -c "select needs_storage_vmotion, dr_shell_vm_created, dr_shell_vm_id, last_error from protected_vms"
+  # 5. let gold's 15-minute RPO schedule it (next_replication_at says when)
+  {psql} -c "update protection_groups set paused = false where name = 'gold'"
+  {psql} -c "select name, rpo_minutes, rpo_status, current_rpo_seconds, next_replication_at from protection_status"
   # cancel a running replication job
   {psql} -c "update replication_jobs set cancel_requested = true where status in ('pending', 'running')"
   # what happened
@@ -146,6 +149,19 @@ async def _steps(url: str, timeout: float) -> int:
             timeout,
         )
         failures += row is None or not row["dr_shell_vm_created"]
+
+        print("5. a group with a one-minute RPO replicates by itself (twice: about 35 s)", flush=True)
+        group = await one("add_scheduled_group")
+        assert group is not None
+        row = await _wait_for(
+            "every-minute", lambda: one("scheduled_state", id=group["id"], since=group["since"]),
+            lambda r: int(r["replicated"]) >= 2 or int(r["failed"]) > 0,
+            lambda r: f"{r['replicated']} scheduled replication(s) done, next at {r['next_at'] or '-'}"
+            + (f", {r['failed']} failed" if r["failed"] else "")
+            + (f", RPO {r['rpo_status']}" if r["rpo_status"] else ""),
+            max(timeout, 90.0),
+        )
+        failures += row is None or int(row["replicated"]) < 2
     return failures
 
 

@@ -33,3 +33,20 @@ update protected_vms set needs_dr_shell = true where id = %(id)s;
 
 -- name: dr_shell_state
 select needs_dr_shell, dr_shell_vm_created, dr_shell_vm_id, last_error from protected_vms where id = %(id)s;
+
+-- name: add_scheduled_group
+insert into protection_groups (name, source_vcenter_id, dr_vcenter_id, replication_target_id, source_dataset,
+                               protection_datastore, rpo_minutes, retention_snapshots)
+select 'every-minute', source_vcenter_id, dr_vcenter_id, replication_target_id, 'tank/every-minute',
+       protection_datastore, 1, 5
+  from protection_groups where name = 'gold'
+on conflict (name) do update set rpo_minutes = 1, paused = false
+returning id, clock_timestamp() as since;
+
+-- name: scheduled_state
+select count(*) filter (where j.status = 'completed') as replicated,
+       count(*) filter (where j.status = 'failed') as failed,
+       (select to_char(g.next_replication_at, 'HH24:MI:SS') from protection_groups g where g.id = %(id)s) as next_at,
+       (select s.rpo_status from protection_status s where s.protection_group_id = %(id)s) as rpo_status
+  from replication_jobs j
+ where j.protection_group_id = %(id)s and j.origin = 'schedule' and j.created_at >= %(since)s;

@@ -107,6 +107,16 @@ class _Run:
         elif state == "cancel":
             self.request_cancel()
 
+    async def reread(self) -> Mapping[str, Any] | None:
+        """The operation's input as the database has it now (None once the lease is gone)."""
+        if self.lost:
+            return None
+        try:
+            return await self._store.current_input(self.op.id, self._worker)
+        except StoreUnavailable as exc:  # like progress: the next read tries again
+            log.warning("operation %s (%s): input not read again: %s", self.op.id, self.kind, exc)
+            return None
+
 
 class _Completer:
     """Group commit for successes: completions that arrive while one batch is being written go

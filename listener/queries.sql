@@ -11,6 +11,9 @@ select id, cancel_requested from zerfaux.heartbeat(%(worker)s, %(ids)s::uuid[], 
 -- name: progress
 select zerfaux.progress(%(id)s, %(worker)s, %(progress)s) as state;
 
+-- name: current_input
+select zerfaux.current_input(%(id)s, %(worker)s) as payload;
+
 -- name: complete_many
 select id, done, error from zerfaux.complete_many(%(worker)s, %(items)s);
 
@@ -28,6 +31,12 @@ select zerfaux.prune(%(days)s) as pruned;
 
 -- name: queue_state
 select queued, runnable, running, expired, next_run_after from zerfaux.queue_state();
+
+-- name: schedule_due
+select inserted, next_due_at from zerfaux.schedule_due();
+
+-- name: record_rpo_transitions
+select zerfaux.record_rpo_transitions() as recorded;
 
 -- name: has_vault
 select exists (select 1 from pg_views where schemaname = 'vault' and viewname = 'decrypted_secrets') as present;

@@ -23,7 +23,8 @@ T = TypeVar("T")
 # worker is worth nothing, and waiting for it would hold the attempt's slot. Claims, the sweep
 # and status keep the longer budget that rides out a database restart.
 ATTEMPT_CALLS = frozenset(
-    {"heartbeat", "progress", "complete", "complete_many", "fail", "finish_cancelled", "release"}
+    {"heartbeat", "progress", "current_input", "complete", "complete_many", "fail", "finish_cancelled",
+     "release"}
 )
 
 
@@ -97,6 +98,22 @@ class QueueState:
         )
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """One pass of ``zerfaux.schedule_due()``: jobs inserted, and when the next group is due
+    (None: no group is scheduled, or every scheduled one has a job)."""
+
+    inserted: int
+    next_due_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Schedule:
+        due = row.get("next_due_at")
+        if isinstance(due, str):  # JSON (PostgREST) carries timestamps as text
+            due = datetime.fromisoformat(due)
+        return cls(inserted=int(row.get("inserted") or 0), next_due_at=due)
+
+
 class Store(Protocol):
     description: str  # where it points, password hidden
 
@@ -120,6 +137,9 @@ class Store(Protocol):
 
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str: ...
 
+    async def current_input(self, op_id: UUID, worker: str) -> Mapping[str, Any] | None:
+        """The kind's input for an operation this worker holds, read now (zerfaux.current_input)."""
+
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
     ) -> dict[UUID, tuple[bool, str | None]]:
@@ -138,6 +158,16 @@ class Store(Protocol):
     async def prune(self, days: float) -> int: ...
 
     async def queue_state(self) -> QueueState: ...
+
+    async def schedule_due(self) -> Schedule:
+        """Insert one replication job (origin 'schedule') for each group that is due, and write
+        every group's next_replication_at (zerfaux.schedule_due, docs/rpo.md). Safe to call from
+        many listeners at once: a due group still gets one job."""
+
+    async def record_rpo_transitions(self) -> int:
+        """Record in rpo_events every group whose rpo_status changed since the last recorded
+        one; answer how many (zerfaux.record_rpo_transitions). Concurrent callers record each
+        transition once."""
 
     async def vault_secret(self, name: str) -> str | None:
         """A secret from Supabase Vault, or None where there is no Vault or no such secret."""

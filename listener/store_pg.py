@@ -18,7 +18,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from listener import sqlfile
 from listener.config import redact_url
 from listener.protection import GroupStatus, RpoCompliance
-from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
+from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, Schedule, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,11 @@ class PostgresStore:
         row = await self._one("progress", {"id": op_id, "worker": worker, "progress": Jsonb(dict(progress))})
         return str(row["state"])
 
+    async def current_input(self, op_id: UUID, worker: str) -> Mapping[str, Any] | None:
+        row = await self._one("current_input", {"id": op_id, "worker": worker})
+        payload = row["payload"]
+        return dict(payload) if payload is not None else None
+
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
     ) -> dict[UUID, tuple[bool, str | None]]:
@@ -137,6 +142,12 @@ class PostgresStore:
 
     async def queue_state(self) -> QueueState:
         return QueueState.from_row(await self._one("queue_state"))
+
+    async def schedule_due(self) -> Schedule:
+        return Schedule.from_row(await self._one("schedule_due"))
+
+    async def record_rpo_transitions(self) -> int:
+        return int((await self._one("record_rpo_transitions"))["recorded"])
 
     async def vault_secret(self, name: str) -> str | None:
         if self._has_vault is None:

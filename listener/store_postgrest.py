@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from listener.apikeys import is_api_key
 from listener.protection import GroupStatus, RpoCompliance
-from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, StoreUnavailable, within
+from listener.store import ATTEMPT_CALLS, ClaimedOperation, QueueState, Schedule, StoreUnavailable, within
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,10 @@ class PostgrestStore:
     async def progress(self, op_id: UUID, worker: str, progress: Mapping[str, Any]) -> str:
         return str(await self._call("progress", {"p_id": str(op_id), "p_worker": worker, "p_progress": dict(progress)}))
 
+    async def current_input(self, op_id: UUID, worker: str) -> Mapping[str, Any] | None:
+        payload = await self._call("current_input", {"p_id": str(op_id), "p_worker": worker})
+        return dict(payload) if isinstance(payload, Mapping) else None
+
     async def complete_many(
         self, worker: str, items: Sequence[tuple[UUID, Mapping[str, Any]]]
     ) -> dict[UUID, tuple[bool, str | None]]:
@@ -192,6 +196,13 @@ class PostgrestStore:
         if row.get("next_run_after") is not None:
             row["next_run_after"] = datetime.fromisoformat(str(row["next_run_after"]))
         return QueueState.from_row(row)
+
+    async def schedule_due(self) -> Schedule:
+        rows = await self._rows("schedule_due", {})
+        return Schedule.from_row(rows[0] if rows else {})
+
+    async def record_rpo_transitions(self) -> int:
+        return int(await self._call("record_rpo_transitions", {}))
 
     async def status_report(self, recent: int = 15, worker_seconds: float = 120.0) -> dict[str, Any]:
         return dict(await self._call("status_report", {"p_recent": recent, "p_worker_seconds": worker_seconds}))

@@ -15,11 +15,27 @@ values
      'tank/replicas', 'zfs-dr-01', 'ssh', 2)
 on conflict do nothing;
 
-insert into public.protection_groups
-    (id, name, source_vcenter_id, dr_vcenter_id, replication_target_id, source_dataset,
-     protection_datastore, rpo_minutes, retention_snapshots)
-values
-    ('00000000-0000-4000-c000-000000000001', 'gold', '00000000-0000-4000-a000-000000000001',
-     '00000000-0000-4000-a000-000000000002', '00000000-0000-4000-b000-000000000001',
-     'tank/vmstore', 'zfs-protect-01', 15, 24)
-on conflict do nothing;
+-- gold starts paused: it replicates when asked (a replication_jobs row); set paused = false and
+-- its 15-minute RPO schedules it by itself (docs/rpo.md). `zerfaux demo` adds a group with a
+-- one-minute RPO that replicates by itself. Paused only when made here (a group already there
+-- is left as it is), and only where the schedule's column exists (older schemas load this too).
+do $$
+declare
+    v_made integer;
+begin
+    insert into public.protection_groups
+        (id, name, source_vcenter_id, dr_vcenter_id, replication_target_id, source_dataset,
+         protection_datastore, rpo_minutes, retention_snapshots)
+    values
+        ('00000000-0000-4000-c000-000000000001', 'gold', '00000000-0000-4000-a000-000000000001',
+         '00000000-0000-4000-a000-000000000002', '00000000-0000-4000-b000-000000000001',
+         'tank/vmstore', 'zfs-protect-01', 15, 24)
+    on conflict do nothing;
+    get diagnostics v_made = row_count;
+    if v_made = 1 and exists (select 1 from pg_attribute
+                               where attrelid = 'public.protection_groups'::regclass
+                                 and attname = 'paused' and not attisdropped) then
+        execute 'update public.protection_groups set paused = true where id = $1'
+            using '00000000-0000-4000-c000-000000000001'::uuid;
+    end if;
+end $$;

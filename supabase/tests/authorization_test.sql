@@ -3,7 +3,7 @@
 -- the current role and undoes it, answering 'ok' (rows touched), 'none' (no row reached: RLS hid
 -- them), 'denied' (a privilege or RLS error) or 'error: ...'.
 begin;
-select plan(64);
+select plan(66);
 
 -- The world, as the owner.
 insert into public.vcenters (id, name, host) values
@@ -134,7 +134,9 @@ select is(pg_temp.try($$update public.protected_vms set needs_storage_vmotion = 
           'none', 'an operator flips no flag of another group');
 select is(pg_temp.try($$delete from public.protected_vms where protection_group_id = '7a000000-0000-4000-c000-000000000001'$$), 'ok', 'an operator unprotects a VM of its group');
 select is(pg_temp.try($$delete from public.protected_vms where protection_group_id = '7a000000-0000-4000-c000-000000000002'$$), 'none', 'an operator unprotects no VM of another group');
-select is(pg_temp.try($$update public.protection_groups set retention_snapshots = 1$$), 'none', 'an operator changes no group');
+select is(pg_temp.try($$update public.protection_groups set retention_snapshots = 1$$), 'denied', 'an operator changes no group''s configuration');
+select is(pg_temp.try($$update public.protection_groups set paused = true where name = 'gold-tap'$$), 'ok', 'an operator pauses its group');
+select is(pg_temp.try($$update public.protection_groups set paused = true where name = 'other-tap'$$), 'none', 'an operator pauses no other group');
 select is(pg_temp.try($$insert into zerfaux.operators (user_id, role, protection_group_id) values (gen_random_uuid(), 'viewer', '7a000000-0000-4000-c000-000000000001')$$),
           'denied', 'an operator grants no role');
 reset role;
@@ -149,7 +151,7 @@ select is(pg_temp.try($$insert into zerfaux.operators (user_id, role) values (ge
           'denied', 'a group admin grants no global role');
 select is(pg_temp.try($$update zerfaux.operators set role = 'admin' where role = 'viewer'$$), 'ok', 'a group admin changes a role in its group');
 select is(pg_temp.try($$delete from zerfaux.operators where protection_group_id = '7a000000-0000-4000-c000-000000000002'$$), 'none', 'a group admin revokes no role of another group');
-select is(pg_temp.try($$update public.protection_groups set retention_snapshots = 1 where name = 'gold-tap'$$), 'none', 'a group admin does not change its group''s configuration');
+select is(pg_temp.try($$update public.protection_groups set retention_snapshots = 1 where name = 'gold-tap'$$), 'denied', 'a group admin does not change its group''s configuration');
 select is(pg_temp.try($$insert into public.vcenters (name, host) values ('vc-tap-new', 'h')$$), 'denied', 'a group admin adds no vCenter');
 select is(pg_temp.try($$update public.replication_jobs set cancel_requested = true where protection_group_id = '7a000000-0000-4000-c000-000000000001'$$),
           'ok', 'a group admin is an operator of its group too');

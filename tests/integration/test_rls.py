@@ -79,7 +79,7 @@ ALL = Access(select=EVERY, insert=EVERY, update=EVERY, delete=True)
 READ = Access(select=EVERY)
 VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
 TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
-                 "dr_datastore", "transport", "max_concurrent", "wire_compression",
+                 "dr_datastore", "transport", "max_concurrent", "wire_compression", "bandwidth_limit_mbps",
                  "placeholder_datastore")
 BOOT_ORDER = ("boot_priority", "boot_delay_seconds", "tools_timeout_seconds")
 MAPPING_CONFIG = ("protection_group_id", "source_network", "recovery_network", "test_network")
@@ -87,7 +87,8 @@ GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_targe
                 "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
                 "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",
                 "dr_resource_pool", "dr_folder", "dr_network", "dr_vm_suffix", "paused",
-                "replication_interval_minutes", "retention_grid", "source_retention_grid", "encryption_key_secret")
+                "replication_interval_minutes", "retention_grid", "source_retention_grid", "encryption_key_secret",
+                "recursive")
 
 # The column grants, once. Rows: tables; columns: roles.
 POLICY: dict[str, dict[str, Access]] = {
@@ -134,6 +135,11 @@ POLICY: dict[str, dict[str, Access]] = {
         "authenticated": Access(select=EVERY, insert=("user_id", "role", "protection_group_id"),
                                 update=("role",), delete=True),
     },
+    # The schedule's and the RPO watch's bookkeeping (docs/rpo.md): the engine's own.
+    "zerfaux.schedule_slots": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.schedule_dirty": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.rpo_state": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
+    "zerfaux.rpo_dirty": {"anon": NOTHING, "service_role": ALL, "authenticated": NOTHING},
     # The kinds' registry is written by migrations only (the database owner).
     "zerfaux.kinds": {"anon": NOTHING, "service_role": READ, "authenticated": NOTHING},
     "supabase_migrations.schema_migrations": {"anon": NOTHING, "authenticated": NOTHING, "service_role": NOTHING},
@@ -163,6 +169,10 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "zerfaux.settings": {"name": "'rls-' || gen_random_uuid()", "value": "'x'", "set_by": "'rls'"},
     "zerfaux.operators": {"user_id": "gen_random_uuid()", "role": "'viewer'"},
     "zerfaux.kinds": {"kind": "'rls-' || gen_random_uuid()", "input_fn": "'zerfaux.ping'"},
+    "zerfaux.schedule_slots": {"protection_group_id": f"'{SPARE_GROUP}'", "slot": "0.5"},
+    "zerfaux.schedule_dirty": {"protection_group_id": "gen_random_uuid()"},
+    "zerfaux.rpo_state": {"protection_group_id": f"'{SPARE_GROUP}'", "status": "'ok'"},
+    "zerfaux.rpo_dirty": {"protection_group_id": "gen_random_uuid()"},
     "supabase_migrations.schema_migrations": {"version": "'rls-' || gen_random_uuid()"},
 }
 
@@ -491,6 +501,12 @@ CHECKS = [
     Check("remove a target", f"delete from replication_targets where id = '{SPARE_TARGET}'", "admin", False),
     Check("read its group", "select 1 from protection_groups where id = '{group}'", "viewer"),
     Check("change a group", "update protection_groups set retention_snapshots = 1 where id = '{group}'", "admin"),
+    Check("pause or resume its group", "update protection_groups set paused = not paused where id = '{group}'",
+          "operator"),
+    Check("pause and change a group", "update protection_groups set paused = not paused, rpo_minutes = 1"
+                                      " where id = '{group}'", "admin"),
+    Check("set a group's interval", "update protection_groups set replication_interval_minutes = 1"
+                                    " where id = '{group}'", "admin"),
     Check("add a group", "insert into protection_groups (name) values ('g-new')", "admin", False),
     Check("remove a group", f"delete from protection_groups where id = '{SPARE_GROUP}'", "admin", False),
     Check("read protected VMs", "select 1 from protected_vms where protection_group_id = '{group}'", "viewer"),

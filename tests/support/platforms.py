@@ -116,6 +116,8 @@ def checksums(host: ZFSHost, snapshot: str) -> dict[str, str]:
         if host.local:
             result = {}
             for name in sorted(os.listdir(where)):
+                if not os.path.isfile(os.path.join(where, name)):
+                    continue  # a child dataset's mountpoint directory (as the guest's branch skips them)
                 with open(os.path.join(where, name), "rb") as fh:
                     result[name] = hashlib.sha256(fh.read()).hexdigest()
             return result

@@ -32,9 +32,11 @@ _PENDING_GUID = 0  # no real snapshot has GUID 0: stands for "this job's snapsho
 
 class Attempt:
     def __init__(self, request: ReplicationRequest, sides: Sides, transfer: Transfer,
-                 progress: ProgressSink, cancel: threading.Event, creation: Creation = zfs_creation) -> None:
+                 progress: ProgressSink, cancel: threading.Event, creation: Creation = zfs_creation,
+                 may_snapshot: bool = True) -> None:
         self.req, self.sides, self.transfer = request, sides, transfer
         self.creation = creation  # what retention grids read as a snapshot's creation (retention.py)
+        self.may_snapshot = may_snapshot  # False: one child of a tree, whose snapshot zfs/tree.py made
         self.progress, self.cancel = progress, cancel
         self.holds = Holds(request.job_id, request.attempt, sides.note)
         self.streaming = False  # a stream was under way when the attempt failed: partial state may be left
@@ -122,6 +124,9 @@ class Attempt:
             # A cursor (bookmark) cannot be held: its snapshot's replica on the target is.
             on_target = next((t.name for t in tgt_snaps or [] if t.guid == decided.base.guid), base)
             holds += ([] if is_bookmark(base) else [(s.src, s.src_ds, base)]) + [(s.tgt, s.tgt_ds, on_target)]
+        if mine is None and not self.may_snapshot:
+            raise TransientError(f"{s.src_ds} has no snapshot of this job (its tree's snapshot is gone or the "
+                                 "dataset was re-created): the next attempt plans the tree again")
         if mine is None:
             self._checkpoint("making the snapshot")
             ops.create_snapshot(s.src, s.src_ds, name, req.job_id, self.target_tag)

@@ -247,11 +247,13 @@ def target_tag(host: str, port: int, dataset: str) -> str:
     return f"{host}:{port}/{dataset}"
 
 
-def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str, target: str) -> None:
+def create_snapshot(runner: Runner, dataset: str, name: str, job_id: str, target: str,
+                    recursive: bool = False) -> None:
     # User properties tie the snapshot to its job (for people reading `zfs get all`) and to its
-    # replica (source retention counts only the snapshots made for the same target).
-    check(runner.run(["zfs", "snapshot", "-o", f"zerfaux:job={job_id}", "-o", f"{TARGET_PROPERTY}={target}",
-                      f"{dataset}@{name}"]),
+    # replica (source retention counts only the snapshots made for the same target). ``recursive``:
+    # one atomic `zfs snapshot -r` of the dataset and every child (a group of a dataset tree).
+    check(runner.run(["zfs", "snapshot", *(["-r"] if recursive else []), "-o", f"zerfaux:job={job_id}",
+                      "-o", f"{TARGET_PROPERTY}={target}", f"{dataset}@{name}"]),
           runner.label, f"creating snapshot {dataset}@{name}")
 
 

@@ -30,6 +30,7 @@ import paramiko
 
 from handlers.backends.zfs.stopping import interrupted
 from handlers.errors import TransientError
+from handlers.throttle import Bucket
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ CHUNK = 1 << 20
 PIPE_BYTES = 32 << 20  # zrepl's choice; falls back to what the kernel allows
 STALL_SECONDS = 120.0
 PROGRESS_EVERY = 0.1
+ORPHAN_SECONDS = 2.0  # a producer still running this long after its consumer failed is not the cause
 
 
 class Ended(Exception):
@@ -76,8 +78,8 @@ class ProcEnd:
         self.fd = pipe.fileno()
         grow_pipe(self.fd)
 
-    def read(self) -> bytes:
-        return os.read(self.fd, CHUNK)
+    def read(self, most: int = CHUNK) -> bytes:
+        return os.read(self.fd, most)
 
     def write(self, data: memoryview) -> int:
         return os.write(self.fd, data)
@@ -123,9 +125,9 @@ class ChannelEnd:
         while self.chan.recv_stderr_ready():
             self._stderr += self.chan.recv_stderr(65536)
 
-    def read(self) -> bytes:
+    def read(self, most: int = CHUNK) -> bytes:
         self._drain_stderr()
-        data: bytes = self.chan.recv(CHUNK)
+        data: bytes = self.chan.recv(most)
         return data
 
     def write(self, data: memoryview) -> int:
@@ -166,8 +168,12 @@ def relay(
     consumer: End,
     on_bytes: Callable[[int], None],
     cancel: threading.Event,
+    bucket: Bucket | None = None,
 ) -> int:
     """Copy producer -> consumer until EOF; both must then exit 0. Returns the bytes moved.
+
+    With a ``bucket`` the bytes are taken from it as they move (the target's bandwidth limit,
+    shared with every other stream to that target).
 
     Raises ``OperationCancelled`` or ``OperationStopped`` (as ``cancel.reason`` says) when ``cancel``
     is set, ``Ended`` when an end fails, and lets
@@ -188,12 +194,21 @@ def relay(
     watcher.start()
     total = 0
     try:
-        total = _copy(producer, consumer, on_bytes, cancel, killed)
+        total = _copy(producer, consumer, on_bytes, cancel, killed, bucket or Bucket())
         consumer.close_input()
         if killed.is_set() or cancel.is_set():
             raise interrupted(cancel, f"after {total} bytes")
         crc, cerr = consumer.finish(STALL_SECONDS)
-        prc, perr = producer.finish(STALL_SECONDS)
+        if crc != 0:
+            try:
+                prc, perr = producer.finish(ORPHAN_SECONDS)
+            except subprocess.TimeoutExpired:
+                # The consumer died first (a link that went down): the producer is blocked writing
+                # into a stream nobody reads any more, and would wait there for ever.
+                producer.kill()
+                raise Ended(consumer.where, crc, cerr) from None
+        else:
+            prc, perr = producer.finish(STALL_SECONDS)
         if killed.is_set():
             raise interrupted(cancel, f"after {total} bytes")
         # Name the end that failed first: a sender's "Broken pipe" only echoes the receiver's death,
@@ -215,18 +230,19 @@ def relay(
 
 
 def _copy(producer: End, consumer: End, on_bytes: Callable[[int], None],
-          cancel: threading.Event, killed: threading.Event) -> int:
+          cancel: threading.Event, killed: threading.Event, bucket: Bucket) -> int:
     total = 0
     reported = time.monotonic()
     if isinstance(producer, ProcEnd) and isinstance(consumer, ProcEnd):
         while True:
             try:
-                moved = os.splice(producer.fd, consumer.fd, PIPE_BYTES)
+                moved = os.splice(producer.fd, consumer.fd, bucket.chunk(PIPE_BYTES))
             except BrokenPipeError:
                 return total  # the consumer ended; its exit status says why
             if moved == 0:
                 return total
             total += moved
+            bucket.take(moved, killed)
             now = time.monotonic()
             if now - reported >= PROGRESS_EVERY:
                 on_bytes(total)
@@ -234,7 +250,7 @@ def _copy(producer: End, consumer: End, on_bytes: Callable[[int], None],
     last_move = time.monotonic()
     while not killed.is_set():
         try:
-            data = producer.read()
+            data = producer.read(bucket.chunk(CHUNK))
         except socket.timeout:
             if time.monotonic() - last_move > STALL_SECONDS:
                 raise TransientError(f"no data from {producer.where} for {STALL_SECONDS:.0f} s") from None
@@ -258,6 +274,7 @@ def _copy(producer: End, consumer: End, on_bytes: Callable[[int], None],
             view = view[sent:]
             total += sent
             last_move = time.monotonic()
+        bucket.take(len(data), killed)
         if last_move - reported >= PROGRESS_EVERY:
             on_bytes(total)
             reported = last_move

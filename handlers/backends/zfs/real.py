@@ -25,10 +25,12 @@ from handlers.backends.zfs.sides import Sides
 from handlers.backends.zfs.ssh import KeyFiles, Peer, sweep_stale_key_dirs
 from handlers.backends.zfs.stopping import interrupted
 from handlers.backends.zfs.stream import Links, Transfer
+from handlers.backends.zfs.tree import TreeAttempt
 from handlers.backends.zfs.validate import check_cipher, parse_host_key, validate_request
 from handlers.errors import PermanentError
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationRequest
 from handlers.secrets import SecretResolver
+from handlers.throttle import THROTTLES, Throttles
 from handlers.types import SSHEndpoint
 
 
@@ -39,8 +41,9 @@ def missing_tools() -> list[str]:
 
 class ZFSReplicationReal:
     def __init__(self, secrets: SecretResolver, cipher: str = "aes128-gcm@openssh.com",
-                 creation: Creation = zfs_creation) -> None:
+                 creation: Creation = zfs_creation, throttles: Throttles = THROTTLES) -> None:
         self._secrets = secrets
+        self._throttles = throttles
         self._cipher = check_cipher(cipher)
         self._creation = creation  # what retention grids read as a snapshot's creation (retention.py)
         self.sessions = SessionPool()
@@ -67,7 +70,8 @@ class ZFSReplicationReal:
                 if source_client is None and shutil.which("zfs") is None:
                     raise PermanentError("protection_groups.source_ssh_host is empty (a local source) "
                                          "but zfs is not installed here")
-                links = Links(self._cipher, files, self.shared, target, source, target_client, source_client)
+                links = Links(self._cipher, files, self.shared, target, source, target_client, source_client,
+                              self._throttles.bucket(request.target_id) if request.target_id else None)
                 outcome = self._attempt(request, links, progress, cancel, self._creation).execute()
             except BaseException:
                 for _, client in clients:
@@ -79,7 +83,7 @@ class ZFSReplicationReal:
 
     @staticmethod
     def _attempt(request: ReplicationRequest, links: Links, progress: ProgressSink,
-                 cancel: threading.Event, creation: Creation) -> Attempt:
+                 cancel: threading.Event, creation: Creation) -> Attempt | TreeAttempt:
         tgt: Runner = ParamikoRunner(links.target_client, links.target)
         src: Runner = (ParamikoRunner(links.source_client, links.source) if links.source_client and links.source
                        else LocalRunner())
@@ -87,6 +91,9 @@ class ZFSReplicationReal:
         scaps, tcaps = ops.parallel(partial(ops.capabilities, src, src_ds.split("/")[0]),
                                     partial(ops.capabilities, tgt, tgt_ds.split("/")[0]))
         sides = Sides(src, tgt, src_ds, tgt_ds, scaps, tcaps)
+        if request.recursive:  # the dataset and every child: zfs/tree.py
+            return TreeAttempt(request, sides, lambda child: Transfer(request.job_id, request.transport, child,
+                                                                      links, cancel), progress, cancel, creation)
         return Attempt(request, sides, Transfer(request.job_id, request.transport, sides, links, cancel),
                        progress, cancel, creation)
 

@@ -26,6 +26,7 @@ from handlers.backends.zfs.ssh import KeyFiles, Peer, classify_ssh_failure
 from handlers.backends.zfs.syncoid import run_syncoid, syncoid_argv
 from handlers.backends.zfs.wire import Wire
 from handlers.errors import PermanentError, TransientError
+from handlers.throttle import Bucket
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Links:
     source: Peer | None
     target_client: paramiko.SSHClient
     source_client: paramiko.SSHClient | None
+    bucket: Bucket | None = None  # the target's bandwidth limit, shared by its streams (handlers/throttle.py)
 
 
 class Transfer:
@@ -75,7 +77,7 @@ class Transfer:
                     else ProcEnd(send, "zfs send (local)", "producer"))
                 consumer: ProcEnd | ChannelEnd = ChannelEnd(links.target_client, receive,
                                                             f"zfs receive on {s.tgt.label}")
-                return relay(producer, consumer, on_bytes, self.cancel)
+                return relay(producer, consumer, on_bytes, self.cancel, links.bucket)
             with ExitStack() as stack:
                 if links.source:
                     shared = stack.enter_context(links.shared.options(links.source, links.cipher))
@@ -86,7 +88,7 @@ class Transfer:
                 shared = stack.enter_context(links.shared.options(links.target, links.cipher))
                 consumer = ProcEnd(links.files.ssh_argv(links.target, links.cipher, shlex.join(receive), shared),
                                    f"zfs receive on {s.tgt.label}", "consumer")
-                return relay(producer, consumer, on_bytes, self.cancel)
+                return relay(producer, consumer, on_bytes, self.cancel, links.bucket)
         except Ended as exc:
             raise self._explain(exc) from None
         finally:
@@ -127,6 +129,12 @@ class Transfer:
         argv = syncoid_argv(src, f"{e.user}@{e.host}:{s.tgt_ds}", links.target, links.source,
                             links.files, links.cipher, s.resumable, self.flags.letters,
                             "u" + "".join(f" o {value}" for value in self.recv_options[1::2]))
+        rate = links.bucket.rate if links.bucket else None
+        if rate is not None:
+            # syncoid's own limit (mbuffer -r on the target): fixed when the stream starts, per stream.
+            argv[-2:-2] = [f"--target-bwlimit={int(rate)}"]
+            s.note(f"syncoid limited this stream to {rate * 8 / 1e6:g} Mbit/s with mbuffer on the target: "
+                   "the limit is not shared with other streams and a change applies from the next job")
         moved = run_syncoid(argv, links.target, on_bytes, self.cancel)
         if moved == 0:
             s.note("syncoid reported no byte count (pv missing on the listener): bytes_transferred is 0")
@@ -139,6 +147,12 @@ class Transfer:
             fault = classify_ssh_failure(exc.stderr, peer)
             if fault is not None:
                 return fault
+        if exc.rc == 255 and peer is not None and not exc.stderr.strip():
+            # What ssh says when the peer goes silent ("Timeout, server not responding") is below LogLevel=ERROR.
+            return TransientError(
+                f"{exc.where}: the SSH connection to {peer.label} ended without a message (exit 255): the host "
+                "stopped answering (ssh gives up after 30 s of silence) or the link dropped; the next attempt "
+                "connects again")
         err = exc.stderr.strip()[-800:] or f"exit status {exc.rc}"
         lowered = err.lower()
         if "has been modified" in lowered or "does not match incremental source" in lowered:

@@ -8,7 +8,7 @@ from listener.config import ConfigError, Settings, redact_url
 def test_defaults_are_the_embedded_default_in_stub_mode() -> None:
     s = Settings.from_environ({})
     assert s.embedded and s.use_stubs
-    assert (s.concurrency, s.lease_seconds, s.sweep_seconds, s.retention_days) == (8, 30.0, 10.0, 30.0)
+    assert (s.concurrency, s.lease_seconds, s.sweep_seconds, s.retention_days) == (8, 30.0, 5.0, 30.0)
     assert s.http_port is None and s.webhook_secret is None
 
 
