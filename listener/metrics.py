@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTECTION_TTL = 5.0  # seconds a protection_status read serves scrapes
-PROTECTION_TIMEOUT = 5.0  # a scrape waits no longer than this for the database
+PROTECTION_TIMEOUT = 5.0  # a read of protection_status is given up after this
+SCRAPE_WAIT = 0.5  # a scrape waits no longer than this for a read; then it serves the last values
 
 
 class ProtectionCollector:
@@ -107,25 +108,35 @@ class Metrics:
         self.protection = ProtectionCollector()
         r.register(self.protection)
         self._protection_read_at = float("-inf")
-        self._protection_lock = asyncio.Lock()
+        self._protection_read: asyncio.Future[None] | None = None
 
     async def observe_protection(self, store: Store, now: float | None = None) -> None:
         """Refresh the RPO series from the store unless the last read is under PROTECTION_TTL
-        old; concurrent scrapes share one read. A failed or slow read logs and drops them."""
-        async with self._protection_lock:
-            clock = time.monotonic() if now is None else now
+        old; concurrent scrapes share one read. A scrape waits at most SCRAPE_WAIT for it and
+        otherwise serves the last values: the read goes on (bounded by PROTECTION_TIMEOUT) and
+        a failed one drops the series at the next scrape. A listener cut off from its database
+        still answers /metrics at once."""
+        clock = time.monotonic() if now is None else now
+        if self._protection_read is None or self._protection_read.done():
             if clock - self._protection_read_at < PROTECTION_TTL:
                 return
-            try:
-                groups = await within(PROTECTION_TIMEOUT, store.protection_overview(), "protection_status")
-            except Exception as exc:  # a scrape answers its other metrics whatever the database says
-                # once per outage at WARNING, not once per scrape
-                log.log(logging.DEBUG if self.protection.up is False else logging.WARNING,
-                        "metrics: could not read protection_status (%s); RPO series left out", exc)
-                self.protection.up = False
-            else:
-                self.protection.groups, self.protection.up = groups, True
             self._protection_read_at = clock
+            self._protection_read = asyncio.ensure_future(self._read_protection(store))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._protection_read), SCRAPE_WAIT)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _read_protection(self, store: Store) -> None:
+        try:
+            groups = await within(PROTECTION_TIMEOUT, store.protection_overview(), "protection_status")
+        except Exception as exc:  # a scrape answers its other metrics whatever the database says
+            # once per outage at WARNING, not once per scrape
+            log.log(logging.DEBUG if self.protection.up is False else logging.WARNING,
+                    "metrics: could not read protection_status (%s); RPO series left out", exc)
+            self.protection.up = False
+        else:
+            self.protection.groups, self.protection.up = groups, True
 
     def observe_sources(self, sources: Iterable[Source]) -> None:
         """Copy each source's ``connected`` flag (read at scrape time, so never stale)."""

@@ -165,7 +165,10 @@ def test_sigterm_stops_the_backend_then_releases_and_the_next_listener_resumes(
     assert row == {"status": "succeeded", "attempts": 1, "job": "completed", "error": None}
     assert db.value("select count(*) from zerfaux.operations where status = 'cancelled'") == 0
     assert db.value("select count(*) from replication_jobs where status = 'cancelled' or cancel_requested") == 0
-    assert "cancel" not in first.output.lower(), first.output[-3000:]
+    # The listener's own lines never call the stop a cancel (psycopg's warning about a query it
+    # interrupted while the listener shut its connections is not about the job).
+    ours = [line for line in first.output.lower().splitlines() if " psycopg:" not in line]
+    assert not any("cancel" in line for line in ours), first.output[-3000:]
     print(f"stopped {stopped['at'] - term_at:.2f}s after SIGTERM (grace 0.5s); released "
           f"{row_released - stopped['at']:.3f}s after the backend returned")
 

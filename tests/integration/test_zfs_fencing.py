@@ -41,12 +41,24 @@ def parent(pid: int) -> int:
         return 0
 
 
+def owner(pid: int, depth: int = 4) -> tuple[int, ...]:
+    """The send's ancestors, nearest first: a wire-compression stage puts a shell between the
+    listener and its `zfs send`."""
+    chain = []
+    for _ in range(depth):
+        pid = parent(pid)
+        if pid <= 1:
+            break
+        chain.append(pid)
+    return tuple(chain)
+
+
 class Sampler:
     """``pgrep -af 'zfs send'`` every 100 ms: which sends of ``dataset`` run, and whose child each is."""
 
     def __init__(self, dataset: str) -> None:
         self.dataset = dataset
-        self.samples: list[tuple[float, list[int]]] = []  # (monotonic time, parent pid of each send)
+        self.samples: list[tuple[float, list[tuple[int, ...]]]] = []  # (monotonic time, ancestors of each send)
         self.seen: list[str] = []  # every distinct `zfs send` line, for the failure message
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -62,14 +74,14 @@ class Sampler:
             self.seen += [f"{line} (parent {parent(int(line.split()[0]))})" for line in lines
                           if not any(seen.startswith(line + " (") for seen in self.seen)]
             sends = [int(line.split()[0]) for line in lines]
-            self.samples.append((time.monotonic(), [parent(pid) for pid in sends]))
+            self.samples.append((time.monotonic(), [owner(pid) for pid in sends]))
 
     def stop(self) -> None:
         self._done.set()
         self._thread.join(5)
 
     def last_seen(self, ppid: int) -> float | None:
-        return max((t for t, parents in self.samples if ppid in parents), default=None)
+        return max((t for t, owners in self.samples if any(ppid in chain for chain in owners)), default=None)
 
 
 async def test_a_cut_off_listener_stops_its_send_within_lease_and_the_other_completes_once(
