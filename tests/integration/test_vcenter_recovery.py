@@ -22,7 +22,8 @@ import pytest
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from handlers.backends.vcenter.real import RecoveryComputeReal, VCenterSessions
+from handlers.backends.vcenter.real import DRShellBuilderReal, RecoveryComputeReal, VCenterSessions
+from handlers.dr_shell import ShellDisk, ShellSpec
 from handlers.errors import OperationCancelled, PermanentError
 from handlers.recovery.backends import Placement, RecoveryDisk, RecoveryNic, RecoveryVMSpec, run_tag
 from tests.support.vcsim import Simulator, mark_tools_running, start_simulator
@@ -351,3 +352,78 @@ def test_parallel_power_on_of_five_vms_and_a_racing_create(
     with ThreadPoolExecutor(5) as pool:
         ready = list(pool.map(lambda m: compute.wait_ready(ep, m, 3, stop), morefs))
     assert [r.ready for r in ready] == [True, True, True, False, False]
+
+
+# ---- DR shells: placement by datastore visibility (issue 13, "Placement") --------------------------
+
+
+def local_datastore(sim: Simulator, host_name: str, name: str, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    sim.datastore_dirs[name] = directory
+    system = host_objs(sim, (host_name,))[0].configManager.datastoreSystem
+    system.CreateLocalDatastore(name, str(directory))
+
+
+def shell_spec(pv: str, disks: list[str], dr: str, placeholder: str, cluster: str | None = None) -> ShellSpec:
+    return ShellSpec(
+        protected_vm_id=pv, name=f"{pv}-dr", datastore=dr, num_cpu=1, memory_mb=128, guest_id="otherGuest64",
+        firmware="bios", controller="pvscsi", disks=tuple(ShellDisk(file=d, capacity=0) for d in disks),
+        placeholder_datastore=placeholder, cluster=cluster, target_name="dr-zfs",
+    )
+
+
+def test_a_dr_shell_goes_to_the_standalone_host_that_mounts_its_datastores(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    hexa = uuid.uuid4().hex[:8]
+    dr, ph = f"solo-dr-{hexa}", f"solo-ph-{hexa}"
+    local_datastore(sim, STANDALONE, dr, tmp_path / "dr")
+    local_datastore(sim, STANDALONE, ph, tmp_path / "ph")
+    disks = sim.add_replica(f"vm-{hexa}", datastore=dr)
+    sessions = VCenterSessions(sim.secrets(), ca_bundle=sim.cert_file)
+    try:
+        builder = DRShellBuilderReal(sessions)
+        # dr_cluster names a cluster whose hosts lack the datastores: refused at once, in words, nothing made.
+        with pytest.raises(PermanentError) as refused:
+            builder.ensure_shell(sim.endpoint(), shell_spec(f"pv-{hexa}", disks, dr, ph, cluster=CLUSTER))
+        text = str(refused.value)
+        assert dr in text and ph in text and "DC0_C0_H0" in text and "DC0_C0_H1" in text, text
+        assert sim.count_vms_named(f"pv-{hexa}-dr") == 0
+
+        made = builder.ensure_shell(sim.endpoint(), shell_spec(f"pv-{hexa}", disks, dr, ph))
+        vm = sim.vm(made.moref)
+        assert vm.runtime.host.name == STANDALONE
+        assert vm.resourcePool.owner.name == STANDALONE
+        assert sim.vm_disk_files(made.moref) == disks
+
+        # The disks' datastore on the standalone host, the configuration's on a cluster host only.
+        other = f"c0-ph-{hexa}"
+        local_datastore(sim, "DC0_C0_H0", other, tmp_path / "other")
+        with pytest.raises(PermanentError, match=f"datastore '{other}' is not mounted on .*'{STANDALONE}'"):
+            builder.ensure_shell(sim.endpoint(), shell_spec(f"pv2-{hexa}", disks, dr, other))
+        assert sim.count_vms_named(f"pv2-{hexa}-dr") == 0
+    finally:
+        sessions.close()
+
+
+def test_a_run_vm_is_never_taken_for_the_dr_shell_of_its_protected_vm(
+    sim: Simulator, compute: RecoveryComputeReal, run: Run, tmp_path: Path
+) -> None:
+    ep, stop = sim.endpoint(), threading.Event()
+    presented(compute, sim, run)
+    pv = f"pv-{uuid.uuid4().hex[:8]}"
+    test_vm = compute.create_vm(ep, run.placement, spec(run, pv), stop).moref
+    compute.power_on(ep, test_vm, stop)
+    dr, ph = f"c-dr-{pv}", f"c-ph-{pv}"
+    for name in (dr, ph):
+        for host in run.placement.hosts:
+            local_datastore(sim, host, name, tmp_path / name)
+    disks = sim.add_replica(pv, datastore=dr)
+    sessions = VCenterSessions(sim.secrets(), ca_bundle=sim.cert_file)
+    try:
+        shell = DRShellBuilderReal(sessions).ensure_shell(ep, shell_spec(pv, disks, dr, ph))
+    finally:
+        sessions.close()
+    assert shell.adopted is False and shell.moref != test_vm
+    assert sim.vm(test_vm).runtime.powerState == "poweredOn"  # left alone
+    assert compute.find_run_vms(ep, run.run_id, stop) == {pv: test_vm}
