@@ -349,3 +349,21 @@ def test_shell_hostile_names_are_refused_before_any_command(zfs_target: FuseHost
     assert not os.path.exists("/tmp/pwned")
     with pytest.raises(ValueError):
         RecoveryStorageReal(secret_env(zfs_target), nfs_clients=["*;reboot"])
+
+
+def test_a_target_root_without_mountpoint_still_gets_a_mounted_clone(world: World) -> None:
+    """Replicas under a root with mountpoint=none are never mounted; the clone gets ZFS's default path."""
+    w, run, stop = world, str(uuid.uuid4()), threading.Event()
+    snap = w.replicate().snapshot_name
+    bare = f"{w.root}/bare"
+    w.zfs("create", "-o", "mountpoint=none", bare)
+    clone = f"{bare}/{run_tag(run)}"
+    try:
+        info = w.storage.clone(w.ep, f"{w.replica}@{snap}", clone, run, stop)
+        assert info.mountpoint == f"/{clone}" == zfs_get(w.target, "mountpoint", clone)
+        assert zfs_get(w.target, "mounted", clone) == "yes"
+        assert digests(info.mountpoint) == EXPECTED
+        assert w.storage.destroy_clone(w.ep, clone, run, stop)
+    finally:
+        w.zfs("destroy", "-f", clone, check=False)
+        shutil.rmtree(f"/{w.target.pool}", ignore_errors=True)  # the directories zfs made on /
