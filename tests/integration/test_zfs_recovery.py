@@ -367,3 +367,14 @@ def test_a_target_root_without_mountpoint_still_gets_a_mounted_clone(world: Worl
     finally:
         w.zfs("destroy", "-f", clone, check=False)
         shutil.rmtree(f"/{w.target.pool}", ignore_errors=True)  # the directories zfs made on /
+
+
+def test_a_clone_someone_cloned_is_not_destroyed_with_theirs(world: World) -> None:
+    w, run, stop = world, str(uuid.uuid4()), threading.Event()
+    snap = w.replicate().snapshot_name
+    w.storage.clone(w.ep, f"{w.replica}@{snap}", w.clone_name(run), run, stop)
+    w.zfs("snapshot", f"{w.clone_name(run)}@theirs")
+    w.zfs("clone", f"{w.clone_name(run)}@theirs", f"{w.root}/their-copy")
+    with pytest.raises(PermanentError, match="dependent clones"):
+        w.storage.destroy_clone(w.ep, w.clone_name(run), run, stop)
+    assert {w.clone_name(run), f"{w.root}/their-copy"} <= {r[0] for r in listing(w)}

@@ -248,6 +248,9 @@ class RecoveryStorageReal:
             result = runner.run(["zfs", "destroy", "-f", name])
             if result.ok or "does not exist" in result.err:
                 return
+            if "dependent clones" in result.err:  # somebody cloned the test's clone: theirs to remove
+                raise PermanentError(f"not destroying {name} on {runner.label}: {result.err.strip()} (a dataset "
+                                     "outside the clone was cloned from it; destroy that first)")
             if "busy" not in result.err or time.monotonic() >= deadline:
                 raise zfs_error(result, runner.label, f"destroying {name}")
             time.sleep(0.5)
