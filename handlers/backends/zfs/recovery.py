@@ -35,6 +35,7 @@ from handlers.backends.zfs.connections import SessionPool
 from handlers.backends.zfs.exec import ParamikoRunner, Runner, check, zfs_error
 from handlers.backends.zfs.nfs import (
     ETAB_ARGV,
+    EXPORTFS_ARGV,
     THREADS_ARGV,
     ExportState,
     NFSExportError,
@@ -320,9 +321,10 @@ class RecoveryStorageReal:
 
     @staticmethod
     def _export_state(runner: Runner, dataset: str, path: str) -> ExportState:
-        prop, etab, threads, system = runner.run_many([ops.get_argv(dataset, "sharenfs"), ETAB_ARGV, THREADS_ARGV,
-                                                        ["uname", "-s"]])
+        prop, etab, threads, system, exportfs = runner.run_many(
+            [ops.get_argv(dataset, "sharenfs"), ETAB_ARGV, THREADS_ARGV, ["uname", "-s"], EXPORTFS_ARGV])
         check(prop, runner.label, f"reading sharenfs of {dataset}")
         linux = system.ok and system.out.strip() == "Linux"
         running = served(threads.out if threads.ok else ("0" if linux else None))
-        return ExportState(prop.out.strip() or "off", etab.ok and bool(path) and listed(etab.out, path), running)
+        return ExportState(prop.out.strip() or "off", etab.ok and bool(path) and listed(etab.out, path), running,
+                           exportfs.ok)
