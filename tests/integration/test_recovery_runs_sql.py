@@ -568,3 +568,25 @@ async def test_each_store_reads_the_same_report(world: Database, store_env: dict
     assert report is not None and missing is None
     assert (report["run"]["id"], report["group"]["name"], [s["name"] for s in report["steps"]]) == (
         str(test["id"]), "gold", ["validate", "activate"])
+
+
+# --- guards around the runs (20261201160400) -------------------------------------------------------
+
+def test_a_group_with_an_active_test_cannot_be_deleted_until_it_is_cleaned_up(world: Database) -> None:
+    test, _ = active_test(world)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                       match="protection_groups_delete_during_recovery") as refusal:
+        world.sql("delete from protection_groups where id = %s", (GROUP,))
+    assert "cleanup" in (refusal.value.diag.message_hint or "")
+    assert world.value("select count(*) from recovery_runs where id = %s", (test["id"],)) == 1
+    world.sql("update recovery_runs set status = 'completed' where id = %s", (test["id"],))
+    world.sql("delete from protection_groups where id = %s", (GROUP,))
+    assert world.value("select count(*) from recovery_runs") == 0
+
+
+def test_nfs_clients_takes_names_addresses_and_networks_only(world: Database) -> None:
+    world.sql("update replication_targets set nfs_clients = %s where id = %s",
+              (["esx-01.dr.example", "10.1.2.0/24", "fd00::7"], TARGET))
+    for bad in (["a b"], ["x;reboot"], [], ["ok", "$(id)"]):
+        with pytest.raises(psycopg.errors.CheckViolation, match="replication_targets_nfs_clients_names"):
+            world.sql("update replication_targets set nfs_clients = %s where id = %s", (bad, TARGET))

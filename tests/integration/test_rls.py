@@ -82,7 +82,7 @@ READ = Access(select=EVERY)
 VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
 TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
                  "dr_datastore", "transport", "max_concurrent", "wire_compression", "bandwidth_limit_mbps",
-                 "placeholder_datastore", "nfs_host")
+                 "placeholder_datastore", "nfs_host", "nfs_clients")
 BOOT_ORDER = ("boot_priority", "boot_delay_seconds", "tools_timeout_seconds")
 MAPPING_CONFIG = ("protection_group_id", "source_network", "recovery_network", "test_network")
 GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
