@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from listener.console.auth import COOKIE, Identity, NotSignedIn, Verifier, seconds_left, wants_html
+from listener.console.auth import COOKIE, Identity, NotSignedIn, Verifier, read_form, seconds_left, wants_html
 from listener.console.feed import Feed
 from listener.console.queries import ConsoleDB
 from listener.console.render import page
@@ -123,8 +123,7 @@ def routes(console: Console) -> list[BaseRoute]:
     async def login(request: Request) -> Response:
         if console.off_reason is not None:
             return off(console, request)
-        form = await request.form()
-        token = str(form.get("token") or "").strip()
+        token = (await read_form(request)).get("token", "").strip()
         try:
             identity = await console.verifier.verify(token, via_cookie=True)
         except NotSignedIn as exc:

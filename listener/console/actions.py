@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from listener.console.auth import Identity, wants_html
+from listener.console.auth import Identity, read_form, wants_html
 from listener.console.pages import failed, load_group, not_found, parse_id
 from listener.console.queries import Refused, Unavailable
 from listener.console.render import page
@@ -88,7 +88,7 @@ def routes(console: Console) -> list[Route]:
         group = parse_id(request.path_params["id"])
         if group is None:
             return not_found(request, console, who, "That is not a group id.")
-        form = {k: str(v) for k, v in (await request.form()).items()}
+        form = await read_form(request)
         if not same_origin(request) or not console.verifier.csrf_ok(who, form.get("csrf")):
             log.warning("console: refused a form without this session's token or from another origin")
             return page(request, "message.html", context(console, who, title="Refused",

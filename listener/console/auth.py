@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 import jwt
 from starlette.requests import Request
@@ -148,3 +149,19 @@ def seconds_left(identity: Identity) -> int:
 
 def wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
+
+
+FORM_LIMIT = 64 * 1024
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An urlencoded form (what the console's own forms send), at most FORM_LIMIT bytes; the
+    first value of each field. Anything else is an empty form (and fails the CSRF check)."""
+    if "application/x-www-form-urlencoded" not in request.headers.get("content-type", ""):
+        return {}
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FORM_LIMIT:
+            return {}
+    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
