@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from handlers.errors import PermanentError
 from handlers.types import SSHEndpoint, VCenterEndpoint
 
 
@@ -33,6 +34,15 @@ class CloneInfo:
     origin: str  # <replica>@<snapshot>
     mountpoint: str  # where the files are on the storage host (the NFS export's path)
     adopted: bool  # it existed already with this origin and Zerfaux's mark
+
+
+class ExportNotServed(PermanentError):
+    """The clone's NFS export is configured on the storage host, but nothing serves it there.
+
+    ``path`` is the exported directory. A run records this as a warning and goes on: a DR host
+    that cannot mount it refuses the datastore in the next step, in vSphere's words."""
+
+    path: str
 
 
 class RecoveryStorage(Protocol):
@@ -60,8 +70,12 @@ class RecoveryStorage(Protocol):
         another origin or without the mark is a ``PermanentError`` (never touched)."""
         ...
 
-    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> str:
-        """Share the clone over NFS (``sharenfs``) to the DR hosts; returns the exported path."""
+    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+               clients: Sequence[str] | None = None) -> str:
+        """Share the clone over NFS (``sharenfs``, read-write, root not squashed) to ``clients``
+        (``replication_targets.nfs_clients``, else the run's DR hosts; None: the backend's
+        default); returns the exported path. ``NFSExportError`` (a ``PermanentError`` carrying
+        the path) when the host set the property but does not serve the export."""
         ...
 
     def unexport(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:

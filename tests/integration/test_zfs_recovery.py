@@ -295,6 +295,23 @@ def test_export_sets_sharenfs_and_says_exactly_what_the_host_did(world: World) -
     assert w.storage.unexport(w.ep, w.clone_name(run), stop) is False
 
 
+def test_export_names_the_clients_it_is_given_and_refuses_a_hostile_one(world: World) -> None:
+    w, run, stop = world, str(uuid.uuid4()), threading.Event()
+    snap = w.replicate().snapshot_name
+    w.storage.clone(w.ep, f"{w.replica}@{snap}", w.clone_name(run), run, stop)
+    with pytest.raises(PermanentError, match="replication_targets.nfs_clients"):
+        w.storage.export(w.ep, w.clone_name(run), stop, clients=["esx-01;reboot"])
+    assert zfs_get(w.target, "sharenfs", w.clone_name(run)) == "off"
+    try:
+        w.storage.export(w.ep, w.clone_name(run), stop, clients=["esx-01.dr.example", "10.1.2.0/24"])
+    except NFSExportError:
+        pass  # no NFS server here: the property is what this test checks
+    assert zfs_get(w.target, "sharenfs", w.clone_name(run)) == \
+        "esx-01.dr.example:rw,no_root_squash,sync,crossmnt 10.1.2.0/24:rw,no_root_squash,sync,crossmnt"
+    assert w.storage.unexport(w.ep, w.clone_name(run), stop) is True
+    assert w.storage.destroy_clone(w.ep, w.clone_name(run), run, stop)
+
+
 def test_a_tree_is_cloned_whole(world: World) -> None:
     w, run, stop = world, str(uuid.uuid4()), threading.Event()
     child = f"{w.src}/disk1"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from handlers.backends.zfs.validate import check_host
 from handlers.errors import PermanentError
+from handlers.recovery.backends import ExportNotServed
 
 ESXI_OPTIONS = "rw,no_root_squash,sync,crossmnt"
 ETAB = "/var/lib/nfs/etab"
@@ -37,7 +38,7 @@ EXPORTFS_ARGV = ["sh", "-c", "command -v exportfs"]  # a constant script: nothin
 _WILDCARD = re.compile(r"^\*$|^\*\.[A-Za-z0-9.\-]+$")  # '*' or '*.example.org'
 
 
-class NFSExportError(PermanentError):
+class NFSExportError(ExportNotServed):
     """The clone's ``sharenfs`` is set, but the storage host does not serve it (yet).
 
     Carries what a caller needs to say exactly what happened: the property now set, whether

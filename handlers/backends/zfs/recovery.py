@@ -258,8 +258,13 @@ class RecoveryStorageReal:
 
     # ---- NFS ---------------------------------------------------------------------------------
 
-    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> str:
+    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+               clients: Sequence[str] | None = None) -> str:
         check_dataset(dataset, "recovery run clone dataset")
+        try:
+            allowed = self._clients if clients is None else check_clients(clients)
+        except ValueError as exc:
+            raise PermanentError(f"replication_targets.nfs_clients: {exc}") from None
         _halt(stop, f"exporting {dataset}")
         with self._runner(target) as runner:
             item = self._ours(runner, dataset, "export")
@@ -270,7 +275,7 @@ class RecoveryStorageReal:
                                      "mounts it) before exporting")
             path = item.mountpoint
             caps = ops.capabilities(runner, dataset.split("/", 1)[0])
-            value = sharenfs_value(self._clients, fuse=not caps.written)
+            value = sharenfs_value(allowed, fuse=not caps.written)
             state = self._export_state(runner, dataset, path)
             said = ""
             if state.sharenfs != value or not state.listed:
