@@ -63,6 +63,7 @@ class RunPlan:
     target: SSHEndpoint
     target_root: str
     nfs_host: str
+    nfs_clients: tuple[str, ...] | None
     vcenter: VCenterEndpoint
     cluster: str | None
     snapshot: str  # <replica_dataset>@<snapshot_name>
@@ -120,6 +121,7 @@ def build_plan(payload: Mapping[str, Any]) -> RunPlan:
         group_name=str(group.get("name") or group.get("id")), target=SSHEndpoint.target_from_row(target),
         target_root=str(target["target_root"]).rstrip("/"),
         nfs_host=str(target.get("nfs_host_effective") or target.get("nfs_host") or target["ssh_host"]),
+        nfs_clients=tuple(str(c) for c in target["nfs_clients"]) if target.get("nfs_clients") else None,
         vcenter=VCenterEndpoint.from_row(dr_vcenter), cluster=group.get("dr_cluster") or None,
         snapshot=f"{replica}@{point['snapshot_name']}",
         expected_guid=None if point.get("guid") is None else str(point["guid"]),

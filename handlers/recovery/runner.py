@@ -27,7 +27,7 @@ from typing import Any
 
 from handlers.context import OperationContext, StopSignal
 from handlers.errors import OperationCancelled, OperationStopped, PermanentError
-from handlers.recovery.backends import Placement, RecoveryCompute, RecoveryStorage
+from handlers.recovery.backends import ExportNotServed, Placement, RecoveryCompute, RecoveryStorage
 from handlers.recovery.book import Book, Executor, Outcome
 from handlers.recovery.cleanup import Cleanup, placement_of
 from handlers.recovery.plan import RunPlan, Step, cleanup_steps
@@ -107,7 +107,7 @@ class Runner:
             self.storage.hold, "placed_now", plan.target, plan.snapshot, plan.tag, {"snapshot": plan.snapshot,
                                                                                    "tag": plan.tag}))
         clone = await ex.one(by_name["clone_snapshot"], self._clone)
-        export = await ex.one(by_name["export_clone"], lambda: self._export(ex))
+        export = await ex.one(by_name["export_clone"], lambda: self._export(ex, placement))
         await ex.one(by_name["present_datastore"], lambda: self._present(ex, placement, export, clone))
         await ex.one(by_name["create_port_group"], lambda: self._port_group(ex, placement))
         creates = [s for s in plan.steps if s.name == "create_vm"]
@@ -162,9 +162,19 @@ class Runner:
         return "done", {"dataset": info.dataset, "origin": info.origin, "mountpoint": info.mountpoint,
                         "adopted": info.adopted}, None
 
-    async def _export(self, ex: Executor) -> Outcome:
-        path = await ex.call(self.storage.export, self.plan.target, self.plan.clone_dataset, self.ctx.stop)
-        return "done", {"dataset": self.plan.clone_dataset, "path": path}, None
+    async def _export(self, ex: Executor, placement: Placement) -> Outcome:
+        # Read-write with root not squashed, so never to everyone by default: the target's
+        # nfs_clients, else the hosts the datastore is presented on.
+        clients = list(self.plan.nfs_clients or placement.hosts)
+        detail: dict[str, Any] = {"dataset": self.plan.clone_dataset, "clients": clients}
+        try:
+            path = await ex.call(self.storage.export, self.plan.target, self.plan.clone_dataset, self.ctx.stop,
+                                 clients)
+        except ExportNotServed as exc:
+            # The property is set; whether a DR host can mount it, the next step finds out in
+            # vSphere's words. Say here what the storage host lacks.
+            return "warning", {**detail, "path": exc.path}, str(exc)
+        return "done", {**detail, "path": path}, None
 
     async def _present(self, ex: Executor, placement: Placement, export: Mapping[str, Any],
                        clone: Mapping[str, Any]) -> Outcome:
@@ -242,7 +252,9 @@ class Runner:
             vms.append(entry)
         return {"run_id": self.plan.run_id, "kind": "test", "recovery_point": self.plan.snapshot,
                 "clone": self.plan.clone_dataset, "datastore": self.plan.tag, "vms": vms,
-                "warnings": [v["warning"] for v in vms if v.get("warning")]}
+                "warnings": [f"{s.name}: {self.book.rows[s.seq].get('error')}" for s in self.plan.steps
+                             if s.protected_vm_id is None and self.book.status(s.seq) == "warning"]
+                            + [v["warning"] for v in vms if v.get("warning")]}
 
     # ---- cleanups -------------------------------------------------------------------------------
 

@@ -590,3 +590,15 @@ def test_nfs_clients_takes_names_addresses_and_networks_only(world: Database) ->
     for bad in (["a b"], ["x;reboot"], [], ["ok", "$(id)"]):
         with pytest.raises(psycopg.errors.CheckViolation, match="replication_targets_nfs_clients_names"):
             world.sql("update replication_targets set nfs_clients = %s where id = %s", (bad, TARGET))
+
+
+def test_a_cancel_between_two_attempts_reaches_the_next_attempt(world: Database) -> None:
+    point(world)
+    test = run(world)
+    op = claim(world)["id"]
+    assert world.value("select zerfaux.fail(%s, %s, 'vCenter timed out', false, 0)", (op, WORKER)) == "retrying"
+    assert world.value("select status from zerfaux.operations where id = %s", (op,)) == "queued"
+    world.sql("update recovery_runs set cancel_requested = true where id = %s", (test["id"],))
+    assert status(world, test["id"])["status"] == "running"  # its next attempt removes what it made
+    again = claim(world)
+    assert again["id"] == op and again["cancel_requested"] is True

@@ -130,7 +130,8 @@ class RecoveryStorageStub(_Stub):
             self._take_time(stop)
         return CloneInfo(dataset=dataset, origin=snapshot, mountpoint="/" + dataset, adopted=not made)
 
-    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> str:
+    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+               clients: Sequence[str] | None = None) -> str:
         self._begin(stop, "the export")
         if self._world.read("clones", dataset) is None:
             raise PermanentError(f"dataset {dataset!r} does not exist on the DR storage host: nothing to export")

@@ -18,7 +18,7 @@ from typing import Any
 
 from handlers.context import StopSignal
 from handlers.errors import OperationStopped, TransientError
-from handlers.recovery.backends import CloneInfo, Placement, Readiness, RecoveryVMSpec, SiteCheck, VMRef
+from handlers.recovery.backends import CloneInfo, ExportNotServed, Placement, Readiness, RecoveryVMSpec, SiteCheck, VMRef
 from handlers.types import SSHEndpoint, VCenterEndpoint
 
 RUN_ID = "1234abcd-0000-4000-8000-000000000001"
@@ -93,6 +93,8 @@ class FakeCtx:
 class FakeStorage:
     def __init__(self, guid: str | None = GUID, available: int = 10 * 1024**4) -> None:
         self.guid, self.available = guid, available
+        self.nfs_unserved = False
+        self.export_clients: list[str] = []
         self.holds: set[tuple[str, str]] = set()
         self.clones: dict[str, tuple[str, str]] = {}
         self.exports: set[str] = set()
@@ -131,9 +133,15 @@ class FakeStorage:
         self._maybe_die("clone")
         return CloneInfo(dataset, snapshot, "/" + dataset, adopted=not made)
 
-    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> str:
+    def export(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+               clients: Sequence[str] | None = None) -> str:
         self.exports.add(dataset)
+        self.export_clients = list(clients or [])
         self._maybe_die("export")
+        if self.nfs_unserved:
+            error = ExportNotServed(f"{dataset}: sharenfs is set, but no NFS server runs on the storage host")
+            error.path = "/" + dataset
+            raise error
         return "/" + dataset
 
     def unexport(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:

@@ -248,3 +248,26 @@ async def test_a_changed_group_refuses_to_resume() -> None:
     changed[0]["protected_vm"]["boot_priority"] = 5
     with pytest.raises(PermanentError, match="cannot resume safely"):
         await _run(storage, compute, FakeCtx(db), payload(changed))
+
+
+async def test_the_clone_is_exported_to_the_runs_hosts_unless_the_target_names_its_clients() -> None:
+    storage, db = FakeStorage(), FakeDB()
+    await _run(storage, FakeCompute(), FakeCtx(db), payload(_vms()))
+    assert storage.export_clients == ["esx-1", "esx-2"]  # the placement's hosts, never everyone
+    assert db.by_name("export_clone")[0]["detail"]["clients"] == ["esx-1", "esx-2"]
+    storage, p = FakeStorage(), payload(_vms())
+    p["target"] = {**p["target"], "nfs_clients": ["10.9.0.0/24"]}
+    await _run(storage, FakeCompute(), FakeCtx(FakeDB()), p)
+    assert storage.export_clients == ["10.9.0.0/24"]
+
+
+async def test_an_export_the_storage_host_does_not_serve_is_a_warning_and_the_datastore_step_decides() -> None:
+    storage, compute, db = FakeStorage(), FakeCompute(), FakeDB()
+    storage.nfs_unserved = True
+    result = await _run(storage, compute, FakeCtx(db), payload(_vms()))
+    (export,) = db.by_name("export_clone")
+    assert export["status"] == "warning" and "no NFS server" in export["error"]
+    assert export["detail"]["path"] == f"/tank/replicas/{TAG}"
+    assert db.by_name("present_datastore")[0]["detail"]["remote_path"] == f"/tank/replicas/{TAG}"
+    assert result["status"] == "active" and compute.datastores == {TAG}
+    assert [w for w in result["report"]["warnings"] if w.startswith("export_clone: ")]
