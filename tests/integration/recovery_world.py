@@ -104,7 +104,7 @@ def add_port_group(sim: Simulator, name: str) -> None:
             pass  # the datacenter's network of that name exists already (vcsim: one per name)
 
 
-def create_source_vm(sim: Simulator, name: str, network: str) -> str:
+def create_source_vm(sim: Simulator, name: str, network: str, disk_bytes: int = DISK_BYTES) -> str:
     """The protected VM at the source vCenter, on its existing disk, one NIC on ``network``."""
     content = sim.si().content
     dc = content.rootFolder.childEntity[0]
@@ -113,7 +113,7 @@ def create_source_vm(sim: Simulator, name: str, network: str) -> str:
     add = dev.VirtualDeviceSpec.Operation.add
     controller = dev.VirtualLsiLogicController(key=-100, busNumber=0, sharedBus="noSharing")
     disk = dev.VirtualDisk(
-        key=-101, controllerKey=-100, unitNumber=0, capacityInKB=DISK_BYTES // 1024,
+        key=-101, controllerKey=-100, unitNumber=0, capacityInKB=disk_bytes // 1024,
         backing=dev.VirtualDisk.FlatVer2BackingInfo(fileName=f"[{SOURCE_DS}] {name}/{name}.vmdk",
                                                     diskMode="persistent"),
     )
@@ -222,6 +222,8 @@ class RecoveryWorld:
     snapshot: str
     point_id: str
     extra_env: dict[str, str] = field(default_factory=dict)
+    new_vcenter: Callable[..., Simulator] | None = None  # (vcenter id, name, datastores, args) → started, row updated
+    workdir: Path | None = None
 
     @property
     def replica(self) -> str:
@@ -280,6 +282,16 @@ class RecoveryWorld:
         }
 
 
+def dr_vcenter(vcenter: Callable[..., Simulator], workdir: Path, name: str, delay_ms: int = 0) -> Simulator:
+    """The DR vCenter: a cluster of two hosts, the placeholder datastore, the existing network ``zf-lab``."""
+    sim = vcenter(DR, name, {PLACEHOLDER_DS: workdir / f"{name}-placeholder", DR_DS: workdir / f"{name}-empty"},
+                  DR_ARGS)
+    add_port_group(sim, LAB_NETWORK)
+    if delay_ms:
+        sim.set_delay(delay_ms)
+    return sim
+
+
 def boot_time(vm: Any) -> float:
     value = vm.summary.runtime.bootTime
     assert isinstance(value, datetime), (vm.name, value)
@@ -287,7 +299,8 @@ def boot_time(vm: Any) -> float:
 
 
 def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
-                start_sim: Callable[..., Simulator], workdir: Path) -> Iterator[RecoveryWorld]:
+                start_sim: Callable[..., Simulator], workdir: Path, plan: tuple[VMPlan, ...] = PLAN,
+                disk_bytes: int = DISK_BYTES) -> Iterator[RecoveryWorld]:
     """Generator: yields the world once replication made the recovery point, then takes it all down."""
     import asyncio
 
@@ -306,6 +319,7 @@ def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
         bundle.write_text("")
 
         def vcenter(vc_id: str, name: str, datastores: dict[str, Path], args: tuple[str, ...]) -> Simulator:
+            """Start a simulator and point the vCenter row ``vc_id`` at it (the CA bundle trusts it)."""
             sim = start_sim(name, datastores=datastores, args=args)
             sims.append(sim)
             with bundle.open("a") as fh:
@@ -316,15 +330,13 @@ def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
             return sim
 
         vms: list[ProtectedVM] = []
-        for plan in PLAN:
-            write_disk(source_dir / plan.name, plan.name, DISK_BYTES)
+        for vm_plan in plan:
+            write_disk(source_dir / vm_plan.name, vm_plan.name, disk_bytes)
         source_sim = vcenter(PRIMARY, f"rec-src-{tag}", {SOURCE_DS: source_dir}, SOURCE_ARGS)
         add_port_group(source_sim, APP_NETWORK)
-        for plan in PLAN:
-            vms.append(ProtectedVM(plan, create_source_vm(source_sim, plan.name, plan.network)))
-        dr_sim = vcenter(DR, f"rec-dr-{tag}", {PLACEHOLDER_DS: workdir / "placeholder", DR_DS: workdir / "dr-empty"},
-                         DR_ARGS)
-        add_port_group(dr_sim, LAB_NETWORK)
+        for vm_plan in plan:
+            vms.append(ProtectedVM(vm_plan, create_source_vm(source_sim, vm_plan.name, vm_plan.network, disk_bytes)))
+        dr_sim = dr_vcenter(vcenter, workdir, f"rec-dr-{tag}")
 
         db.sql("update replication_targets set ssh_host = %s, ssh_port = %s, ssh_user = %s, ssh_key_secret = 'dr-key',"
                " ssh_host_key = %s, target_root = %s, dr_datastore = %s, placeholder_datastore = %s,"
@@ -336,6 +348,7 @@ def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
         db.sql("select zerfaux.set_mode('real')")
         world = RecoveryWorld(db, source_host, target_host, source, source_dir, root, secrets, bundle,
                               source_sim, dr_sim, vms, snapshot="", point_id="")
+        world.new_vcenter, world.workdir = vcenter, workdir
 
         db.sql("update vcenters set sync_requested_at = now() where id = %s", (PRIMARY,))
         asyncio.run(world.drain())
@@ -364,7 +377,7 @@ def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
             (GROUP, world.snapshot)))
         # The source moves on after the point: the test VMs must hash like the point, not like now.
         for vm in vms:
-            (source_dir / vm.plan.name / f"{vm.plan.name}-flat.vmdk").write_bytes(os.urandom(DISK_BYTES))
+            (source_dir / vm.plan.name / f"{vm.plan.name}-flat.vmdk").write_bytes(os.urandom(disk_bytes))
         os.sync()
         yield world
     finally:
