@@ -178,6 +178,31 @@ class Simulator:
         return paths
 
 
+def mark_tools_running(sim: Simulator, vm_name_or_moref: str) -> str:
+    """Play VMware Tools for one VM (vcsim 0.24 simulates none); returns its moref.
+
+    ``ReconfigVM_Task`` with extraConfig ``SET.<property path>`` writes the property itself in
+    vcsim, visible to ``WaitForUpdatesEx`` like a real change: Tools running and a green
+    heartbeat, as a booted guest with Tools would show them.
+    """
+    from pyVim.task import WaitForTask
+    from pyVmomi import vim
+
+    if vm_name_or_moref.startswith("vm-"):
+        vm = sim.vm(vm_name_or_moref)
+    else:
+        named = sim.vms_named(vm_name_or_moref)
+        if len(named) != 1:
+            raise LookupError(f"{len(named)} VMs named {vm_name_or_moref!r} at vcsim {sim.name}")
+        vm = named[0]
+    spec = vim.vm.ConfigSpec(extraConfig=[
+        vim.option.OptionValue(key="SET.guest.toolsRunningStatus", value="guestToolsRunning"),
+        vim.option.OptionValue(key="SET.summary.quickStats.guestHeartbeatStatus", value="green"),
+    ])
+    WaitForTask(vm.ReconfigVM_Task(spec=spec))
+    return str(vm._moId)
+
+
 def _descriptor(stem: str) -> str:
     return (
         "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\n"

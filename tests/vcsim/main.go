@@ -44,6 +44,8 @@ import (
 	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
 
@@ -97,6 +99,7 @@ func main() {
 		log.Fatalf("create inventory: %v", err)
 	}
 	defer model.Remove()
+	presentNasAsESXi()
 
 	cert, pemBytes, err := selfSigned()
 	if err != nil {
@@ -172,6 +175,64 @@ func control(model *simulator.Model, done chan<- struct{}) {
 	}
 }
 
+// esxiNasDatastoreSystem is a host's HostDatastoreSystem whose CreateNasDatastore behaves as a
+// real ESXi host's does for the caller: the datastore is named spec.localPath and its files are
+// those of remoteHost:remotePath. The simulator mounts nothing, so remotePath must be a directory
+// on this machine (an NFS export's path on a storage host that is this machine in the tests).
+// vcsim's own CreateNasDatastore takes localPath as a local directory and names the datastore
+// after its base name, which a client written for ESXi cannot use.
+//
+// The simulator's type is embedded by value, not by pointer: its PropertyCollector finds the mo
+// type by descending through the first field of each struct, which must not be a pointer.
+type esxiNasDatastoreSystem struct {
+	simulator.HostDatastoreSystem
+}
+
+func (dss *esxiNasDatastoreSystem) CreateNasDatastore(ctx *simulator.Context, c *types.CreateNasDatastore) soap.HasFault {
+	name := c.Spec.LocalPath
+	if e := simulator.Map.FindByName(name, dss.Datastore); e != nil {
+		return &methods.CreateNasDatastoreBody{
+			Fault_: simulator.Fault(e.Reference().Value, &types.DuplicateName{Name: name, Object: e.Reference()}),
+		}
+	}
+	req := *c
+	req.Spec.LocalPath = c.Spec.RemotePath // the directory the simulator's own method reads
+	body := dss.HostDatastoreSystem.CreateNasDatastore(ctx, &req).(*methods.CreateNasDatastoreBody)
+	if body.Fault_ != nil || body.Res == nil {
+		return body
+	}
+	ds, ok := simulator.Map.Get(body.Res.Returnval).(*simulator.Datastore)
+	if !ok {
+		return body
+	}
+	ctx.WithLock(ds, func() {
+		ds.Name = name
+		ds.Summary.Name = name
+		if info, ok := ds.Info.(*types.NasDatastoreInfo); ok {
+			info.Name = name
+			if info.Nas != nil {
+				info.Nas.Name = name
+			}
+		}
+	})
+	return body
+}
+
+// presentNasAsESXi puts esxiNasDatastoreSystem in place of every host's datastore system.
+func presentNasAsESXi() {
+	for _, e := range simulator.Map.All("HostSystem") {
+		host, ok := e.(*simulator.HostSystem)
+		if !ok || host.ConfigManager.DatastoreSystem == nil {
+			continue
+		}
+		orig, ok := simulator.Map.Get(*host.ConfigManager.DatastoreSystem).(*simulator.HostDatastoreSystem)
+		if !ok {
+			continue
+		}
+		simulator.Map.Put(&esxiNasDatastoreSystem{HostDatastoreSystem: *orig})
+	}
+}
+
 // addDatastores mounts directory-backed datastores on every host of every datacenter.
 func addDatastores(sdk *url.URL, username, password string, local, nas []string) error {
 	if len(local) == 0 && len(nas) == 0 {
@@ -214,7 +275,7 @@ func addDatastores(sdk *url.URL, username, password string, local, nas []string)
 				_, err := dss.CreateNasDatastore(ctx, types.HostNasVolumeSpec{
 					RemoteHost: "127.0.0.1",
 					RemotePath: dir,
-					LocalPath:  dir,
+					LocalPath:  filepath.Base(dir), // the name, as ESXi takes it
 					AccessMode: string(types.HostMountModeReadWrite),
 					Type:       string(types.HostFileSystemVolumeFileSystemTypeNFS),
 				})

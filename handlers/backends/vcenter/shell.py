@@ -29,6 +29,14 @@ from typing import Any
 
 from pyVmomi import vim
 
+from handlers.backends.vcenter.placement import (
+    by_visibility,
+    computes,
+    datacenters,
+    network_backing,
+    resource_pool,
+    vm_folder,
+)
 from handlers.backends.vcenter.query import Props, check_stop, collect, properties, wait_for_task
 from handlers.backends.vcenter.session import VCenterSessions, name_list, where
 from handlers.dr_shell import ShellResult, ShellSpec, config_datastore
@@ -38,6 +46,8 @@ from handlers.types import VCenterEndpoint
 log = logging.getLogger(__name__)
 
 MARK_KEY = "zerfaux.protected_vm_id"
+# A recovery run's VMs carry MARK_KEY too, beside this one: they are never a DR shell (module recovery_vm).
+RUN_MARK_KEY = "zerfaux.recovery_run_id"
 _dev = vim.vm.device
 CONTROLLERS: dict[str, tuple[type, list[int]]] = {
     # SCSI unit 7 is the controller itself.
@@ -108,12 +118,16 @@ def annotation(protected_vm_id: str) -> str:
 
 
 def find_marked(si: Any, protected_vm_id: str) -> list[tuple[Any, Props]]:
-    """VMs whose extraConfig carries this protected VM's mark (one bulk read of every VM)."""
+    """DR shells carrying this protected VM's mark (one bulk read of every VM).
+
+    A test or recovery VM of a run carries the same mark and ``RUN_MARK_KEY``: it is left out,
+    so a DR shell job during a test neither adopts it nor takes it for a twin to remove.
+    """
     found = []
     for obj, props in collect(si, vim.VirtualMachine, ["name", "config.extraConfig"]):
-        for option in props.get("config.extraConfig") or ():
-            if option.key == MARK_KEY and str(option.value) == protected_vm_id:
-                found.append((obj, props))
+        marks = {o.key: str(o.value) for o in props.get("config.extraConfig") or ()}
+        if marks.get(MARK_KEY) == protected_vm_id and RUN_MARK_KEY not in marks:
+            found.append((obj, props))
     return found
 
 
@@ -256,11 +270,7 @@ class DRShellBuilderReal:
                 )
             found[column] = hit
         ds, placeholder = found["dr_datastore"], found["placeholder_datastore"]
-        dcs = collect(si, vim.Datacenter, ["name", "datastore", "vmFolder", "hostFolder"])
-        dc = next(
-            ({**p, "self": o} for o, p in dcs if any(r._moId == ds._moId for r in p.get("datastore") or ())),
-            None,
-        )
+        dc = next((p for p in datacenters(si) if any(r._moId == ds._moId for r in p.get("datastore") or ())), None)
         if dc is None:
             raise PermanentError(f"datastore {spec.datastore!r} at {where(vcenter)} belongs to no datacenter")
         if not any(r._moId == placeholder._moId for r in dc.get("datastore") or ()):
@@ -268,91 +278,19 @@ class DRShellBuilderReal:
                 f"placeholder datastore {config_datastore(spec)!r} is not in datacenter {dc.get('name')!r} of "
                 f"{spec.datastore!r} at {where(vcenter)}: fix replication_targets.placeholder_datastore"
             )
+        found_computes = computes(si, dc)
+        if not found_computes:
+            raise PermanentError(f"datacenter {dc.get('name')!r} at {where(vcenter)} has no cluster or host to run a VM")
+        # Only where a host mounts both the disks' and the configuration's datastore (module placement).
+        needed = {spec.datastore: ds, config_datastore(spec): placeholder}
+        eligible = by_visibility(vcenter, dc, found_computes, needed, spec.cluster)
+        log.debug("%s: DR shell %s goes to %s", where(vcenter), spec.name, eligible[0].name)
         return Placement(
             datastore=ds,
-            pool=_pool(si, vcenter, spec, dc),
-            folder=_folder(si, vcenter, spec, dc),
-            network=_network_backing(si, vcenter, spec.network, dc) if spec.network else None,
+            pool=resource_pool(si, vcenter, dc, eligible, spec.resource_pool),
+            folder=vm_folder(si, vcenter, spec.folder, dc),
+            network=network_backing(si, vcenter, spec.network, dc) if spec.network else None,
         )
-
-
-def _pool(si: Any, vcenter: VCenterEndpoint, spec: ShellSpec, dc: Props) -> Any:
-    computes = collect(si, vim.ComputeResource, ["name", "resourcePool"], root=dc["hostFolder"])
-    if spec.resource_pool:
-        pools = collect(si, vim.ResourcePool, ["name", "owner"], root=dc["hostFolder"])
-        owners = {o._moId: p.get("name") for o, p in computes}
-        hits = [
-            o
-            for o, p in pools
-            if p.get("name") == spec.resource_pool
-            and (not spec.cluster or owners.get(p["owner"]._moId) == spec.cluster)
-        ]
-        if len(hits) == 1:
-            return hits[0]
-        if hits:
-            raise PermanentError(
-                f"{len(hits)} resource pools are named {spec.resource_pool!r} at {where(vcenter)}: "
-                "set protection_groups.dr_cluster to say which cluster's pool to use"
-            )
-        names = sorted({f"{p.get('name')} ({owners.get(p['owner']._moId)})" for _, p in pools})
-        raise PermanentError(
-            f"resource pool {spec.resource_pool!r} does not exist at {where(vcenter)} in datacenter "
-            f"{dc.get('name')!r}: fix protection_groups.dr_resource_pool; pools there: {name_list(names)}"
-        )
-    # Clusters before standalone hosts, each by name, so "the first" is stable between runs.
-    ordered = sorted(
-        computes, key=lambda r: (not isinstance(r[0], vim.ClusterComputeResource), str(r[1].get("name")))
-    )
-    if spec.cluster:
-        ordered = [r for r in ordered if r[1].get("name") == spec.cluster]
-        if not ordered:
-            names = sorted(str(p.get("name")) for _, p in computes)
-            raise PermanentError(
-                f"cluster {spec.cluster!r} does not exist at {where(vcenter)} in datacenter "
-                f"{dc.get('name')!r}: fix protection_groups.dr_cluster; clusters and hosts there: "
-                f"{name_list(names)}"
-            )
-    if not ordered:
-        raise PermanentError(
-            f"datacenter {dc.get('name')!r} at {where(vcenter)} has no cluster or host to run a VM"
-        )
-    return ordered[0][1]["resourcePool"]
-
-
-def _folder(si: Any, vcenter: VCenterEndpoint, spec: ShellSpec, dc: Props) -> Any:
-    if not spec.folder or spec.folder.strip("/") in ("vm", f"{dc.get('name')}/vm"):
-        return dc["vmFolder"]
-    folders = collect(si, vim.Folder, ["name"], root=dc["vmFolder"])
-    wanted = spec.folder.strip("/").split("/")[-1]
-    hit = next((o for o, p in folders if p.get("name") == wanted), None)
-    if hit is None:
-        names = sorted(str(p.get("name")) for _, p in folders)
-        raise PermanentError(
-            f"VM folder {spec.folder!r} does not exist at {where(vcenter)} in datacenter {dc.get('name')!r}: "
-            f"fix protection_groups.dr_folder; folders below its root 'vm' folder: {name_list(names)}"
-        )
-    return hit
-
-
-def _network_backing(si: Any, vcenter: VCenterEndpoint, network: str, dc: Props) -> Any:
-    nets = collect(si, vim.Network, ["name"], root=dc["self"])
-    hit = next((o for o, p in nets if p.get("name") == network), None)
-    if hit is None:
-        names = sorted({str(p.get("name")) for _, p in nets})
-        raise PermanentError(
-            f"network {network!r} does not exist at {where(vcenter)}: fix protection_groups.dr_network; "
-            f"networks there: {name_list(names)}"
-        )
-    if isinstance(hit, vim.dvs.DistributedVirtualPortgroup):
-        pg = properties(si, hit, ["key", "config.distributedVirtualSwitch"])
-        switch = properties(si, pg["config.distributedVirtualSwitch"], ["uuid"])
-        port = vim.dvs.PortConnection(portgroupKey=pg["key"], switchUuid=switch["uuid"])
-        return _dev.VirtualEthernetCard.DistributedVirtualPortBackingInfo(port=port)
-    if isinstance(hit, vim.OpaqueNetwork):
-        raise PermanentError(
-            f"network {network!r} is an NSX opaque network, which DR shells do not support yet"
-        )
-    return _dev.VirtualEthernetCard.NetworkBackingInfo(deviceName=network, network=hit)
 
 
 def vsphere_name(name: str) -> str:
@@ -365,48 +303,59 @@ def vsphere_name(name: str) -> str:
     return _NOT_AN_ESCAPE.sub("%25", name).replace("/", "%2f").replace("\\", "%5c")
 
 
-def build_config(spec: ShellSpec, place: Placement, slot: int = 1) -> Any:
-    kind = spec.controller if spec.controller in CONTROLLERS else None
-    if kind is None:
+def controller_change(kind: str, key: int, bus: int = 0) -> tuple[Any | None, int, list[int]]:
+    """The device change adding a ``kind`` controller (None for IDE), the key disks use, its free units.
+
+    Every VM gets its two IDE controllers (keys 200 and 201) from vSphere itself; a third cannot
+    be added, so IDE disks go on the first of those.
+    """
+    if kind not in CONTROLLERS:
         raise PermanentError(
-            f"disk controller {spec.controller!r} is not one of {', '.join(CONTROLLERS)}: "
-            "fix the VM's disks in vcenter_vms"
+            f"disk controller {kind!r} is not one of {', '.join(CONTROLLERS)}: fix the VM's disks in vcenter_vms"
         )
     cls, units = CONTROLLERS[kind]
+    if kind == "ide":
+        return None, _IDE0_KEY, list(units)
+    controller = cls(key=key, busNumber=bus)
+    if isinstance(controller, _dev.VirtualSCSIController):
+        controller.sharedBus = _dev.VirtualSCSIController.Sharing.noSharing
+    add = vim.vm.device.VirtualDeviceSpec.Operation.add
+    return vim.vm.device.VirtualDeviceSpec(operation=add, device=controller), key, list(units)
+
+
+def disk_change(index: int, controller_key: int, unit: int, file: str, capacity: int, datastore: Any) -> Any:
+    """Attach the existing disk ``file``: no ``fileOperation``, so it is never created or replaced."""
+    backing = _dev.VirtualDisk.FlatVer2BackingInfo(fileName=file, diskMode="persistent", datastore=datastore)
+    # Capacity is left out when unknown: vSphere then reads it from the existing descriptor.
+    sizes = {"capacityInBytes": capacity, "capacityInKB": capacity // 1024} if capacity > 0 else {}
+    disk = _dev.VirtualDisk(key=-(101 + index), controllerKey=controller_key, unitNumber=unit, backing=backing, **sizes)
+    return vim.vm.device.VirtualDeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.add, device=disk)
+
+
+def nic_change(key: int, backing: Any) -> Any:
+    nic = _dev.VirtualVmxnet3(
+        key=key,
+        backing=backing,
+        addressType="generated",
+        connectable=_dev.VirtualDevice.ConnectInfo(startConnected=True, allowGuestControl=True, connected=False),
+    )
+    return vim.vm.device.VirtualDeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.add, device=nic)
+
+
+def build_config(spec: ShellSpec, place: Placement, slot: int = 1) -> Any:
+    controller, controller_key, units = controller_change(spec.controller, _CONTROLLER_KEY)
     if len(spec.disks) > len(units):
         raise PermanentError(
-            f"{len(spec.disks)} disks do not fit on one {kind} controller ({len(units)} slots): "
+            f"{len(spec.disks)} disks do not fit on one {spec.controller} controller ({len(units)} slots): "
             "check vcenter_vms.disks (sync the vCenter)"
         )
-    add = vim.vm.device.VirtualDeviceSpec.Operation.add
-    changes = []
-    if kind == "ide":
-        # Every VM gets its two IDE controllers (keys 200 and 201) from vSphere itself; a third
-        # cannot be added, so IDE disks go on the first of those.
-        controller_key = _IDE0_KEY
-    else:
-        controller = cls(key=_CONTROLLER_KEY, busNumber=0)
-        if isinstance(controller, _dev.VirtualSCSIController):
-            controller.sharedBus = _dev.VirtualSCSIController.Sharing.noSharing
-        changes.append(vim.vm.device.VirtualDeviceSpec(operation=add, device=controller))
-        controller_key = _CONTROLLER_KEY
+    changes = [controller] if controller is not None else []
     changes += [
-        # No fileOperation: attach the existing replica, never create or replace it.
-        vim.vm.device.VirtualDeviceSpec(
-            operation=add, device=_disk(i, controller_key, unit, disk.file, disk.capacity, place)
-        )
+        disk_change(i, controller_key, unit, disk.file, disk.capacity, place.datastore)
         for i, (disk, unit) in enumerate(zip(spec.disks, units))
     ]
     if place.network is not None:
-        nic = _dev.VirtualVmxnet3(
-            key=-300,
-            backing=place.network,
-            addressType="generated",
-            connectable=_dev.VirtualDevice.ConnectInfo(
-                startConnected=True, allowGuestControl=True, connected=False
-            ),
-        )
-        changes.append(vim.vm.device.VirtualDeviceSpec(operation=add, device=nic))
+        changes.append(nic_change(-300, place.network))
     return vim.vm.ConfigSpec(
         name=vsphere_name(spec.name),
         guestId=spec.guest_id,
@@ -419,15 +368,4 @@ def build_config(spec: ShellSpec, place: Placement, slot: int = 1) -> Any:
         files=vim.vm.FileInfo(vmPathName=shell_vmx_path(spec, slot)),
         extraConfig=[vim.option.OptionValue(key=MARK_KEY, value=spec.protected_vm_id)],
         deviceChange=changes,
-    )
-
-
-def _disk(index: int, controller_key: int, unit: int, file: str, capacity: int, place: Placement) -> Any:
-    backing = _dev.VirtualDisk.FlatVer2BackingInfo(
-        fileName=file, diskMode="persistent", datastore=place.datastore
-    )
-    # Capacity is left out when unknown: vSphere then reads it from the existing descriptor.
-    sizes = {"capacityInBytes": capacity, "capacityInKB": capacity // 1024} if capacity > 0 else {}
-    return _dev.VirtualDisk(
-        key=-(101 + index), controllerKey=controller_key, unitNumber=unit, backing=backing, **sizes
     )
