@@ -18,7 +18,7 @@ VM's Tools running as soon as it sees it powered on (vcsim has no Tools).
   a priority: connect, read networks and hosts, ``zfs get guid`` / ``available`` / ``hold`` /
   ``clone`` / ``set sharenfs`` over SSH, ``CreateNasDatastore`` on each host, a vSwitch and port
   group on each host, ``CreateVM_Task`` ×N one after the other, then per priority ``PowerOnVM_Task``
-  in one thread per VM and a wait for Tools per VM. Timed from connect to the last VM ready.
+  in one thread per VM and a wait for Tools per VM (``WaitForUpdatesEx``). Timed from connect to the last VM ready.
 
 The two alternate, ``--rounds`` times each; medians. Last line:
 ``RATIO <script seconds / zerfaux RTO seconds> test failover orchestration overhead`` (target >= 0.9).
@@ -61,7 +61,6 @@ from tests.support.pg import Database  # noqa: E402
 from tests.support.vcsim import Simulator, build_vcsim, start_simulator  # noqa: E402
 
 KiB = 1024
-POLL = 0.1  # the script's Tools poll
 
 
 # ---- Zerfaux ---------------------------------------------------------------------------------------
@@ -117,6 +116,28 @@ def collect(si: Any, vim_type: Any, paths: list[str]) -> list[tuple[Any, dict[st
         view.DestroyView()
 
 
+def wait_tools(si: Any, vm: Any) -> None:
+    """Until Tools run: a long poll on the property (``WaitForUpdatesEx``), as a careful script would."""
+    pc = vim.PropertyCollector
+    collector = si.content.propertyCollector.CreatePropertyCollector()
+    try:
+        collector.CreateFilter(pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=vm, skip=False)], propSet=[
+            pc.PropertySpec(type=vim.VirtualMachine, pathSet=["guest.toolsRunningStatus"], all=False)]),
+            partialUpdates=True)
+        version = ""
+        while True:
+            update = collector.WaitForUpdatesEx(version, pc.WaitOptions(maxWaitSeconds=5))
+            if update is None:
+                continue
+            version = update.version
+            for fs in update.filterSet or ():
+                for ou in fs.objectSet or ():
+                    if any(c.val == "guestToolsRunning" for c in ou.changeSet or ()):
+                        return
+    finally:
+        collector.DestroyPropertyCollector()
+
+
 def script_round(w: RecoveryWorld, sim: Simulator, tag: str) -> float:
     """The same test failover by hand; seconds from connect to the last VM ready."""
     snapshot, clone = f"{w.replica}@{w.snapshot}", f"{w.target_root}/{tag}"
@@ -169,8 +190,7 @@ def script_round(w: RecoveryWorld, sim: Simulator, tag: str) -> float:
 
         def up(vm: Any) -> None:
             WaitForTask(vm.PowerOnVM_Task())
-            while vm.guest.toolsRunningStatus != "guestToolsRunning":
-                time.sleep(POLL)
+            wait_tools(si, vm)
 
         for priority in sorted(morefs):
             with ThreadPoolExecutor(max_workers=len(morefs[priority])) as pool:
