@@ -17,7 +17,7 @@ VM's Tools running as soon as it sees it powered on (vcsim has no Tools).
 - The script: no Zerfaux code, the same calls in the same order with the same parallelism within
   a priority: connect, read networks and hosts, ``zfs get guid`` / ``available`` / ``hold`` /
   ``clone`` / ``set sharenfs`` over SSH, ``CreateNasDatastore`` on each host, a vSwitch and port
-  group on each host, ``CreateVM_Task`` ×N one after the other, then per priority ``PowerOnVM_Task``
+  group on each host, ``CreateVM_Task`` ×N, ``--create-parallel`` at a time (8: as many as Zerfaux runs at once), then per priority ``PowerOnVM_Task``
   in one thread per VM and a wait for Tools per VM (``WaitForUpdatesEx``). Timed from connect to the last VM ready.
 
 The two alternate, ``--rounds`` times each; medians. Last line:
@@ -138,7 +138,7 @@ def wait_tools(si: Any, vm: Any) -> None:
         collector.DestroyPropertyCollector()
 
 
-def script_round(w: RecoveryWorld, sim: Simulator, tag: str) -> float:
+def script_round(w: RecoveryWorld, sim: Simulator, tag: str, create_parallel: int) -> float:
     """The same test failover by hand; seconds from connect to the last VM ready."""
     snapshot, clone = f"{w.replica}@{w.snapshot}", f"{w.target_root}/{tag}"
     where = zfs_support.mountpoint(f"bench-{tag}")
@@ -168,25 +168,31 @@ def script_round(w: RecoveryWorld, sim: Simulator, tag: str) -> float:
                     name=tag, vlanId=0, vswitchName=tag, policy=vim.host.NetworkPolicy()))
             except vim.fault.DuplicateName:
                 pass  # vcsim: one network object per name per datacenter
-        morefs: dict[int, list[Any]] = {}
         dev = vim.vm.device
         add = dev.VirtualDeviceSpec.Operation.add
-        for vm in w.vms:
+
+        def create(vm: Any) -> tuple[int, Any]:
             name = vm.plan.name
             disk = dev.VirtualDisk(key=-101, controllerKey=-100, unitNumber=0, capacityInKB=64,
                                    backing=dev.VirtualDisk.FlatVer2BackingInfo(
                                        fileName=f"[{tag}] {name}/{name}.vmdk", diskMode="persistent"))
             nic = dev.VirtualVmxnet3(key=-102, backing=dev.VirtualEthernetCard.NetworkBackingInfo(deviceName=tag))
+            vm_name = f"{name}-test-{tag[-8:]}"
             config = vim.vm.ConfigSpec(
-                name=f"{name}-test-{tag[-8:]}", guestId="otherGuest64", numCPUs=1, memoryMB=512,
-                files=vim.vm.FileInfo(vmPathName=f"[{tag}]"),
-                extraConfig=[vim.option.OptionValue(key="zerfaux.recovery_run_id", value=tag)],
+                name=vm_name, guestId="otherGuest64", numCPUs=1, memoryMB=512,
+                files=vim.vm.FileInfo(vmPathName=f"[{tag}] {vm_name}/{vm_name}.vmx"),
+                extraConfig=[vim.option.OptionValue(key="bench.run", value=tag)],
                 deviceChange=[dev.VirtualDeviceSpec(operation=add, device=dev.VirtualLsiLogicController(
                     key=-100, busNumber=0, sharedBus="noSharing")),
                     dev.VirtualDeviceSpec(operation=add, device=disk), dev.VirtualDeviceSpec(operation=add, device=nic)])
             task = dc.vmFolder.CreateVM_Task(config=config, pool=cluster.resourcePool)
             WaitForTask(task)
-            morefs.setdefault(vm.plan.priority, []).append(task.info.result)
+            return vm.plan.priority, task.info.result
+
+        morefs: dict[int, list[Any]] = {}
+        with ThreadPoolExecutor(max_workers=create_parallel) as pool:
+            for priority, made in pool.map(create, w.vms):
+                morefs.setdefault(priority, []).append(made)
 
         def up(vm: Any) -> None:
             WaitForTask(vm.PowerOnVM_Task())
@@ -211,6 +217,8 @@ def main() -> None:
     parser.add_argument("--priorities", type=int, default=5)
     parser.add_argument("--delay-ms", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    # Zerfaux creates test VMs 8 at a time (handlers/recovery/runner.py CREATE_LIMIT): the script too.
+    parser.add_argument("--create-parallel", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     plan = tuple(VMPlan(f"b{i:03d}", 1 + i * args.priorities // args.vms, "VM Network") for i in range(args.vms))
@@ -255,7 +263,7 @@ def main() -> None:
                 try:
                     sim.set_delay(args.delay_ms)
                     with ToolsHarness(sim, skip=lambda _name: False, interval=0.02):
-                        seconds = script_round(w, sim, f"zerfaux-test-b{r:07d}")
+                        seconds = script_round(w, sim, f"zerfaux-test-b{r:07d}", args.create_parallel)
                 finally:
                     sim.stop()
                 script.append(seconds)
