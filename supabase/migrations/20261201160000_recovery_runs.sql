@@ -15,6 +15,8 @@ alter table public.replication_targets
 comment on column public.replication_targets.nfs_host is
     'address the DR ESXi hosts use to mount datasets the DR storage host exports (a test''s clone); '
     'null = ssh_host';
+-- Configuration, like ssh_host: a global admin sets it (the policies on replication_targets).
+grant select (nfs_host), insert (nfs_host), update (nfs_host) on public.replication_targets to authenticated;
 
 create table public.recovery_runs (
     id                  uuid primary key default gen_random_uuid(),

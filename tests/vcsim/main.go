@@ -3,7 +3,8 @@
 // It differs from govmomi's own vcsim command in what the tests need: TLS is always on with a
 // certificate made for this run (written to a file so a client can trust it), a username and
 // password are required (so wrong credentials really fail), datastores can be backed by a given
-// directory (the DR replica's mountpoint), and a per-call delay can be set at start and changed
+// directory (the DR replica's mountpoint), CreateNasDatastore names the datastore localPath and
+// backs it by the directory remotePath as an ESXi host would (esxiNasDatastoreSystem), and a per-call delay can be set at start and changed
 // while running through stdin. When ready it prints one JSON line on stdout:
 //
 //	{"url": "https://127.0.0.1:PORT/sdk", "host": "127.0.0.1", "port": PORT, "cert_file": "...",
