@@ -263,9 +263,11 @@ class RecoveryWorld:
         out = self.target_host.run(["zfs", "list", "-H", "-o", "name", "-r", self.target_root]).stdout
         return out.decode().split()
 
-    def holds(self) -> list[str]:
-        done = self.target_host.run(["zfs", "holds", "-H", f"{self.replica}@{self.snapshot}"], check=False)
-        return [line.split("\t")[1] for line in done.stdout.decode().splitlines() if "\t" in line]
+    def userrefs(self, snapshot: str | None = None) -> int:
+        """How many holds the point's snapshot carries (zfs-fuse's ``zfs holds`` is broken; ``userrefs`` is not)."""
+        out = self.target_host.run(["zfs", "get", "-H", "-o", "value", "userrefs",
+                                    f"{self.replica}@{snapshot or self.snapshot}"]).stdout.decode().strip()
+        return int(out)
 
     def guids(self) -> dict[str, int]:
         """snapshot name → GUID of the replica's snapshots, as ``zfs get guid`` reports them."""
@@ -278,7 +280,7 @@ class RecoveryWorld:
             "vms": [vm.name for vm in self.test_vms(run_id)],
             "port_group": self.host_port_groups(tag) + [n.name for n in self.networks_named(tag)],
             "clone": [d for d in self.zfs_datasets() if d.endswith("/" + tag)],
-            "hold": [h for h in self.holds() if tag in h or run_id in h],
+            "hold": [f"userrefs={n}" for n in [self.userrefs()] if n],
         }
 
 

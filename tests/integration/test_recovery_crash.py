@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -37,7 +40,8 @@ from tests.support.workload import Proc
 pytestmark = [pytest.mark.zfs, pytest.mark.vcsim]
 
 LEASE, SWEEP = 2.0, 0.5
-DELAY_MS = 150  # per SOAP call at the DR simulator while the victim works
+DELAY_MS = 30  # per SOAP call at the DR simulator while the victim works: a vCenter step spans several
+KILL_AFTER = 0.045  # after a step shows 'running': its first call is in flight then
 KILL_AT = ["validate", "hold_snapshot", "clone_snapshot", "export_clone", "present_datastore",
            "create_port_group", "create_vm", "power_on", "wait_ready", "activate"]
 NOTHING = {"vms": [], "port_group": [], "clone": [], "hold": []}
@@ -83,6 +87,12 @@ def _one_of_each(w: RecoveryWorld, run_id: str) -> None:
     assert names == sorted(f"{v.plan.name}-test-{hex8}" for v in w.vms), names
 
 
+def _figures(figures: dict[str, Any]) -> None:
+    out = Path(os.environ.get("ZERFAUX_FIGURES_DIR", tempfile.gettempdir())) / "recovery_crash.jsonl"
+    with out.open("a") as fh:
+        fh.write(json.dumps(figures, default=str) + "\n")
+
+
 @pytest.fixture
 def env(recovery_world: RecoveryWorld) -> Iterator[dict[str, str]]:
     w = recovery_world
@@ -97,11 +107,14 @@ def test_sigkill_at_each_step_then_another_listener_finishes_and_cleanup_leaves_
     recovery_world: RecoveryWorld, env: dict[str, str], step: str
 ) -> None:
     w = recovery_world
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
     victim = Proc(w.db.url, "run", env={**env, "ZERFAUX_WORKER_ID": "victim"})
     procs, rescuer = [victim], None
     try:
         with w.harness():
             victim.wait_for_line("listening as")
+            marks["listening"] = time.monotonic() - t0
             w.dr_sim.set_delay(DELAY_MS)
             run_id = _start_test(w)
             # The first step of that name going 'running' (or past it already: then the kill lands later).
@@ -110,34 +123,47 @@ def test_sigkill_at_each_step_then_another_listener_finishes_and_cleanup_leaves_
                 " (select min(seq) from recovery_run_steps where run_id = %s and name = %s)"
                 " and status <> 'pending' order by seq limit 1", (run_id, run_id, step)),
                 90, f"step {step} starts", procs, interval=0.01)
+            time.sleep(KILL_AFTER)
+            marks["seen"] = time.monotonic() - t0
             victim.kill()
             w.dr_sim.set_delay(0)
             killed = {"step": seen[0]["name"], "status": seen[0]["status"]}
             op = w.db.one("select status, worker_id from zerfaux.operations where kind = 'recovery.run'"
                           " and subject_id::text = %s", (run_id,))
-            if _run(w, run_id)["status"] != "active":
+            killed["before_active"] = _run(w, run_id)["status"] != "active"
+            if killed["before_active"]:
                 assert (op["status"], op["worker_id"]) == ("running", "victim"), (op, killed)
             rescuer = Proc(w.db.url, "run", env={**env, "ZERFAUX_WORKER_ID": "rescuer"})
             procs.append(rescuer)
             _until(lambda: _run(w, run_id)["status"] in ("active", "failed"), LEASE + SWEEP + 120,
                    "the rescuer finishes the test", procs, interval=0.1)
+            marks["active"] = time.monotonic() - t0
         run = _run(w, run_id)
         steps = _steps(w, run_id)
         assert run["status"] == "active", (killed, run["error"], steps)
         assert not [s for s in steps if s["status"] in ("running", "pending", "failed")], (killed, steps)
         _one_of_each(w, run_id)
-        assert w.holds(), "the point's snapshot lost its hold"
+        assert w.userrefs() == 1, "the point's snapshot is not held exactly once"
+        op = w.db.one("select status, attempts, worker_id from zerfaux.operations where kind = 'recovery.run'"
+                      " and subject_id::text = %s", (run_id,))
+        if killed["before_active"]:
+            # The rescuer resumed the victim's attempt: a second attempt, not a second run.
+            assert (op["status"], op["attempts"], op["worker_id"]) == ("succeeded", 2, "rescuer"), (op, killed)
+            resumed = [s for s in steps if (s["detail"] or {}).get("previous_attempts")]
+            killed["resumed_steps"] = [s["name"] for s in resumed]
 
         cleanup_id = _start_cleanup(w, run_id)
         _until(lambda: _run(w, cleanup_id)["status"] in ("completed", "failed"), 120, "the cleanup ends", procs,
                interval=0.1)
         assert _run(w, cleanup_id)["status"] == "completed", (_run(w, cleanup_id)["error"], _steps(w, cleanup_id))
+        marks["cleaned"] = time.monotonic() - t0
         assert w.leftovers(run_id) == NOTHING, killed
         assert _run(w, run_id)["status"] == "completed"
     finally:
         victim.stop()
         code = rescuer.stop() if rescuer is not None else 0
     assert code == 0, rescuer.output[-3000:] if rescuer else ""
+    _figures({"step": step, "killed": killed, **{k: round(v, 2) for k, v in marks.items()}})
 
 
 async def test_a_cancelled_test_runs_its_cleanup_and_ends_cancelled_with_nothing_left(
@@ -174,7 +200,7 @@ def _nothing_started(w: RecoveryWorld, ops_before: int) -> None:
     assert w.db.value("select count(*) from zerfaux.operations where kind = 'recovery.run'") == ops_before
     assert [d for d in w.zfs_datasets() if "/zerfaux-test-" in d] == []
     assert w.test_vms() == []
-    assert w.holds() == []
+    assert w.userrefs() == 0
 
 
 def test_refusals_start_nothing(recovery_world: RecoveryWorld, env: dict[str, str]) -> None:
@@ -221,4 +247,4 @@ def test_refusals_start_nothing(recovery_world: RecoveryWorld, env: dict[str, st
     assert _run(w, first)["status"] == "cancelled"
     asyncio.run(w.drain(timeout=60))
     assert _run(w, first)["status"] == "cancelled"
-    assert [d for d in w.zfs_datasets() if "/zerfaux-test-" in d] == [] and w.test_vms() == [] and w.holds() == []
+    assert [d for d in w.zfs_datasets() if "/zerfaux-test-" in d] == [] and w.test_vms() == [] and w.userrefs() == 0

@@ -102,7 +102,9 @@ async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup
     assert clone in w.zfs_datasets()
     origin = w.target_host.run(["zfs", "get", "-H", "-o", "value", "origin", clone]).stdout.decode().strip()
     assert origin == f"{w.replica}@{w.snapshot}"
-    assert w.holds(), "the recovery point's snapshot is not held during the test"
+    assert w.userrefs() == 1, "the recovery point's snapshot is not held (once) during the test"
+    refused = w.target_host.run(["zfs", "destroy", f"{w.replica}@{w.snapshot}"], check=False)
+    assert refused.returncode != 0, "the point's snapshot could be destroyed under a running test"
     where = clone_mountpoint(w, clone)
 
     # vCenter: the datastore, the port group, the VMs.
@@ -145,12 +147,6 @@ async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup
     assert {k: v for k, v in after.items() if k in guids_before} == guids_before
     assert job["snapshot_name"] in after
 
-    # The auditor's report.
-    text = report(w, run_id)
-    for needle in ("validate", "clone_snapshot", "power_on", "wait_ready", "activate", "RTO", "warning",
-                   *(f"{v.plan.name}" for v in w.vms)):
-        assert needle in text, (needle, text)
-
     # Cleanup: a row in, nothing left out.
     cleanup_id = str(db.value(
         "insert into recovery_runs (protection_group_id, kind, test_run_id) values (%s, 'cleanup', %s) returning id",
@@ -164,8 +160,23 @@ async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup
     assert cnames == ["destroy_vm"] * 4 + CLEANUP_STEPS_TAIL, cnames
     assert all(s["status"] in ("done", "warning", "skipped") for s in csteps), csteps
     assert w.leftovers(run_id) == {"vms": [], "port_group": [], "clone": [], "hold": []}
+    # The run's hold is gone: releasing its tag again is refused by ZFS itself.
+    again = w.target_host.run(["zfs", "release", tag, f"{w.replica}@{w.snapshot}"], check=False)
+    assert again.returncode != 0, "the run's hold was still on the snapshot"
+    # vcsim cannot unmount a datastore (no RemoveDatastore): the step says so, and only then is it still there.
+    removal = next(s for s in csteps if s["name"] == "remove_datastore")
+    still = [ds.name for ds in w.datastores_named(tag)]
+    assert (removal["status"], bool(still)) in (("warning", True), ("done", False)), (removal, still)
+    if removal["status"] == "warning":
+        assert removal["error"], removal
     test = db.one("select * from recovery_runs where id = %s", (run_id,))
     assert test["status"] == "completed" and test["completed_at"] is not None
     assert db.value("select tested_at from recovery_points where id = %s", (w.point_id,)) is not None
     assert {k: v for k, v in w.guids().items() if k in guids_before} == guids_before
     assert time.monotonic() - started < 300
+
+    # The auditor's report of the test (after its cleanup: what it did stays readable).
+    text = report(w, run_id)
+    for needle in ("validate", "clone_snapshot", "power_on", "wait_ready", "activate", "RTO", "warning",
+                   *(f"{v.plan.name}" for v in w.vms)):
+        assert needle in text, (needle, text)
