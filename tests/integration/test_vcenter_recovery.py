@@ -427,3 +427,26 @@ def test_a_run_vm_is_never_taken_for_the_dr_shell_of_its_protected_vm(
     assert shell.adopted is False and shell.moref != test_vm
     assert sim.vm(test_vm).runtime.powerState == "poweredOn"  # left alone
     assert compute.find_run_vms(ep, run.run_id, stop) == {pv: test_vm}
+
+
+def test_two_listeners_creating_one_vm_make_one(sim: Simulator, compute: RecoveryComputeReal, run: Run) -> None:
+    """Separate sessions and no shared lock (two processes): the .vmx path and the marks decide."""
+    ep = sim.endpoint()
+    presented(compute, sim, run)
+    sessions = [VCenterSessions(sim.secrets(), ca_bundle=sim.cert_file) for _ in range(4)]
+    listeners = [RecoveryComputeReal(s, await_seconds=5.0) for s in sessions]
+    gate = threading.Barrier(len(listeners))
+    s = spec(run, "pv-twice")
+
+    def create(listener: RecoveryComputeReal) -> str:
+        gate.wait(10)
+        return listener.create_vm(ep, run.placement, s, threading.Event()).moref
+
+    try:
+        with ThreadPoolExecutor(len(listeners)) as pool:
+            morefs = set(pool.map(create, listeners))
+    finally:
+        for one in sessions:
+            one.close()
+    assert len(morefs) == 1 and sim.count_vms_named(s.name) == 1
+    assert compute.find_run_vms(ep, run.run_id, threading.Event()) == {"pv-twice": morefs.pop()}

@@ -41,6 +41,7 @@ class RecoveryComputeReal:
     def __init__(self, sessions: VCenterSessions, await_seconds: float = recovery_vm.AWAIT_SECONDS) -> None:
         self._sessions = sessions
         self._await_seconds = await_seconds
+        self._lookups = recovery_vm.Lookups()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -88,7 +89,8 @@ class RecoveryComputeReal:
                   stop: threading.Event) -> VMRef:
         with self._lock(vcenter, f"vm:{spec.run_id}:{spec.protected_vm_id}"):
             return self._sessions.run(
-                vcenter, lambda si: recovery_vm.create_vm(si, vcenter, placement, spec, stop, self._await_seconds)
+                vcenter, lambda si: recovery_vm.create_vm(
+                    si, vcenter, placement, spec, stop, self._await_seconds, self._lookups)
             )
 
     def power_on(self, vcenter: VCenterEndpoint, moref: str, stop: threading.Event) -> str:

@@ -73,7 +73,34 @@ def vmx_path(spec: RecoveryVMSpec) -> str:
     return f"[{spec.datastore}] {name}/{name}.vmx"
 
 
-def build_config(si: Any, vcenter: VCenterEndpoint, dc: Props, datastore: Any, spec: RecoveryVMSpec) -> Any:
+class Lookups:
+    """What the VMs of one placement share, looked up once: the datacenter, datastore, pool, folder
+    and NIC backings. A run creates many VMs in one place; without this each creation would repeat
+    about fifteen reads (over a WAN, most of the step). Entries are tied to the session's stub, so
+    a new login looks again, and ``forget`` drops them when vCenter no longer knows an object.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+        self._guard = threading.Lock()
+
+    def get(self, si: Any, key: tuple[Any, ...], make: Any) -> Any:
+        with self._guard:
+            hit = self._entries.get(key)
+        if hit is not None and hit[0] is si._stub:
+            return hit[1]
+        value = make()
+        with self._guard:
+            self._entries[key] = (si._stub, value)
+        return value
+
+    def forget(self) -> None:
+        with self._guard:
+            self._entries.clear()
+
+
+def build_config(si: Any, vcenter: VCenterEndpoint, dc: Props, datastore: Any, spec: RecoveryVMSpec,
+                 lookups: Lookups | None = None) -> Any:
     """The ConfigSpec: one controller per kind the disks name, disks attached as they are, one NIC each."""
     changes: list[Any] = []
     slots: dict[str, tuple[int, list[int]]] = {}
@@ -94,7 +121,10 @@ def build_config(si: Any, vcenter: VCenterEndpoint, dc: Props, datastore: Any, s
             )
         changes.append(disk_change(i, key, units.pop(0), disk.file, disk.capacity, datastore))
     for i, nic in enumerate(spec.nics):
-        backing = network_backing(si, vcenter, nic.network, dc, field=f"network_mappings (for {nic.source_network!r})")
+        field = f"network_mappings (for {nic.source_network!r})"
+        look = lookups or Lookups()
+        backing = look.get(si, ("net", vcenter.id, dc.get("name"), nic.network),
+                           lambda n=nic.network, f=field: network_backing(si, vcenter, n, dc, field=f))
         changes.append(nic_change(-300 - i, backing))
     return vim.vm.ConfigSpec(
         name=vsphere_name(spec.name),
@@ -135,20 +165,36 @@ def resolve(si: Any, vcenter: VCenterEndpoint, placement: Placement, datastore: 
 
 
 def create_vm(si: Any, vcenter: VCenterEndpoint, placement: Placement, spec: RecoveryVMSpec,
-              stop: threading.Event, await_seconds: float = AWAIT_SECONDS) -> VMRef:
+              stop: threading.Event, await_seconds: float = AWAIT_SECONDS, lookups: Lookups | None = None) -> VMRef:
     found = find_vm(si, spec.run_id, spec.protected_vm_id)
     if found is not None:
         log.info("%s: adopting VM %s of run %s for protected VM %s", where(vcenter), found._moId, spec.run_id,
                  spec.protected_vm_id)
         return VMRef(moref=found._moId, adopted=True)
-    dc, ds, pool, folder = resolve(si, vcenter, placement, spec.datastore)
-    config = build_config(si, vcenter, dc, ds, spec)
+    look = lookups or Lookups()
+    try:
+        return _create(si, vcenter, placement, spec, stop, await_seconds, look)
+    except vmodl.fault.ManagedObjectNotFound:
+        if lookups is None:
+            raise
+        log.info("%s: an object looked up earlier is gone; looking again", where(vcenter))
+        look.forget()
+        return _create(si, vcenter, placement, spec, stop, await_seconds, look)
+
+
+def _create(si: Any, vcenter: VCenterEndpoint, placement: Placement, spec: RecoveryVMSpec,
+            stop: threading.Event, await_seconds: float, look: Lookups) -> VMRef:
+    dc, ds, pool, folder = look.get(si, ("place", vcenter.id, placement, spec.datastore),
+                                    lambda: resolve(si, vcenter, placement, spec.datastore))
+    config = build_config(si, vcenter, dc, ds, spec, look)
     check_stop(stop, f"before VM {spec.name} was created")
     log.info("%s: creating VM %s (%d disks, %d NICs) at %s", where(vcenter), spec.name, len(spec.disks),
              len(spec.nics), vmx_path(spec))
     try:
         vm = wait_for_task(si, folder.CreateVM_Task(config=config, pool=pool), stop)
     except (vim.fault.DuplicateName, vim.fault.FileAlreadyExists) as exc:
+        log.info("%s: VM %s exists already (%s); looking for it by its marks", where(vcenter), spec.name,
+                 type(exc).__name__)
         deadline = time.monotonic() + await_seconds
         while (found := find_vm(si, spec.run_id, spec.protected_vm_id)) is None and time.monotonic() < deadline:
             if stop.wait(AWAIT_STEP):
@@ -160,10 +206,9 @@ def create_vm(si: Any, vcenter: VCenterEndpoint, placement: Placement, spec: Rec
             f"{RUN_MARK_KEY} = {spec.run_id} and {MARK_KEY} = {spec.protected_vm_id} ({type(exc).__name__}): "
             "remove that VM or folder, then resume the run"
         ) from exc
-    # A server that checks neither name nor path may have let a twin in: the oldest one wins.
-    keeper = find_vm(si, spec.run_id, spec.protected_vm_id)
-    moref = keeper._moId if keeper is not None else vm._moId
-    return VMRef(moref=moref, adopted=moref != vm._moId)
+    # No second read for twins: vCenter and vcsim refuse a second VM at the same .vmx path
+    # (FileAlreadyExists, above), so the path is the lock; find_run_vms would name a twin.
+    return VMRef(moref=str(vm._moId), adopted=False)
 
 
 def _vm(si: Any, moref: str) -> Any:

@@ -280,7 +280,9 @@ class DRShellBuilderReal:
             )
         found_computes = computes(si, dc)
         if not found_computes:
-            raise PermanentError(f"datacenter {dc.get('name')!r} at {where(vcenter)} has no cluster or host to run a VM")
+            raise PermanentError(
+                f"datacenter {dc.get('name')!r} at {where(vcenter)} has no cluster or host to run a VM"
+            )
         # Only where a host mounts both the disks' and the configuration's datastore (module placement).
         needed = {spec.datastore: ds, config_datastore(spec): placeholder}
         eligible = by_visibility(vcenter, dc, found_computes, needed, spec.cluster)
