@@ -247,6 +247,8 @@ def test_replication_goes_on_and_retention_keeps_the_cloned_snapshot(world: Worl
     assert first in kept and third.snapshot_name in kept  # held and cloned: kept
     assert second.snapshot_name not in kept  # retention did run: the one it may prune is gone
     assert kept[third.snapshot_name] == guids(w.source, w.src)[third.snapshot_name]
+    # Replication releases only its own jobs' tags: the run's hold is still there.
+    assert zfs_get(w.target, "userrefs", point) == "1"
 
     # The clone alone protects it (zfs-fuse has no `clones` property: retention reads `origin`).
     assert w.storage.release(w.ep, point, tag, stop)
@@ -349,3 +351,48 @@ def test_shell_hostile_names_are_refused_before_any_command(zfs_target: FuseHost
     assert not os.path.exists("/tmp/pwned")
     with pytest.raises(ValueError):
         RecoveryStorageReal(secret_env(zfs_target), nfs_clients=["*;reboot"])
+
+
+def test_a_target_root_without_mountpoint_still_gets_a_mounted_clone(world: World) -> None:
+    """Replicas under a root with mountpoint=none are never mounted; the clone gets ZFS's default path."""
+    w, run, stop = world, str(uuid.uuid4()), threading.Event()
+    snap = w.replicate().snapshot_name
+    bare = f"{w.root}/bare"
+    w.zfs("create", "-o", "mountpoint=none", bare)
+    clone = f"{bare}/{run_tag(run)}"
+    try:
+        info = w.storage.clone(w.ep, f"{w.replica}@{snap}", clone, run, stop)
+        assert info.mountpoint == f"/{clone}" == zfs_get(w.target, "mountpoint", clone)
+        assert zfs_get(w.target, "mounted", clone) == "yes"
+        assert digests(info.mountpoint) == EXPECTED
+        assert w.storage.destroy_clone(w.ep, clone, run, stop)
+    finally:
+        w.zfs("destroy", "-f", clone, check=False)
+        shutil.rmtree(f"/{w.target.pool}", ignore_errors=True)  # the directories zfs made on /
+
+
+def test_a_clone_someone_cloned_is_not_destroyed_with_theirs(world: World) -> None:
+    w, run, stop = world, str(uuid.uuid4()), threading.Event()
+    snap = w.replicate().snapshot_name
+    w.storage.clone(w.ep, f"{w.replica}@{snap}", w.clone_name(run), run, stop)
+    w.zfs("snapshot", f"{w.clone_name(run)}@theirs")
+    w.zfs("clone", f"{w.clone_name(run)}@theirs", f"{w.root}/their-copy")
+    with pytest.raises(PermanentError, match="dependent clones"):
+        w.storage.destroy_clone(w.ep, w.clone_name(run), run, stop)
+    assert {w.clone_name(run), f"{w.root}/their-copy"} <= {r[0] for r in listing(w)}
+
+
+def test_a_tree_clone_cut_short_is_completed_not_doubled(world: World) -> None:
+    """A listener killed after the root's clone and before the child's: the retry adds the child."""
+    w, run, stop = world, str(uuid.uuid4()), threading.Event()
+    w.source.run(["zfs", "create", f"{w.src}/disk1"])
+    req = ReplicationRequest(job_id=str(uuid.uuid4()), source_dataset=w.src, target_dataset=w.replica,
+                             transport="ssh", target=w.ep, source=None, retention_snapshots=None,
+                             last_snapshot=None, recursive=True)
+    snap = w.replication.replicate(req, lambda p: None, stop).snapshot_name
+    w.zfs("clone", "-o", f"zerfaux:recovery_run={run}", f"{w.replica}@{snap}", w.clone_name(run))
+    info = w.storage.clone(w.ep, f"{w.replica}@{snap}", w.clone_name(run), run, stop)
+    assert info.adopted
+    clones = [r for r in listing(w) if r[1] != "-"]
+    assert clones == [[w.clone_name(run), f"{w.replica}@{snap}", run],
+                      [f"{w.clone_name(run)}/disk1", f"{w.replica}/disk1@{snap}", run]]

@@ -9,7 +9,6 @@ cloned from the child's snapshot, so the VMs' files under children are there too
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from handlers.backends.zfs.exec import Result, check
@@ -125,7 +124,3 @@ def destroy_order(tree: dict[str, Dataset], root: str, run_id: str) -> tuple[lis
                              f"but is not this run's clone")
     depth = lambda n: n.split("@", 1)[0].count("/")  # noqa: E731
     return sorted(snaps, key=depth, reverse=True), sorted(filesystems, key=depth, reverse=True)
-
-
-def children_of(tree: dict[str, Dataset], root: str) -> Sequence[str]:
-    return [n for n in tree if n.startswith(root + "/") and "@" not in n]

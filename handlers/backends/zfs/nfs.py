@@ -33,6 +33,7 @@ ETAB = "/var/lib/nfs/etab"
 NFSD_THREADS = "/proc/fs/nfsd/threads"
 ETAB_ARGV = ["cat", ETAB]
 THREADS_ARGV = ["cat", NFSD_THREADS]
+EXPORTFS_ARGV = ["sh", "-c", "command -v exportfs"]  # a constant script: nothing of ours in it
 _WILDCARD = re.compile(r"^\*$|^\*\.[A-Za-z0-9.\-]+$")  # '*' or '*.example.org'
 
 
@@ -100,13 +101,15 @@ class ExportState:
     sharenfs: str  # the property now
     listed: bool  # in the host's export table
     served: bool | None  # an NFS server runs there (None: cannot tell)
+    exportfs: bool = True  # the host has exportfs (nfs-utils), which both ZFS dialects run
 
 
 def explain(dataset: str, path: str, state: ExportState, set_error: str) -> str:
     """In words, why ``dataset`` is not exported though its property says so."""
     head = f"sharenfs={state.sharenfs!r} is set on {dataset}, but "
-    if "exportfs" in set_error and "not found" in set_error:
-        return head + (f"the storage host has no exportfs ({set_error.strip()}): install nfs-kernel-server there "
+    if not state.exportfs or ("exportfs" in set_error and "not found" in set_error):
+        said = f" ({set_error.strip()})" if set_error.strip() else ""
+        return head + (f"the storage host has no exportfs{said}: install nfs-kernel-server there "
                        "and start its NFS server, then run the step again")
     if not state.listed:
         return head + (f"{path} is not in the host's export table ({ETAB})"

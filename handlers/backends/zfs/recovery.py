@@ -35,6 +35,7 @@ from handlers.backends.zfs.connections import SessionPool
 from handlers.backends.zfs.exec import ParamikoRunner, Runner, check, zfs_error
 from handlers.backends.zfs.nfs import (
     ETAB_ARGV,
+    EXPORTFS_ARGV,
     THREADS_ARGV,
     ExportState,
     NFSExportError,
@@ -248,6 +249,9 @@ class RecoveryStorageReal:
             result = runner.run(["zfs", "destroy", "-f", name])
             if result.ok or "does not exist" in result.err:
                 return
+            if "dependent clones" in result.err:  # somebody cloned the test's clone: theirs to remove
+                raise PermanentError(f"not destroying {name} on {runner.label}: {result.err.strip()} (a dataset "
+                                     "outside the clone was cloned from it; destroy that first)")
             if "busy" not in result.err or time.monotonic() >= deadline:
                 raise zfs_error(result, runner.label, f"destroying {name}")
             time.sleep(0.5)
@@ -317,9 +321,10 @@ class RecoveryStorageReal:
 
     @staticmethod
     def _export_state(runner: Runner, dataset: str, path: str) -> ExportState:
-        prop, etab, threads, system = runner.run_many([ops.get_argv(dataset, "sharenfs"), ETAB_ARGV, THREADS_ARGV,
-                                                        ["uname", "-s"]])
+        prop, etab, threads, system, exportfs = runner.run_many(
+            [ops.get_argv(dataset, "sharenfs"), ETAB_ARGV, THREADS_ARGV, ["uname", "-s"], EXPORTFS_ARGV])
         check(prop, runner.label, f"reading sharenfs of {dataset}")
         linux = system.ok and system.out.strip() == "Linux"
         running = served(threads.out if threads.ok else ("0" if linux else None))
-        return ExportState(prop.out.strip() or "off", etab.ok and bool(path) and listed(etab.out, path), running)
+        return ExportState(prop.out.strip() or "off", etab.ok and bool(path) and listed(etab.out, path), running,
+                           exportfs.ok)
