@@ -44,6 +44,7 @@ from tests.integration.test_dr_end_to_end import write_disk
 from tests.integration.test_zfs_backend import guids
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database, create_database, drop_database
+from tests.support.require import missing
 from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator, start_simulator
 from tests.support.zfs import mountpoint
 from tests.support.zfshost import ZFSHost
@@ -300,12 +301,27 @@ def boot_time(vm: Any) -> float:
     return value.timestamp()
 
 
+def can_serve_nfs(host: ZFSHost) -> None:
+    """A test failover exports its clone over NFS, and Zerfaux refuses to call an export done when no
+    NFS server runs on the storage host (handlers/backends/zfs/nfs.py). A kernel without ``nfsd``
+    (this machine's) cannot serve one: that is a missing service, as Postgres or zfs-fuse would be."""
+    from handlers.backends.zfs import recovery as storage
+
+    done = host.run(["cat", "/proc/fs/nfsd/threads"], check=False)
+    threads = done.stdout.decode() if done.returncode == 0 else "0"
+    if storage.served(threads) is False:
+        missing("an NFS server on the DR storage host",
+                "/proc/fs/nfsd/threads is missing or 0 (a kernel without nfsd cannot serve the clone's export,"
+                " and RecoveryStorageReal.export refuses to call it done)")
+
+
 def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
                 start_sim: Callable[..., Simulator], workdir: Path, plan: tuple[VMPlan, ...] = PLAN,
                 disk_bytes: int = DISK_BYTES) -> Iterator[RecoveryWorld]:
     """Generator: yields the world once replication made the recovery point, then takes it all down."""
     import asyncio
 
+    can_serve_nfs(target_host)
     tag = uuid.uuid4().hex[:8]
     source, source_dir = f"{source_host.pool}/rec{tag}", Path(mountpoint(f"rec-src-{tag}"))
     root = f"{target_host.pool}/recdr{tag}"

@@ -177,6 +177,14 @@ async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup
 
     # The auditor's report of the test (after its cleanup: what it did stays readable).
     text = report(w, run_id)
-    for needle in ("validate", "clone_snapshot", "power_on", "wait_ready", "activate", "RTO", "warning",
+    for needle in ("validate", "clone_snapshot", "power_on", "wait_ready", "activate", "RTO", "Warnings (1)",
                    *(f"{v.plan.name}" for v in w.vms)):
         assert needle in text, (needle, text)
+    # One line per VM in boot order, the marked ones ready by Tools, the warning naming the unmarked one.
+    vm_lines = [line.split() for line in text.splitlines() if line.split()[:1] in ([v.plan.name] for v in w.vms)
+                and len(line.split()) > 3 and line.split()[1].isdigit()]
+    rows = [(cols[1], cols[0], cols[-1]) for cols in vm_lines]
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows), text  # boot order: priority 1 first
+    assert sorted(rows) == sorted((str(v.plan.priority), v.plan.name, "tools" if v.plan.marked else "-")
+                                  for v in w.vms), text
+    assert any(TIMEOUT_VM in line and "warning" in line for line in text.splitlines()), text
