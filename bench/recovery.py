@@ -66,7 +66,26 @@ KiB = 1024
 # ---- Zerfaux ---------------------------------------------------------------------------------------
 
 
-def zerfaux_round(w: RecoveryWorld, delay_ms: int, name: str) -> tuple[float, float]:
+def zerfaux_phases(w: RecoveryWorld, run_id: str) -> dict[str, float]:
+    """Seconds of each phase, from the run's steps: preparation, VM creation, each priority's boot."""
+    db = w.db
+    started = db.value("select started_at from recovery_runs where id = %s", (run_id,))
+    rows = db.sql("select s.name, s.started_at, s.finished_at, p.boot_priority from recovery_run_steps s"
+                  " left join protected_vms p on p.id = s.protected_vm_id where s.run_id = %s order by s.seq", (run_id,))
+    phases: dict[str, float] = {}
+    prep = [r for r in rows if r["boot_priority"] is None and r["name"] != "activate"]
+    phases["prepare"] = (max(r["finished_at"] for r in prep) - started).total_seconds()
+    made = [r for r in rows if r["name"] == "create_vm"]
+    phases["create"] = (max(r["finished_at"] for r in made) - max(r["finished_at"] for r in prep)).total_seconds()
+    last = max(r["finished_at"] for r in made)
+    for p in sorted({r["boot_priority"] for r in rows if r["name"] == "power_on"}):
+        end = max(r["finished_at"] for r in rows if r["name"] == "wait_ready" and r["boot_priority"] == p)
+        phases[f"p{p}"] = (end - last).total_seconds()
+        last = end
+    return phases
+
+
+def zerfaux_round(w: RecoveryWorld, delay_ms: int, name: str) -> tuple[float, float, dict[str, float]]:
     """(rto_seconds, wall seconds from insert to 'active') of one test failover; then its cleanup, untimed."""
     assert w.new_vcenter is not None and w.workdir is not None
     old = w.dr_sim
@@ -84,11 +103,12 @@ def zerfaux_round(w: RecoveryWorld, delay_ms: int, name: str) -> tuple[float, fl
         steps = db.sql("select name, status, error from recovery_run_steps where run_id = %s and status <> 'done'"
                        " order by seq limit 5", (run_id,))
         raise SystemExit(f"the test failover did not become active: {run} {steps} {tools.errors[:3]}")
+    phases = zerfaux_phases(w, run_id)
     w.dr_sim.set_delay(0)
     db.sql("insert into recovery_runs (protection_group_id, kind, test_run_id) values (%s, 'cleanup', %s)",
            (GROUP, run_id))
     asyncio.run(w.drain(timeout=1800))
-    return float(run["rto_seconds"]), wall
+    return float(run["rto_seconds"]), wall, phases
 
 
 # ---- the plain script ------------------------------------------------------------------------------
@@ -138,7 +158,8 @@ def wait_tools(si: Any, vm: Any) -> None:
         collector.DestroyPropertyCollector()
 
 
-def script_round(w: RecoveryWorld, sim: Simulator, tag: str, create_parallel: int) -> float:
+def script_round(w: RecoveryWorld, sim: Simulator, tag: str, create_parallel: int,
+                 phases: dict[str, float]) -> float:
     """The same test failover by hand; seconds from connect to the last VM ready."""
     snapshot, clone = f"{w.replica}@{w.snapshot}", f"{w.target_root}/{tag}"
     where = zfs_support.mountpoint(f"bench-{tag}")
@@ -168,6 +189,8 @@ def script_round(w: RecoveryWorld, sim: Simulator, tag: str, create_parallel: in
                     name=tag, vlanId=0, vswitchName=tag, policy=vim.host.NetworkPolicy()))
             except vim.fault.DuplicateName:
                 pass  # vcsim: one network object per name per datacenter
+        mark = time.monotonic()
+        phases["prepare"] = mark - start
         dev = vim.vm.device
         add = dev.VirtualDeviceSpec.Operation.add
 
@@ -198,9 +221,12 @@ def script_round(w: RecoveryWorld, sim: Simulator, tag: str, create_parallel: in
             WaitForTask(vm.PowerOnVM_Task())
             wait_tools(si, vm)
 
+        phases["create"] = time.monotonic() - mark
         for priority in sorted(morefs):
+            mark = time.monotonic()
             with ThreadPoolExecutor(max_workers=len(morefs[priority])) as pool:
                 list(pool.map(up, morefs[priority]))
+            phases[f"p{priority}"] = time.monotonic() - mark
         return time.monotonic() - start
     finally:
         Disconnect(si)
@@ -227,6 +253,8 @@ def main() -> None:
     zerfaux: list[float] = []
     walls: list[float] = []
     script: list[float] = []
+    z_phases: list[dict[str, float]] = []
+    s_phases: list[dict[str, float]] = []
     with ExitStack() as stack:
         work = tempfile.mkdtemp(prefix="zerfaux-bench-recovery-")
         stack.callback(subprocess.run, ["rm", "-rf", work], check=False)
@@ -252,8 +280,9 @@ def main() -> None:
             order: list[Callable[[], None]] = []
 
             def ours(r: int = r) -> None:
-                rto, wall = zerfaux_round(w, args.delay_ms, f"bench-dr-z{r}")
+                rto, wall, phases = zerfaux_round(w, args.delay_ms, f"bench-dr-z{r}")
                 zerfaux.append(rto)
+                z_phases.append(phases)
                 walls.append(wall)
                 print(f"  round {r + 1} zerfaux: RTO {rto:.2f} s (insert to active {wall:.2f} s)", flush=True)
 
@@ -263,7 +292,9 @@ def main() -> None:
                 try:
                     sim.set_delay(args.delay_ms)
                     with ToolsHarness(sim, skip=lambda _name: False, interval=0.02):
-                        seconds = script_round(w, sim, f"zerfaux-test-b{r:07d}", args.create_parallel)
+                        phases: dict[str, float] = {}
+                        seconds = script_round(w, sim, f"zerfaux-test-b{r:07d}", args.create_parallel, phases)
+                        s_phases.append(phases)
                 finally:
                     sim.stop()
                 script.append(seconds)
@@ -276,6 +307,10 @@ def main() -> None:
     print(f"test failover, {args.vms} VMs in {args.priorities} priorities, vcsim {args.delay_ms} ms per call,"
           f" median of {args.rounds}: zerfaux RTO {z:.2f} s (insert to active {statistics.median(walls):.2f} s),"
           f" plain pyVmomi script {s:.2f} s")
+    for key in z_phases[0]:
+        zp = statistics.median(p[key] for p in z_phases)
+        sp = statistics.median(p.get(key, float("nan")) for p in s_phases)
+        print(f"  {key:8s} zerfaux {zp:6.2f} s   script {sp:6.2f} s")
     print(f"RATIO {s / z:.2f} test failover orchestration overhead")
 
 

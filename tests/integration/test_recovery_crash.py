@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ KILL_AT = ["validate", "hold_snapshot", "clone_snapshot", "export_clone", "prese
 NOTHING = {"vms": [], "port_group": [], "clone": [], "hold": []}
 
 
-def _until(check: Callable[[], Any], timeout: float, what: str, procs: list[Proc] = (),  # type: ignore[assignment]
+def _until(check: Callable[[], Any], timeout: float, what: str, procs: Sequence[Proc] = (),
            interval: float = 0.02) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,6 +86,11 @@ def _one_of_each(w: RecoveryWorld, run_id: str) -> None:
     assert clones == [f"{w.target_root}/{run_tag(run_id)}"], clones
     names = sorted(vm.name for vm in w.test_vms())
     assert names == sorted(f"{v.plan.name}-test-{hex8}" for v in w.vms), names
+    tag = run_tag(run_id)
+    assert [ds.name for ds in w.datastores_named(tag)] == [tag]
+    assert [n.name for n in w.networks_named(tag)] == [tag]
+    for vm in w.test_vms(run_id):
+        assert [ds.name for ds in vm.datastore] == [tag], (vm.name, [ds.name for ds in vm.datastore])
 
 
 def _figures(figures: dict[str, Any]) -> None:
