@@ -184,7 +184,8 @@ class Runner:
 
     async def _create_vm(self, ex: Executor, placement: Placement, step: Step) -> Outcome:
         vm = self.plan.vm(step.protected_vm_id)
-        assert vm is not None and vm.spec is not None  # validate refused VMs without a spec
+        if vm is None or vm.spec is None:  # validate passed, then the inventory changed under a resumed run
+            raise PermanentError("; ".join(self.plan.problems) or f"protected VM {step.protected_vm_id} has no spec")
         ref = await ex.call(self.compute.create_vm, self.plan.vcenter, placement, vm.spec, self.ctx.stop)
         return "done", {"moref": ref.moref, "name": vm.spec.name, "adopted": ref.adopted,
                         "nics": [n.network for n in vm.spec.nics]}, None
