@@ -321,7 +321,6 @@ def build_world(db: Database, source_host: ZFSHost, target_host: ZFSHost,
     """Generator: yields the world once replication made the recovery point, then takes it all down."""
     import asyncio
 
-    can_serve_nfs(target_host)
     tag = uuid.uuid4().hex[:8]
     source, source_dir = f"{source_host.pool}/rec{tag}", Path(mountpoint(f"rec-src-{tag}"))
     root = f"{target_host.pool}/recdr{tag}"
@@ -436,3 +435,9 @@ def recovery_world(pg_template: str, zfs_source: ZFSHost, zfs_target: ZFSHost, v
         yield from build_world(db, zfs_source, zfs_target, start, workdir)
     finally:
         drop_database(db.name)
+
+
+@pytest.fixture
+def nfs_served(recovery_world: RecoveryWorld) -> None:
+    """For the tests that run a test failover past ``export_clone`` (refusals need no NFS)."""
+    can_serve_nfs(recovery_world.target_host)

@@ -31,8 +31,8 @@ import pytest
 
 from handlers.recovery.backends import run_tag
 from tests.integration.conftest import GROUP
-from tests.integration.recovery_world import (  # noqa: F401 - recovery_world is a fixture
-    APP_NETWORK, LAB_NETWORK, RecoveryWorld, recovery_world,
+from tests.integration.recovery_world import (  # noqa: F401 - recovery_world, nfs_served are fixtures
+    APP_NETWORK, LAB_NETWORK, RecoveryWorld, nfs_served, recovery_world,
 )
 from tests.support.engine import engine_settings, running
 from tests.support.workload import Proc
@@ -110,7 +110,7 @@ def env(recovery_world: RecoveryWorld) -> Iterator[dict[str, str]]:
 
 @pytest.mark.parametrize("step", KILL_AT)
 def test_sigkill_at_each_step_then_another_listener_finishes_and_cleanup_leaves_nothing(
-    recovery_world: RecoveryWorld, env: dict[str, str], step: str
+    recovery_world: RecoveryWorld, nfs_served: None, env: dict[str, str], step: str
 ) -> None:
     w = recovery_world
     t0 = time.monotonic()
@@ -174,7 +174,7 @@ def test_sigkill_at_each_step_then_another_listener_finishes_and_cleanup_leaves_
 
 
 async def test_a_cancelled_test_runs_its_cleanup_and_ends_cancelled_with_nothing_left(
-    recovery_world: RecoveryWorld, env: dict[str, str]
+    recovery_world: RecoveryWorld, nfs_served: None, env: dict[str, str]
 ) -> None:
     w = recovery_world
     with w.harness():
@@ -225,15 +225,6 @@ def test_refusals_start_nothing(recovery_world: RecoveryWorld, env: dict[str, st
                " values (%s, %s, %s, %s)", (GROUP, APP_NETWORK, LAB_NETWORK, LAB_NETWORK))
     _nothing_started(w, ops)
 
-    # Cleanup of a run that is not an active test (a completed one from an earlier case, or none).
-    done = db.sql("select id from recovery_runs where kind = 'test' and status in ('completed', 'cancelled') limit 1")
-    if done:
-        with pytest.raises(psycopg.Error, match="recovery_runs"):
-            _start_cleanup(w, str(done[0]["id"]))
-    with pytest.raises(psycopg.Error):
-        _start_cleanup(w, "00000000-0000-4000-9000-000000000000")
-    _nothing_started(w, ops)
-
     # A viewer of the group asks for a test: refused by the database.
     viewer = "00000000-0000-4000-8000-0000000000e1"
     db.sql("insert into zerfaux.operators (user_id, role, protection_group_id) values (%s, 'viewer', %s)"
@@ -250,8 +241,17 @@ def test_refusals_start_nothing(recovery_world: RecoveryWorld, env: dict[str, st
     first = _start_test(w)
     with pytest.raises(psycopg.Error, match="recovery_runs_one_active_test_per_group"):
         _start_test(w)
+    assert db.value("select count(*) from zerfaux.operations where kind = 'recovery.run'") == ops + 1
     db.sql("update recovery_runs set cancel_requested = true where id = %s", (first,))
     assert _run(w, first)["status"] == "cancelled"
     asyncio.run(w.drain(timeout=60))
     assert _run(w, first)["status"] == "cancelled"
     assert [d for d in w.zfs_datasets() if "/zerfaux-test-" in d] == [] and w.test_vms() == [] and w.userrefs() == 0
+
+    # A cleanup of a run that is not an active test (that cancelled one; a run that does not exist).
+    with pytest.raises(psycopg.Error, match="recovery_runs_cleanup_of_an_active_test"):
+        _start_cleanup(w, first)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="test_run_id"):
+        _start_cleanup(w, "00000000-0000-4000-9000-000000000000")
+    assert db.value("select count(*) from recovery_runs where kind = 'cleanup' and test_run_id = %s", (first,)) == 0
+    _nothing_started(w, ops + 1)  # the first test's operation only, which ended without an effect

@@ -30,8 +30,8 @@ from pyVmomi import vim
 
 from handlers.recovery.backends import run_tag
 from tests.integration.conftest import GROUP
-from tests.integration.recovery_world import (  # noqa: F401 - recovery_world is a fixture
-    LAB_NETWORK, TIMEOUT_VM, RecoveryWorld, boot_time, recovery_world, sha256,
+from tests.integration.recovery_world import (  # noqa: F401 - recovery_world, nfs_served are fixtures
+    LAB_NETWORK, TIMEOUT_VM, RecoveryWorld, boot_time, nfs_served, recovery_world, sha256,
 )
 from tests.support.engine import spawn
 
@@ -59,7 +59,7 @@ def report(w: RecoveryWorld, run_id: str) -> str:
 
 
 async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup_removes_it(
-    recovery_world: RecoveryWorld,
+    recovery_world: RecoveryWorld, nfs_served: None,
 ) -> None:
     w, db = recovery_world, recovery_world.db
     guids_before = w.guids()
