@@ -12,7 +12,8 @@ What a DR team would check, read from vcsim's API and from ZFS:
   like the source now), NICs on the run's port group or on ``zf-lab``, powered on;
 - every priority-1 VM booted (``summary.runtime.bootTime``) before any priority-2 VM, and the
   priority-2 VMs only after the harness had started marking the priority-1 VMs ready;
-- the replica's snapshot GUIDs unchanged, and an incremental replication during the test succeeds;
+- the replica's snapshot GUIDs unchanged, incremental replications during the test succeed, and
+  retention (set to one snapshot meanwhile) does not prune the snapshot the test is cloned from;
 - the run 'active' with ``rto_seconds``; ``zerfaux report run`` shows the steps, the VMs, the RTO
   and the warning;
 - after the cleanup run: no test VM, port group, clone or hold; ``tested_at`` set; both runs completed.
@@ -136,16 +137,28 @@ async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup
     assert min(boots[v.plan.name] for v in second) >= marked_first - 0.01, (boots, tools.marked_at)
     assert f"{TIMEOUT_VM}-test-{hex8}" not in tools.marked_at
 
-    # The replica's snapshots are what they were; replication carries on incrementally under the test.
+    # The replica's snapshots are what they were; replication carries on incrementally under the test,
+    # and retention (down to one snapshot) never prunes the snapshot the test is cloned from.
     assert {k: v for k, v in w.guids().items() if k in guids_before} == guids_before
-    db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
-    await w.drain()
-    job = db.one("select * from replication_jobs order by created_at desc limit 1")
-    assert job["status"] == "completed", job["error"]
-    assert job["base_snapshot"] == w.snapshot  # incremental from the point the test runs from
+    db.sql("update protection_groups set retention_snapshots = 1 where id = %s", (GROUP,))
+    jobs = []
+    for _ in range(2):
+        (w.source_dir / w.vms[0].plan.name / f"{w.vms[0].plan.name}-flat.vmdk").write_bytes(os.urandom(4096))
+        os.sync()
+        db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
+        await w.drain()
+        jobs.append(db.one("select * from replication_jobs order by created_at desc limit 1"))
+        assert jobs[-1]["status"] == "completed", jobs[-1]["error"]
+    assert jobs[0]["base_snapshot"] == w.snapshot  # incremental from the point the test runs from
+    assert jobs[1]["base_snapshot"] == jobs[0]["snapshot_name"]
     after = w.guids()
-    assert {k: v for k, v in after.items() if k in guids_before} == guids_before
-    assert job["snapshot_name"] in after
+    assert after[w.snapshot] == guids_before[w.snapshot], "the test's snapshot was pruned or replaced"
+    assert jobs[1]["snapshot_name"] in after
+    assert jobs[0]["snapshot_name"] not in after, ("retention did not run: nothing proves it spared the point", after)
+    first = w.vms[0]
+    flat = f"{first.plan.name}-flat.vmdk"
+    assert sha256(Path(where) / first.plan.name / flat) == first.hashes[flat]  # the clone is as it was
+    db.sql("update protection_groups set retention_snapshots = 5 where id = %s", (GROUP,))
 
     # Cleanup: a row in, nothing left out.
     cleanup_id = str(db.value(
@@ -172,7 +185,7 @@ async def test_a_test_failover_boots_the_group_from_a_clone_in_order_and_cleanup
     test = db.one("select * from recovery_runs where id = %s", (run_id,))
     assert test["status"] == "completed" and test["completed_at"] is not None
     assert db.value("select tested_at from recovery_points where id = %s", (w.point_id,)) is not None
-    assert {k: v for k, v in w.guids().items() if k in guids_before} == guids_before
+    assert w.guids()[w.snapshot] == guids_before[w.snapshot]
     assert time.monotonic() - started < 300
 
     # The auditor's report of the test (after its cleanup: what it did stays readable).
