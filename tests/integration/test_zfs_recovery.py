@@ -301,6 +301,8 @@ def test_export_names_the_clients_it_is_given_and_refuses_a_hostile_one(world: W
     w.storage.clone(w.ep, f"{w.replica}@{snap}", w.clone_name(run), run, stop)
     with pytest.raises(PermanentError, match="replication_targets.nfs_clients"):
         w.storage.export(w.ep, w.clone_name(run), stop, clients=["esx-01;reboot"])
+    with pytest.raises(PermanentError, match="replication_targets.nfs_clients"):
+        w.storage.export(w.ep, w.clone_name(run), stop, clients=["esx 01"])
     assert zfs_get(w.target, "sharenfs", w.clone_name(run)) == "off"
     try:
         w.storage.export(w.ep, w.clone_name(run), stop, clients=["esx-01.dr.example", "10.1.2.0/24"])

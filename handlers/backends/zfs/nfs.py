@@ -25,8 +25,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from handlers.backends.zfs.validate import check_host
-from handlers.errors import PermanentError
 from handlers.recovery.backends import ExportNotServed
 
 ESXI_OPTIONS = "rw,no_root_squash,sync,crossmnt"
@@ -35,6 +33,7 @@ NFSD_THREADS = "/proc/fs/nfsd/threads"
 ETAB_ARGV = ["cat", ETAB]
 THREADS_ARGV = ["cat", NFSD_THREADS]
 EXPORTFS_ARGV = ["sh", "-c", "command -v exportfs"]  # a constant script: nothing of ours in it
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _WILDCARD = re.compile(r"^\*$|^\*\.[A-Za-z0-9.\-]+$")  # '*' or '*.example.org'
 
 
@@ -64,10 +63,10 @@ def check_clients(clients: Sequence[str]) -> tuple[str, ...]:
             continue
         except ValueError:
             pass
-        try:
-            check_host(client, "nfs_clients")
-        except PermanentError as exc:
-            raise ValueError(str(exc)) from None
+        # vCenter inventory names of hosts may carry '_' (no shell meaning, exportfs takes it).
+        if not _CLIENT_NAME.fullmatch(client):
+            raise ValueError(f"nfs_clients {client[:100]!r} is not a host name, an address or a network "
+                             "(letters, digits, '.', '-' and '_' only)")
     return tuple(clients)
 
 
