@@ -109,3 +109,143 @@ def baseline(url: str, n: int) -> list[float]:
                 times.append((time.perf_counter() - start) * 1000)
         assert len(rows) > 0, "the admin sees no group: the bench's operators row is wrong"
     return times
+
+
+class Counted:
+    """Statements sent on the console's connections (every query goes through a cursor's execute)."""
+
+    n = 0
+
+
+def counting_connection() -> type[Any]:
+    class CountingConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
+        # connection.execute goes through a cursor's execute, so only cursors count. BEGIN and
+        # COMMIT (conn.transaction()) are sent beside them and are not counted.
+        def cursor(self, *args: Any, **kw: Any) -> Any:
+            cur = super().cursor(*args, **kw)
+            execute = cur.execute
+
+            async def counted(query: Any, params: Any = None, **kw2: Any) -> Any:
+                Counted.n += 1
+                return await execute(query, params, **kw2)
+
+            cur.execute = counted  # type: ignore[method-assign]
+            return cur
+
+    return CountingConnection
+
+
+async def serve(url: str) -> tuple[Any, Any, Any]:
+    """The console's routes under uvicorn on loopback, with counted connections."""
+    from starlette.applications import Starlette
+
+    from listener.console import Console, routes
+    from listener.console.auth import Verifier
+    from listener.console.feed import Feed
+    from listener.console.queries import ConsoleDB
+    from listener.http import build_server
+
+    db = ConsoleDB(url, connection_class=counting_connection())
+    console = Console(Verifier(SECRET, None), db, Feed(url, db))
+    await console.start()
+    server = build_server(Starlette(routes=routes(console)), "127.0.0.1", 0)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return console, server, task
+
+
+async def page_times(base: str, token: str, n: int) -> tuple[list[float], float, int]:
+    """TTFB of ``GET /`` one request at a time; statements per request; the page's size."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "text/html"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
+        for _ in range(max(5, n // 10)):  # warm-up: pool, plans, templates
+            (await client.get("/")).raise_for_status()
+        times: list[float] = []
+        before = Counted.n
+        size = 0
+        for _ in range(n):
+            start = time.perf_counter()
+            async with client.stream("GET", "/") as response:
+                times.append((time.perf_counter() - start) * 1000)
+                body = await response.aread()
+                assert response.status_code == 200, (response.status_code, body[:300])
+                size = len(body)
+        return times, (Counted.n - before) / n, size
+
+
+async def feed_round(url: str, base: str, token: str, rounds: int) -> tuple[list[float], float]:
+    """One /feed client; each round moves every running job's progress in one transaction and
+    times the client's next event; statements the console ran per round."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+    times: list[float] = []
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
+        async with client.stream("GET", "/feed") as response:
+            assert response.status_code == 200, response.status_code
+            lines = response.aiter_lines()
+
+            async def next_event() -> None:
+                async for line in lines:
+                    if line.startswith("data:"):
+                        return
+                raise AssertionError("the feed ended")
+
+            await asyncio.wait_for(next_event(), 30)  # what is known now
+            await asyncio.sleep(1.0)
+            before = Counted.n
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                for _ in range(rounds):
+                    start = time.perf_counter()
+                    await conn.execute("update replication_jobs set bytes_transferred = bytes_transferred + 1048576"
+                                       " where status = 'running'")
+                    await asyncio.wait_for(next_event(), 30)
+                    times.append((time.perf_counter() - start) * 1000)
+            return times, (Counted.n - before) / rounds
+
+
+async def measure(url: str, requests: int, rounds: int) -> dict[str, Any]:
+    console, server, task = await serve(url)
+    try:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        token = user_jwt(SECRET, ADMIN, expires_in=3600)
+        page, per_page, size = await page_times(base, token, requests)
+        feed, per_round = await feed_round(url, base, token, rounds)
+        return {"page": page, "per_page": per_page, "size": size, "feed": feed, "per_round": per_round}
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+        await console.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", type=int, default=1000)
+    parser.add_argument("--running", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--feed-rounds", type=int, default=30)
+    args = parser.parse_args()
+    name, url = scratch_database("zf_bench_console")
+    try:
+        migrate(url)
+        seed(url)
+        build_world(url, args.groups, args.running)
+        base = baseline(url, args.requests)
+        got = asyncio.run(measure(url, args.requests, args.feed_rounds))
+    finally:
+        drop_database(name)
+    page, feed = got["page"], got["feed"]
+    print(f"console groups page, {args.groups} groups, {args.running} replicating,"
+          f" {args.requests} requests one at a time ({got['size'] / 1024:.0f} KiB each):")
+    print(f"  time to first byte p50 {percentile(page, 50):.1f} ms  p99 {percentile(page, 99):.1f} ms")
+    print(f"  queries per refresh {got['per_page']:.1f} (statements the page sent; BEGIN/COMMIT not counted)")
+    print(f"  live feed: {args.running} jobs' progress moved in one commit -> next event p50"
+          f" {percentile(feed, 50):.0f} ms p99 {percentile(feed, 99):.0f} ms;"
+          f" {got['per_round']:.1f} queries per update ({args.feed_rounds} rounds)")
+    print(f"  baseline: select * from protection_status as the same user, p50 {percentile(base, 50):.1f} ms"
+          f"  p99 {percentile(base, 99):.1f} ms")
+    print(f"RATIO {percentile(base, 99) / percentile(page, 99):.2f} console overhead")
+
+
+if __name__ == "__main__":
+    main()

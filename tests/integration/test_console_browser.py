@@ -20,7 +20,7 @@ import pytest
 
 from tests.integration.conftest import GROUP, PRIMARY
 from tests.support.browser import DESKTOP, PHONE, VIEWPORTS, BrowserFactory, Page
-from tests.support.console import (
+from tests.support.console_browser import (
     SECRET, Console, Person, as_person, button, path_of, progress_values, sign_in,
 )
 from tests.support.pg import Database
