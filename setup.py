@@ -10,5 +10,7 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["listener", "listener.*", "handlers", "handlers.*"]), "zerfaux_sql"],
     package_dir={"zerfaux_sql": "supabase"},
-    package_data={"listener": ["*.sql"], "zerfaux_sql": ["seed.sql", "migrations/*.sql"]},
+    package_data={"listener": ["*.sql"],
+                  "listener.console": ["*.sql", "templates/*.html", "static/*.css", "static/*.js"],
+                  "zerfaux_sql": ["seed.sql", "migrations/*.sql"]},
 )

@@ -137,6 +137,8 @@ class Settings:
     stub_seconds_jitter: float = 0.0
     stub_world: str | None = None  # directory of the stubs' shared outside world (tests, soak)
     realtime_wakeups: RealtimeWakeups = "auto"  # auto | broadcast | changes (listener.sources.realtime)
+    jwt_secret: str | None = None  # the console's HS256 key: the project's JWT secret (docs/console.md)
+    jwks_url: str | None = None  # the console's RS256/ES256 keys: the project's JWKS (docs/console.md)
 
     @property
     def attempt_retry_seconds(self) -> float:
@@ -192,7 +194,32 @@ class Settings:
             stub_seconds_jitter=_number(env, "ZERFAUX_STUB_SECONDS_JITTER", 0.0, 0.0),
             stub_world=env.get("ZERFAUX_STUB_WORLD") or None,
             realtime_wakeups=cast(RealtimeWakeups, wakeups),
+            jwt_secret=_jwt_secret(env),
+            jwks_url=_jwks_url(env),
         )
+
+
+MIN_JWT_SECRET = 32
+
+
+def _jwt_secret(env: Mapping[str, str]) -> str | None:
+    secret = env.get("ZERFAUX_JWT_SECRET") or None
+    if secret is not None and len(secret) < MIN_JWT_SECRET:
+        raise ConfigError(
+            f"ZERFAUX_JWT_SECRET must be at least {MIN_JWT_SECRET} characters (it is the project's JWT secret: "
+            "Project Settings > API > JWT Secret); a short HS256 key can be guessed"
+        )
+    return secret
+
+
+def _jwks_url(env: Mapping[str, str]) -> str | None:
+    url = (env.get("ZERFAUX_JWKS_URL") or "").strip() or None
+    if url is not None and not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(
+            f"ZERFAUX_JWKS_URL must be an http(s) URL such as "
+            f"https://<project-ref>.supabase.co/auth/v1/.well-known/jwks.json, got {url!r}"
+        )
+    return url
 
 
 def _server_key(env: Mapping[str, str]) -> str | None:

@@ -4,6 +4,7 @@
     GET  /healthz             the process is alive
     GET  /readyz              the store answers and every configured source is connected
     GET  /metrics             Prometheus text format
+    GET  /, /groups/<id>, /runs/<id>, /feed, /login ...   the DR console (listener/console, docs/console.md)
 
 The webhook's checks run cheapest and least revealing first: is the endpoint on (a secret is
 configured), is the bearer secret right (constant-time), is the body small enough (the declared
@@ -34,6 +35,7 @@ from listener.sources.webhook import BadWebhook, WebhookEvent, WebhookSource
 from listener.store import Store, StoreUnavailable
 
 if TYPE_CHECKING:
+    from listener.console import Console
     from listener.service import Listener
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ def _authorized(header: str | None, secret: str) -> bool:
 
 
 def create_app(*, secret: str | None, webhook: WebhookSource | None, store: Store,
-               sources: Sequence[Source], metrics: Metrics, max_body: int = MAX_BODY) -> Starlette:
+               sources: Sequence[Source], metrics: Metrics, max_body: int = MAX_BODY,
+               console: Console | None = None) -> Starlette:
     def answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
         metrics.webhook_requests.labels(str(status)).inc()
         return JSONResponse(body, status_code=status, headers=headers)
@@ -119,11 +122,17 @@ def create_app(*, secret: str | None, webhook: WebhookSource | None, store: Stor
         await metrics.observe_protection(store)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    extra = []
+    if console is not None:
+        from listener.console import routes as console_routes
+
+        extra = console_routes(console)
     return Starlette(routes=[
         Route("/webhooks/supabase", supabase_webhook, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        *extra,
     ])
 
 
@@ -166,10 +175,19 @@ async def run_server(server: uvicorn.Server, webhook: WebhookSource | None = Non
 
 async def serve_http(listener: Listener, host: str | None = None) -> None:
     """The HTTP app for this listener on ZERFAUX_HTTP_PORT until the listener stops."""
+    from listener.console import build_console
+    from listener.service import database_url
+
     settings = listener.settings
     webhook = next((s for s in listener.sources if isinstance(s, WebhookSource)), None)
+    console = build_console(database_url(settings), settings.jwt_secret, settings.jwks_url)
     app = create_app(secret=settings.webhook_secret, webhook=webhook, store=listener.store,
-                     sources=listener.sources, metrics=listener.metrics)
+                     sources=listener.sources, metrics=listener.metrics, console=console)
     bind = host or settings.http_host
-    log.info("HTTP on %s:%s (webhook %s)", bind, settings.http_port, "on" if webhook else "off")
-    await run_server(build_server(app, bind, settings.http_port or 0), webhook)
+    log.info("HTTP on %s:%s (webhook %s, console %s)", bind, settings.http_port, "on" if webhook else "off",
+             "on" if console.off_reason is None else f"off: {console.off_reason}")
+    console.start_feed()
+    try:
+        await run_server(build_server(app, bind, settings.http_port or 0), webhook)
+    finally:
+        await console.stop()

@@ -1,0 +1,87 @@
+"""A group's RPO over the last 24 hours, drawn on the server as SVG coordinates.
+
+The RPO at time t is t minus the creation time of the newest recovery point that had reached
+the target by t. So it climbs with slope one between arrivals and drops at each arrival to the
+new point's own age: a sawtooth. A sawtooth whose teeth creep upward (replications taking longer
+than they used to) shows here before the status turns 'violated'. RPO events (status changes)
+are marked where they happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+WINDOW_SECONDS = 24 * 3600.0
+WIDTH, HEIGHT = 480.0, 90.0
+STATUS_ORDER = ("ok", "unknown", "at_risk", "violated")
+
+
+@dataclass(frozen=True)
+class Marker:
+    x: float
+    y: float
+    status: str
+    title: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    polyline: str  # "x,y x,y ..." or "" with no recovery point at all
+    target_y: float | None  # the RPO target's line
+    peak_seconds: float  # what the top of the chart stands for
+    markers: list[Marker] = field(default_factory=list)
+    width: float = WIDTH
+    height: float = HEIGHT
+
+
+def sawtooth(points: Sequence[Sequence[float]], start: float, end: float) -> list[tuple[float, float]]:
+    """(time, rpo seconds) vertices of the RPO curve from ``start`` to ``end``; ``points`` are
+    (created, arrived) epochs, in any order."""
+    arrivals = sorted((float(a), float(c)) for c, a in points)
+    newest: float | None = None
+    for arrived, created in arrivals:
+        if arrived <= start:
+            newest = created if newest is None else max(newest, created)
+    out: list[tuple[float, float]] = []
+    if newest is not None:
+        out.append((start, start - newest))
+    for arrived, created in arrivals:
+        if not start < arrived <= end:
+            continue
+        if newest is not None:
+            out.append((arrived, arrived - newest))
+        newest = created if newest is None else max(newest, created)
+        out.append((arrived, max(0.0, arrived - newest)))
+    if newest is not None:
+        out.append((end, end - newest))
+    return out
+
+
+def draw(points: Sequence[Sequence[float]], events: Sequence[Sequence[Any]], now: float,
+         rpo_minutes: float | None) -> Chart:
+    start = now - WINDOW_SECONDS
+    curve = sawtooth(points, start, now)
+    target = rpo_minutes * 60.0 if rpo_minutes else None
+    peak = max([rpo for _, rpo in curve] + [target * 1.25 if target else 60.0])
+    peak = max(peak, 1.0)
+
+    def x(t: float) -> float:
+        return round((t - start) / WINDOW_SECONDS * WIDTH, 1)
+
+    def y(rpo: float) -> float:
+        return round(HEIGHT - min(rpo, peak) / peak * (HEIGHT - 4.0), 1)
+
+    markers = []
+    for at, status, rpo, reason in events:
+        if float(at) < start:
+            continue
+        level = float(rpo) if rpo is not None else 0.0
+        markers.append(Marker(x(float(at)), y(level), str(status), f"{status}: {reason}"))
+    return Chart(
+        polyline=" ".join(f"{x(t)},{y(r)}" for t, r in curve),
+        target_y=y(target) if target else None,
+        peak_seconds=peak,
+        markers=markers,
+    )
