@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from handlers import Handler, HandlerError, OperationCancelled, PermanentError, StopSignal
+from handlers import (
+    Handler,
+    HandlerError,
+    OperationCancelled,
+    OperationStopped,
+    PermanentError,
+    StopSignal,
+    TransientError,
+)
 from listener.backoff import Backoff
 from listener.metrics import Metrics
 from listener.store import ClaimedOperation, Store, StoreUnavailable, within
@@ -105,6 +113,32 @@ class _Run:
             log.warning("operation %s (%s): lease lost, stopping", self.op.id, self.kind)
             self.mark_lost()
         elif state == "cancel":
+            self.request_cancel()
+
+    async def record(self, progress: Mapping[str, Any], retry_seconds: float = 3.0) -> None:
+        """Like ``report``, for progress the handler relies on (a step recorded before its effect):
+        it is written or this raises. ``OperationStopped`` once the lease is lost (the effect must
+        not happen); ``TransientError`` when the store stays unavailable past a brief retry (the
+        attempt fails and is retried, resuming from what was recorded)."""
+        deadline = time.monotonic() + retry_seconds
+        delay = 0.1
+        while True:
+            if self.lost:
+                raise OperationStopped(f"progress not recorded: {self.stop.why or 'lease lost'}")
+            try:
+                state = await self._store.progress(self.op.id, self._worker, progress)
+                break
+            except StoreUnavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransientError(f"the run's progress could not be recorded: {exc}") from exc
+                log.warning("operation %s (%s): progress not recorded, trying again: %s", self.op.id, self.kind, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if state == "lost":
+            log.warning("operation %s (%s): lease lost, stopping", self.op.id, self.kind)
+            self.mark_lost()
+            raise OperationStopped("lease lost: progress not recorded")
+        if state == "cancel" and not self.stop.cancelled:
             self.request_cancel()
 
     async def reread(self) -> Mapping[str, Any] | None:
@@ -293,8 +327,12 @@ class Dispatcher:
                                   "(its row was deleted); nothing to do", permanent=True)
             return
         if run.cancel_requested:
-            await self._cancelled(run, "cancelled before it started")
-            return
+            if not getattr(handler, "cleans_up_on_cancel", False):
+                await self._cancelled(run, "cancelled before it started")
+                return
+            # Its earlier attempt may have made things only the handler can remove: it runs with
+            # the cancel already signalled, cleans up and ends cancelled.
+            run.stop.cancel("cancel requested before this attempt")
         try:
             result = await handler(run, op.payload)
         except Exception as exc:

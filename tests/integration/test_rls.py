@@ -64,6 +64,8 @@ OPERATOR = "10000000-0000-4000-9000-000000000002"
 GROUP_ADMIN = "10000000-0000-4000-9000-000000000003"
 ADMIN = "10000000-0000-4000-9000-000000000004"
 BYSTANDER = "10000000-0000-4000-9000-000000000005"
+RUN_MINE = "40000000-0000-4000-9000-000000000001"
+RUN_OTHER = "40000000-0000-4000-9000-000000000002"
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ READ = Access(select=EVERY)
 VCENTER_CONFIG = ("name", "host", "port", "username", "password_secret", "verify_tls", "site")
 TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "ssh_host_key", "target_root",
                  "dr_datastore", "transport", "max_concurrent", "wire_compression", "bandwidth_limit_mbps",
-                 "placeholder_datastore")
+                 "placeholder_datastore", "nfs_host")
 BOOT_ORDER = ("boot_priority", "boot_delay_seconds", "tools_timeout_seconds")
 MAPPING_CONFIG = ("protection_group_id", "source_network", "recovery_network", "test_network")
 GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
@@ -124,6 +126,14 @@ POLICY: dict[str, dict[str, Access]] = {
         "authenticated": Access(select=EVERY, insert=MAPPING_CONFIG, update=MAPPING_CONFIG, delete=True),
     },
     "public.recovery_points": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
+    # A person asks for a run and may cancel it; the engine writes the rest and every step.
+    "public.recovery_runs": {
+        "anon": NOTHING, "service_role": ALL,
+        "authenticated": Access(select=EVERY,
+                                insert=("protection_group_id", "kind", "recovery_point_id", "test_run_id", "options"),
+                                update=("cancel_requested",)),
+    },
+    "public.recovery_run_steps": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     "public.rpo_events": {"anon": NOTHING, "service_role": ALL, "authenticated": READ},
     # A view, computed when read: nobody writes it.
     "public.protection_status": {"anon": NOTHING, "service_role": READ, "authenticated": READ},
@@ -163,6 +173,10 @@ MINIMAL_ROW: dict[str, dict[str, str]] = {
     "public.recovery_points": {"protection_group_id": f"'{GROUP}'", "snapshot_name": "'zerfaux_rls'",
                                "guid": "gen_random_uuid()::text", "created_at": "now()"},
     "public.rpo_events": {"protection_group_id": f"'{GROUP}'", "new_status": "'ok'", "reason": "'rls'"},
+    # gold has a point on its target, no unmapped network and no test under way (populate).
+    "public.recovery_runs": {"protection_group_id": f"'{GROUP}'", "kind": "'test'"},
+    "public.recovery_run_steps": {"run_id": f"'{RUN_MINE}'", "seq": "100 + (random() * 1e6)::integer",
+                                  "name": "'validate'"},
     "public.protection_status": {"protection_group_id": f"'{GROUP}'"},
     "zerfaux.operations": {"kind": "'rls.test'", "subject_id": "gen_random_uuid()"},
     "zerfaux.workers": {"worker_id": "'rls-' || gen_random_uuid()"},
@@ -232,6 +246,13 @@ def populate(db: Database) -> None:
            " (%s, 'VM Network', 'DR Network'), (%s, 'VM Network', 'DR Network')", (GROUP, OTHER))
     db.sql("insert into rpo_events (protection_group_id, new_status, reason) values"
            " (%s, 'ok', 'seed'), (%s, 'ok', 'seed')", (GROUP, OTHER))
+    # A finished test in each group, with its steps (the engine's, as the owner writes them).
+    db.sql("insert into recovery_runs (id, protection_group_id, kind) values (%s, %s, 'test'), (%s, %s, 'test')",
+           (RUN_MINE, GROUP, RUN_OTHER, OTHER))
+    db.sql("update recovery_runs set status = 'completed', completed_at = now()")
+    db.sql("update zerfaux.operations set status = 'succeeded', finished_at = now() where kind = 'recovery.run'")
+    db.sql("insert into recovery_run_steps (run_id, seq, name, status) values (%s, 1, 'validate', 'done'),"
+           " (%s, 1, 'validate', 'done')", (RUN_MINE, RUN_OTHER))
     db.sql("insert into zerfaux.workers (worker_id) values ('w-1')")
     db.sql("select zerfaux.claim_mode('stub')")
     db.sql("insert into zerfaux.operators (user_id, role, protection_group_id) values"
@@ -480,8 +501,8 @@ class Check:
     setup: str = ""
 
 
-SCOPES = {"mine": {"group": GROUP, "vc": PRIMARY, "target": TARGET},
-          "other": {"group": OTHER, "vc": OTHER_VC, "target": OTHER_TARGET}}
+SCOPES = {"mine": {"group": GROUP, "vc": PRIMARY, "target": TARGET, "run": RUN_MINE},
+          "other": {"group": OTHER, "vc": OTHER_VC, "target": OTHER_TARGET, "run": RUN_OTHER}}
 NEW_VM = ("insert into vcenter_vms (id, vcenter_id, moref, name) values"
           " ('20000000-0000-4000-9000-000000000001', '{vc}', 'vm-new', 'new-01')")
 
@@ -529,6 +550,20 @@ CHECKS = [
     Check("cancel a job", "update replication_jobs set cancel_requested = true"
                           " where protection_group_id = '{group}'", "operator"),
     Check("delete a job", "delete from replication_jobs where protection_group_id = '{group}'", "service_role"),
+    Check("read recovery runs", "select 1 from recovery_runs where protection_group_id = '{group}'", "viewer"),
+    Check("read a run's steps", "select 1 from recovery_run_steps where run_id = '{run}'", "viewer"),
+    Check("read a run's operation", "select 1 from zerfaux.operations where subject_id = '{run}'", "viewer"),
+    Check("start a test", "insert into recovery_runs (protection_group_id, kind) values ('{group}', 'test')",
+          "operator"),
+    Check("clean up a test", "insert into recovery_runs (protection_group_id, kind, test_run_id)"
+                             " values ('{group}', 'cleanup', '{run}')", "operator",
+          setup="update recovery_runs set status = 'active' where id = '{run}'"),
+    Check("cancel a run", "update recovery_runs set cancel_requested = true where id = '{run}'", "operator",
+          setup="update recovery_runs set status = 'pending', completed_at = null where id = '{run}'"),
+    Check("end a run", "update recovery_runs set status = 'failed' where id = '{run}'", "service_role"),
+    Check("write a step", "insert into recovery_run_steps (run_id, seq, name) values ('{run}', 2, 'activate')",
+          "service_role"),
+    Check("delete a run", "delete from recovery_runs where id = '{run}'", "service_role"),
     Check("read its sync operation", "select 1 from zerfaux.operations where subject_id = '{vc}'", "viewer"),
     Check("read its job's operation", "select 1 from zerfaux.operations o join replication_jobs j"
                                       " on j.id = o.subject_id where j.protection_group_id = '{group}'", "viewer"),
