@@ -123,6 +123,34 @@ class Page:
         """How many CSS pixels the page is wider than its viewport (a phone must not scroll sideways)."""
         return int(self.run("return Math.max(0, document.documentElement.scrollWidth - window.innerWidth)"))
 
+    def legibility(self, min_px: float = 12.0) -> list[str]:
+        """What makes the page hard to read here: sideways scrolling of the whole page, visible text
+        smaller than ``min_px`` CSS pixels, text cut off by its own box (SVG charts' labels aside)."""
+        problems = []
+        if self.overflows():
+            problems.append(f"the page scrolls sideways by {self.overflows()} px at {self.viewport.width} px wide")
+        for text, size in self.run("""
+            const out = [], min = arguments[0];
+            const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+            while (walk.nextNode()) {
+              const node = walk.currentNode, el = node.parentElement, t = node.textContent.trim();
+              if (!t || !el || el.closest('svg, noscript, script, style, title, option')) continue;
+              const r = el.getBoundingClientRect();
+              if (r.width === 0 || r.height === 0) continue;
+              const size = parseFloat(getComputedStyle(el).fontSize);
+              if (size < min) out.push([t.slice(0, 40), size]);
+            }
+            return out.slice(0, 10);""", min_px):
+            problems.append(f"text {text!r} is {size:.1f} px")
+        for text in self.run("""
+            return Array.from(document.querySelectorAll('button, .status, th, td, dt, dd, label, a'))
+              .filter(e => e.getBoundingClientRect().width > 0 && !e.closest('.table-wrap')
+                           && e.scrollWidth > e.clientWidth + 1
+                           && getComputedStyle(e).overflowX !== 'visible')
+              .map(e => e.innerText.slice(0, 40)).slice(0, 10);"""):
+            problems.append(f"text {text!r} is cut off by its box")
+        return problems
+
 
 class BrowserFactory(Protocol):
     def __call__(self, viewport: Viewport = DESKTOP, *, javascript: bool = True) -> Page: ...

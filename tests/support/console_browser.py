@@ -104,15 +104,13 @@ def as_person(db: Database, person: Person, query: str, params: Any = None) -> s
 # --- in the browser ------------------------------------------------------------------------
 
 def sign_in(page: Page, base: str, token: str) -> None:
-    """What a person does at /login: paste the token into the form's one text field and send it."""
+    """What a person does at /login: paste the token into the form and press Sign in."""
     page.open(base + "/login")
-    fields = page.css("form textarea, form input[type=password], form input[type=text]")
+    fields = page.css("#login textarea[name=token]")
     assert fields, f"/login shows no field to paste a token into:\n{page.text()[:1000]}"
     fields[0].send_keys(token)
-    submit = page.css("form button[type=submit], form input[type=submit], form button:not([type])")
-    assert submit, "/login has no button to send the token"
-    submit[0].click()
-    page.wait(lambda: "/login" not in page.url or "not" in page.text().lower(), 20, what="the sign-in answer")
+    page.css("#login button[type=submit]")[0].click()
+    page.wait(lambda: path_of(page) != "/login" or page.css("#login-error"), 20, what="the sign-in answer")
 
 
 def path_of(page: Page) -> str:
@@ -120,18 +118,19 @@ def path_of(page: Page) -> str:
 
 
 def button(page: Page, words: str) -> Any:
-    """The one visible button (or submit input) whose label matches ``words`` (a regex, any case)."""
-    found = [b for b in page.css("button, input[type=submit], a[role=button]")
-             if re.search(words, (b.text or b.get_attribute("value") or ""), re.I) and b.is_displayed()]
+    """The visible button whose label a person reads as ``words`` (a regex, any case)."""
+    found = [b for b in page.css("button, input[type=submit]")
+             if b.is_displayed() and re.search(words, b.text or b.get_attribute("value") or "", re.I)]
     assert found, f"no button like {words!r} on {page.url}:\n{page.text()[:1500]}"
     return found[0]
 
 
 def progress_values(page: Page) -> list[float]:
-    """Each progress bar's value as a share of its maximum (0..1), in page order."""
+    """Each determinate progress bar's value as a share of its maximum (0..1), in page order
+    (an indeterminate one, a job that has no estimate yet, has no value)."""
     return [float(v) for v in page.run("""
         return Array.from(document.querySelectorAll('progress, [role=progressbar]')).map(e => {
-          if (e.tagName === 'PROGRESS') { return e.max ? e.value / e.max : e.value; }
+          if (e.tagName === 'PROGRESS') { return e.hasAttribute('value') ? e.value / e.max : NaN; }
           const max = parseFloat(e.getAttribute('aria-valuemax') || '100');
           const min = parseFloat(e.getAttribute('aria-valuemin') || '0');
           return (parseFloat(e.getAttribute('aria-valuenow') || 'NaN') - min) / (max - min);
