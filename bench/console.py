@@ -7,16 +7,17 @@ RPOs from 5 to 60 minutes, each with a day of recovery points at its replication
 most 48, as retention keeps), a completed job and a few RPO events; ``--running`` of them
 replicating now (status 'running', half-way). One admin (all groups) signs in with a JWT.
 
-The console is the listener's own HTTP app (listener/console) under uvicorn in this process, on
-loopback, with its database connections counted (a connection class that counts every statement
-it is asked to run), so "queries per refresh" is what the page really sent, whatever the number
-of groups. Each figure comes after a warm-up.
+The console is the listener's own HTTP app (listener/http.create_app with listener/console) under
+uvicorn on loopback, in a thread of this process (tests/support/console.py's ConsoleServer), its
+database connections counting every statement they run, so "queries per refresh" is what the
+page really sent. Each figure comes after a warm-up.
 
 - page: time to first byte of ``GET /`` (request sent → status line and headers in; the page is
   rendered before its headers leave), p50 and p99 over ``--requests`` requests, one at a time.
 - queries per refresh: statements per ``GET /`` (must not grow with the groups).
 - feed: one ``/feed`` client; every running job's progress is moved in one transaction; time to
   the client's next event and the statements the feed ran for it.
+- the page's own groups query alone, as the same user: the database's share of the page.
 - baseline: ``select * from protection_status`` (all rows fetched) as the same user (role
   authenticated, the same JWT claims) on one connection, p50 and p99.
 
@@ -27,11 +28,10 @@ costs at most four times the bare query).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import logging
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,12 @@ import psycopg  # noqa: E402
 
 from bench.common import drop_database, percentile, scratch_database  # noqa: E402
 from listener.migrate import migrate, seed  # noqa: E402
-from tests.support.tokens import user_jwt  # noqa: E402
+from tests.support.console import ConsoleServer, CountingConnection, make_jwt  # noqa: E402
+from tests.support.pg import Database  # noqa: E402
 
 PRIMARY = "00000000-0000-4000-a000-000000000001"
 DR = "00000000-0000-4000-a000-000000000002"
 TARGET = "00000000-0000-4000-b000-000000000001"
-SECRET = "bench-console-jwt-secret-0123456789abcdef"
 ADMIN = "00000000-0000-4000-8000-00000000beef"
 
 WORLD = [
@@ -111,111 +111,71 @@ def baseline(url: str, n: int) -> list[float]:
     return times
 
 
-class Counted:
-    """Statements sent on the console's connections (every query goes through a cursor's execute)."""
+def groups_query(url: str, n: int) -> list[float]:
+    """The page's own groups query (listener/console/console.sql) as the same user, rows fetched:
+    how much of the page is the database's."""
+    from listener.console.queries import QUERIES
 
-    n = 0
-
-
-def counting_connection() -> type[Any]:
-    class CountingConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
-        # connection.execute goes through a cursor's execute, so only cursors count. BEGIN and
-        # COMMIT (conn.transaction()) are sent beside them and are not counted.
-        def cursor(self, *args: Any, **kw: Any) -> Any:
-            cur = super().cursor(*args, **kw)
-            execute = cur.execute
-
-            async def counted(query: Any, params: Any = None, **kw2: Any) -> Any:
-                Counted.n += 1
-                return await execute(query, params, **kw2)
-
-            cur.execute = counted  # type: ignore[method-assign]
-            return cur
-
-    return CountingConnection
+    claims = json.dumps({"sub": ADMIN, "role": "authenticated", "aud": "authenticated"})
+    times: list[float] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("set role authenticated")
+        conn.execute("select set_config('request.jwt.claims', %s, false)", (claims,))
+        for i in range(n + n // 5):
+            start = time.perf_counter()
+            conn.execute(QUERIES["groups"], {"group": None}).fetchall()
+            if i >= n // 5:
+                times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
-async def serve(url: str) -> tuple[Any, Any, Any]:
-    """The console's routes under uvicorn on loopback, with counted connections."""
-    from starlette.applications import Starlette
-
-    from listener.console import Console, routes
-    from listener.console.auth import Verifier
-    from listener.console.feed import Feed
-    from listener.console.queries import ConsoleDB
-    from listener.http import build_server
-
-    db = ConsoleDB(url, connection_class=counting_connection())
-    console = Console(Verifier(SECRET, None), db, Feed(url, db))
-    await console.start()
-    server = build_server(Starlette(routes=routes(console)), "127.0.0.1", 0)
-    task = asyncio.ensure_future(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return console, server, task
-
-
-async def page_times(base: str, token: str, n: int) -> tuple[list[float], float, int]:
+def page_times(base: str, token: str, n: int) -> tuple[list[float], float, int]:
     """TTFB of ``GET /`` one request at a time; statements per request; the page's size."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/html"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         for _ in range(max(5, n // 10)):  # warm-up: pool, plans, templates
-            (await client.get("/")).raise_for_status()
+            client.get("/").raise_for_status()
         times: list[float] = []
-        before = Counted.n
+        before = CountingConnection.statements
         size = 0
         for _ in range(n):
             start = time.perf_counter()
-            async with client.stream("GET", "/") as response:
-                times.append((time.perf_counter() - start) * 1000)
-                body = await response.aread()
+            with client.stream("GET", "/") as response:
+                times.append((time.perf_counter() - start) * 1000)  # status line and headers are in
+                body = response.read()
                 assert response.status_code == 200, (response.status_code, body[:300])
                 size = len(body)
-        return times, (Counted.n - before) / n, size
+        return times, (CountingConnection.statements - before) / n, size
 
 
-async def feed_round(url: str, base: str, token: str, rounds: int) -> tuple[list[float], float]:
-    """One /feed client; each round moves every running job's progress in one transaction and
-    times the client's next event; statements the console ran per round."""
+def feed_rounds(url: str, base: str, token: str, running: list[str], rounds: int) -> tuple[list[float], float]:
+    """One /feed client. Each round moves every running job's progress in one commit and times
+    until the client has been told of every one of those groups; statements per round."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
     times: list[float] = []
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
-        async with client.stream("GET", "/feed") as response:
-            assert response.status_code == 200, response.status_code
-            lines = response.aiter_lines()
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as client, \
+            client.stream("GET", "/feed") as response, psycopg.connect(url, autocommit=True) as conn:
+        assert response.status_code == 200, response.status_code
+        lines = response.iter_lines()
 
-            async def next_event() -> None:
-                async for line in lines:
-                    if line.startswith("data:"):
+        def told(wanted: set[str]) -> None:
+            seen: set[str] = set()
+            for line in lines:
+                if line.startswith("data:"):
+                    seen.add(str(json.loads(line[5:]).get("id")))
+                    if wanted <= seen:
                         return
-                raise AssertionError("the feed ended")
+            raise AssertionError("the feed ended")
 
-            await asyncio.wait_for(next_event(), 30)  # what is known now
-            await asyncio.sleep(1.0)
-            before = Counted.n
-            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                for _ in range(rounds):
-                    start = time.perf_counter()
-                    await conn.execute("update replication_jobs set bytes_transferred = bytes_transferred + 1048576"
-                                       " where status = 'running'")
-                    await asyncio.wait_for(next_event(), 30)
-                    times.append((time.perf_counter() - start) * 1000)
-            return times, (Counted.n - before) / rounds
-
-
-async def measure(url: str, requests: int, rounds: int) -> dict[str, Any]:
-    console, server, task = await serve(url)
-    try:
-        port = server.servers[0].sockets[0].getsockname()[1]
-        base = f"http://127.0.0.1:{port}"
-        token = user_jwt(SECRET, ADMIN, expires_in=3600)
-        page, per_page, size = await page_times(base, token, requests)
-        feed, per_round = await feed_round(url, base, token, rounds)
-        return {"page": page, "per_page": per_page, "size": size, "feed": feed, "per_round": per_round}
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        await console.stop()
+        told(set(running))  # what is known when it connects
+        before = CountingConnection.statements
+        for _ in range(rounds):
+            start = time.perf_counter()
+            conn.execute("update replication_jobs set bytes_transferred = bytes_transferred + 1048576"
+                         " where status = 'running'")
+            told(set(running))
+            times.append((time.perf_counter() - start) * 1000)
+        return times, (CountingConnection.statements - before) / rounds
 
 
 def main() -> None:
@@ -223,25 +183,35 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=1000)
     parser.add_argument("--running", type=int, default=100)
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--feed-rounds", type=int, default=30)
+    parser.add_argument("--feed-rounds", type=int, default=20)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
     name, url = scratch_database("zf_bench_console")
     try:
         migrate(url)
         seed(url)
         build_world(url, args.groups, args.running)
+        with psycopg.connect(url) as conn:
+            running = [str(r[0]) for r in conn.execute(
+                "select protection_group_id from replication_jobs where status = 'running'").fetchall()]
         base = baseline(url, args.requests)
-        got = asyncio.run(measure(url, args.requests, args.feed_rounds))
+        query = groups_query(url, max(20, args.requests // 5))
+        with ConsoleServer(Database(name, url), counting=True) as server:
+            token = make_jwt(ADMIN)
+            page, per_page, size = page_times(server.url, token, args.requests)
+            feed, per_round = feed_rounds(url, server.url, token, running, args.feed_rounds)
     finally:
         drop_database(name)
-    page, feed = got["page"], got["feed"]
-    print(f"console groups page, {args.groups} groups, {args.running} replicating,"
-          f" {args.requests} requests one at a time ({got['size'] / 1024:.0f} KiB each):")
+    print(f"console groups page: {args.groups} groups, {len(running)} replicating;"
+          f" {args.requests} requests one at a time after a warm-up ({size / 1024:.0f} KiB a page)")
     print(f"  time to first byte p50 {percentile(page, 50):.1f} ms  p99 {percentile(page, 99):.1f} ms")
-    print(f"  queries per refresh {got['per_page']:.1f} (statements the page sent; BEGIN/COMMIT not counted)")
-    print(f"  live feed: {args.running} jobs' progress moved in one commit -> next event p50"
-          f" {percentile(feed, 50):.0f} ms p99 {percentile(feed, 99):.0f} ms;"
-          f" {got['per_round']:.1f} queries per update ({args.feed_rounds} rounds)")
+    print(f"  queries per refresh {per_page:.1f} (statements sent on the console's connections;"
+          f" BEGIN/COMMIT not counted)")
+    print(f"  of which the page's groups query alone (console.sql 'groups', as the same user):"
+          f" p50 {percentile(query, 50):.1f} ms  p99 {percentile(query, 99):.1f} ms")
+    print(f"  live feed: {len(running)} jobs' progress moved in one commit -> the client told of all"
+          f" p50 {percentile(feed, 50):.0f} ms  p99 {percentile(feed, 99):.0f} ms;"
+          f" {per_round:.1f} queries per update ({args.feed_rounds} rounds)")
     print(f"  baseline: select * from protection_status as the same user, p50 {percentile(base, 50):.1f} ms"
           f"  p99 {percentile(base, 99):.1f} ms")
     print(f"RATIO {percentile(base, 99) / percentile(page, 99):.2f} console overhead")
