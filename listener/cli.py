@@ -1,4 +1,4 @@
-"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub] · report rpo · webhook install|uninstall."""
+"""``zerfaux``: migrate · run [--until-idle] · demo · status · mode [real|stub] · report rpo · report run <id> · webhook install|uninstall."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from uuid import UUID
 
 from handlers import BackendUnavailable
 from listener.config import ConfigError, Settings, redact_url
@@ -143,10 +144,13 @@ def cmd_webhook(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from listener.report import print_rpo_report
+    from listener.run_report import print_run_report
 
     _prepare(settings, apply_seed=False)
     if args.report == "rpo":
         return print_rpo_report(settings, args.days, args.until, args.json)
+    if args.report == "run":
+        return print_run_report(settings, args.run_id, args.json)
     raise AssertionError(f"unknown report {args.report}")
 
 
@@ -168,14 +172,25 @@ def _stamp(text: str) -> datetime:
             f"--until must be an ISO 8601 time such as 2026-12-01T00:00:00+00:00, not {text!r}") from None
 
 
+def _run_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the run id must be a recovery_runs.id (a UUID), not {text!r}") from None
+
+
 def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("report", help="reports over time: rpo")
+    p = sub.add_parser("report", help="reports: rpo, run")
     reports = p.add_subparsers(dest="report", required=True)
     r = reports.add_parser("rpo", help="per group: share of time within RPO, worst RPO, violations")
     r.add_argument("--days", type=_days, default=30.0, help="length of the window in days (default 30)")
     r.add_argument("--until", type=_stamp, default=None,
                    help="end of the window, ISO 8601 (default now; without a zone: UTC)")
     r.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+    r = reports.add_parser("run", help="one recovery run: steps with times, per-VM boot and ready times, RTO, "
+                                       "warnings (for an auditor)")
+    r.add_argument("run_id", type=_run_id, metavar="ID", help="the recovery_runs.id")
+    r.add_argument("--json", action="store_true", help="zerfaux.run_report's JSON instead of text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

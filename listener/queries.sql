@@ -69,3 +69,6 @@ select protection_group_id, name, rpo_minutes, window_seconds, observed_seconds,
        within_share, worst_rpo_seconds, violations, longest_violation_seconds, paused_seconds,
        unknown_seconds
   from zerfaux.rpo_report(%(since)s, %(until)s);
+
+-- name: run_report
+select zerfaux.run_report(%(run)s) as report;

@@ -195,3 +195,7 @@ class Store(Protocol):
 
     async def rpo_report(self, since: datetime, until: datetime) -> list[RpoCompliance]:
         """Every group's RPO compliance over [since, until) (zerfaux.rpo_report), by name."""
+
+    async def run_report(self, run_id: UUID) -> dict[str, Any] | None:
+        """A recovery run's report (zerfaux.run_report: run, group, recovery point, steps,
+        per-VM boot and ready times, RTO, data loss, warnings); None when there is no such run."""

@@ -181,3 +181,7 @@ class PostgresStore:
     async def rpo_report(self, since: datetime, until: datetime) -> list[RpoCompliance]:
         rows = await self._rows("rpo_report", {"since": since, "until": until})
         return [RpoCompliance.from_row(row) for row in rows]
+
+    async def run_report(self, run_id: UUID) -> dict[str, Any] | None:
+        report = (await self._one("run_report", {"run": run_id}))["report"]
+        return None if report is None else dict(report)

@@ -232,6 +232,10 @@ class PostgrestStore:
         rows = await self._rows("rpo_report", {"p_from": since.isoformat(), "p_to": until.isoformat()})
         return [RpoCompliance.from_row(row) for row in rows]
 
+    async def run_report(self, run_id: UUID) -> dict[str, Any] | None:
+        report = await self._call("run_report", {"p_run": str(run_id)})
+        return None if report is None else dict(report)
+
 
 def _describe(exc: APIError) -> str:
     parts = [str(exc.code or ""), exc.message or ""]

@@ -25,9 +25,9 @@ def duration(seconds: float | int | None) -> str:
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
+        return f"{s // 60}m" if s % 60 == 0 else f"{s // 60}m {s % 60:02d}s"
     if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+        return f"{s // 3600}h" if s % 3600 == 0 else f"{s // 3600}h {s % 3600 // 60:02d}m"
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 

@@ -124,7 +124,7 @@ begin
 end $$;
 
 -- Success. A test is up: 'active', with its RTO (from the start to the last VM ready or given
--- up on; without wait_ready steps, to the last power-on). A cleanup ends itself and its test,
+-- up on; without wait_ready steps, to the last power-on) and its data loss again from the start. A cleanup ends itself and its test,
 -- and marks the test's recovery point tested (only when the test got as far as active: a
 -- failed test's leftovers removed test nothing, and that test stays failed).
 create function zerfaux.complete_recovery_run(p_subject uuid, p_result jsonb)
@@ -150,6 +150,9 @@ begin
     else
         update public.recovery_runs r
            set status = 'active', completed_at = null, error = null, report = v_report,
+               data_loss_seconds = coalesce((
+                   select round(extract(epoch from r.started_at - p.created_at)::numeric, 3)
+                     from public.recovery_points p where p.id = r.recovery_point_id), r.data_loss_seconds),
                rto_seconds = (
                    select round(extract(epoch from coalesce(
                               max(s.finished_at) filter (where s.name = 'wait_ready'),

@@ -31,35 +31,23 @@ create trigger protection_groups_console_hint
     after update of paused, next_replication_at, state on public.protection_groups
     for each row execute function zerfaux.console_hint('id');
 
--- Recovery runs and their steps (issue 13) when their tables are there; a later migration that
--- creates them adds the same triggers (zerfaux.console_hint('protection_group_id') on runs; steps
--- carry no group id, so their trigger hints with the run's group through console_step_hint).
+-- Recovery runs (issue 13, migrations 20261201160000 on) and their steps; a step carries no group
+-- id, so its hint names the group of its run.
 create function zerfaux.console_step_hint() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
-    v_group text;
+    v_group uuid;
 begin
-    if to_regclass('public.recovery_runs') is null then
-        return null;
-    end if;
-    execute 'select protection_group_id::text from public.recovery_runs where id = $1'
-        into v_group using (to_jsonb(new) ->> 'run_id')::uuid;
+    select r.protection_group_id into v_group from public.recovery_runs r where r.id = new.run_id;
     if v_group is not null then
-        perform pg_notify('zerfaux_console', v_group);
+        perform pg_notify('zerfaux_console', v_group::text);
     end if;
     return null;
 end $$;
 
 revoke execute on function zerfaux.console_step_hint() from public, anon, authenticated;
 
-do $$
-begin
-    if to_regclass('public.recovery_runs') is not null then
-        create trigger recovery_runs_console_hint after insert or update on public.recovery_runs
-            for each row execute function zerfaux.console_hint('protection_group_id');
-    end if;
-    if to_regclass('public.recovery_run_steps') is not null then
-        create trigger recovery_run_steps_console_hint after insert or update on public.recovery_run_steps
-            for each row execute function zerfaux.console_step_hint();
-    end if;
-end $$;
+create trigger recovery_runs_console_hint after insert or update on public.recovery_runs
+    for each row execute function zerfaux.console_hint('protection_group_id');
+create trigger recovery_run_steps_console_hint after insert or update on public.recovery_run_steps
+    for each row execute function zerfaux.console_step_hint();

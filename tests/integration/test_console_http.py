@@ -321,3 +321,48 @@ def test_the_feed_sends_an_event_after_a_progress_change(served: ConsoleServer, 
             seeded_db.sql("update replication_jobs set bytes_transferred = 600 where id = %s", (job,))
             events.append(next_event())
     assert events[0]["job"]["transferred"] == 600 and events[0]["job"]["estimated"] == 1000
+
+
+def test_an_operator_starts_a_test_failover_and_reads_its_steps_and_report(served: ConsoleServer,
+                                                                         seeded_db: Database) -> None:
+    vm = add_vm(seeded_db, name="app-07", moref="vm-707")
+    pvm = protect(seeded_db, vm)
+    point = seeded_db.value("insert into recovery_points (protection_group_id, snapshot_name, guid, created_at,"
+                            " replicated_at) values (%s, 'zerfaux_t1', '4242', now() - interval '3 minutes', now())"
+                            " returning id", (GROUP,))
+    operator, viewer = grant(seeded_db, "operator", GROUP), grant(seeded_db, "viewer", GROUP)
+    with contextlib.closing(sign_in(served, make_jwt(viewer))) as c:
+        csrf = csrf_of(c.get(f"/groups/{GROUP}", headers=HTML).text)
+        r = c.post(f"/groups/{GROUP}/runs", data={"csrf": csrf, "kind": "test", "confirm": "yes"}, headers=HTML)
+        assert r.status_code == 403 and "recovery_runs_roles" in r.text
+    assert seeded_db.value("select count(*) from recovery_runs") == 0
+    with contextlib.closing(sign_in(served, make_jwt(operator))) as c:
+        confirm = c.get(f"/groups/{GROUP}/confirm/test", headers=HTML).text
+        assert "app-07" in confirm and "zerfaux_t1" in confirm and "vc-dr" in confirm
+        r = c.post(f"/groups/{GROUP}/runs", data={"csrf": csrf_of(confirm), "kind": "test", "confirm": "yes"},
+                   headers=HTML)
+        assert r.status_code == 303 and r.headers["location"].startswith("/runs/")
+        run = seeded_db.one("select id, kind, status, recovery_point_id, requested_by from recovery_runs")
+        assert (run["kind"], run["status"], str(run["recovery_point_id"]), str(run["requested_by"])) == (
+            "test", "pending", str(point), operator)
+        # A second test of the same group: the database's rule, in its words.
+        r = c.post(f"/groups/{GROUP}/runs", data={"csrf": csrf_of(confirm), "kind": "test", "confirm": "yes"},
+                   headers=HTML)
+        assert r.status_code == 409 and "recovery_runs_one_active_test_per_group" in r.text
+        # Steps as the engine writes them: one VM that booted, one that timed out waiting for Tools.
+        seeded_db.sql("update recovery_runs set status = 'active', started_at = now() - interval '90 seconds',"
+                      " rto_seconds = 80, data_loss_seconds = 180 where id = %s", (run["id"],))
+        seeded_db.sql("insert into recovery_run_steps (run_id, seq, name, protected_vm_id, status, started_at,"
+                      " finished_at, detail) values"
+                      " (%(r)s, 1, 'validate', null, 'done', now() - interval '90 seconds', now() - interval '85 seconds', '{}'),"
+                      " (%(r)s, 2, 'power_on', %(v)s, 'done', now() - interval '60 seconds', now() - interval '59 seconds',"
+                      "  '{\"boot_time\": \"2026-12-01T10:00:00Z\"}'),"
+                      " (%(r)s, 3, 'wait_ready', %(v)s, 'warning', now() - interval '59 seconds', now() - interval '10 seconds',"
+                      "  '{\"how\": \"timeout\", \"waited_seconds\": 49}')", {"r": run["id"], "v": pvm})
+        page = c.get(f"/runs/{run['id']}", headers=HTML).text
+        assert 'data-name="wait_ready" data-status="warning"' in page and "ready by timeout" in page
+        assert "booted 2026-12-01T10:00:00Z" in page and 'id="rto" data-seconds="80.0"' in page
+        report = c.get(f"/runs/{run['id']}/report", headers=HTML).text
+        assert 'id="report-warnings">1<' in report and "app-07" in report and "1m 20s" in report
+    with client(served, make_jwt(grant(seeded_db, "viewer", add_groups(seeded_db, 1)[0]))) as stranger:
+        assert stranger.get(f"/runs/{run['id']}", headers=HTML).status_code == 404

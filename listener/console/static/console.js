@@ -10,8 +10,8 @@
     if (s === null || s === undefined || s === "" || isNaN(s) || s < 0) return "—";
     s = Math.round(Number(s));
     if (s < 60) return s + "s";
-    if (s < 3600) return Math.floor(s / 60) + "m " + String(s % 60).padStart(2, "0") + "s";
-    if (s < 86400) return Math.floor(s / 3600) + "h " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m";
+    if (s < 3600) return Math.floor(s / 60) + "m" + (s % 60 ? " " + String(s % 60).padStart(2, "0") + "s" : "");
+    if (s < 86400) return Math.floor(s / 3600) + "h" + (s % 3600 ? " " + String(Math.floor(s % 3600 / 60)).padStart(2, "0") + "m" : "");
     return Math.floor(s / 86400) + "d " + Math.floor(s % 86400 / 3600) + "h";
   }
   function size(n) {

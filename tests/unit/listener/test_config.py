@@ -62,3 +62,15 @@ def test_redact_url_hides_passwords_in_libpq_keyword_strings(conninfo: str, show
 def test_redact_url_hides_password_query_parameters(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "s3cret" not in redact_url(url)
+
+
+def test_console_keys_are_checked_at_start() -> None:
+    from listener.config import ConfigError, Settings
+
+    good = Settings.from_environ({"ZERFAUX_JWT_SECRET": "s" * 32,
+                                  "ZERFAUX_JWKS_URL": "https://ref.supabase.co/auth/v1/.well-known/jwks.json"})
+    assert good.jwt_secret == "s" * 32 and good.jwks_url and good.jwks_url.endswith("jwks.json")
+    with pytest.raises(ConfigError, match="ZERFAUX_JWT_SECRET must be at least 32"):
+        Settings.from_environ({"ZERFAUX_JWT_SECRET": "short"})
+    with pytest.raises(ConfigError, match="ZERFAUX_JWKS_URL must be an http"):
+        Settings.from_environ({"ZERFAUX_JWKS_URL": "ftp://x"})
