@@ -69,6 +69,9 @@ class OperationContext(Protocol):
     throttled by the engine and silently ignored once the lease is lost. The engine's context also
     has ``async reread() -> Mapping | None``: the operation's input as the database has it now
     (None once the lease is lost); handlers look for it with ``getattr``, as test contexts lack it.
+    It also has ``async record(progress)``: like ``report`` but never silently dropped, for
+    progress a handler relies on (a recovery step recorded before its effect): it raises
+    ``OperationStopped`` once the lease is lost and ``TransientError`` when the store stays away.
     """
 
     operation_id: UUID

@@ -41,7 +41,12 @@ In another terminal, ask for work as a frontend would:
   # 4. create the DR shell VM at the DR vCenter
   {psql} -c "update protected_vms set needs_dr_shell = true"
   {psql} -c "select needs_storage_vmotion, dr_shell_vm_created, dr_shell_vm_id, last_error from protected_vms"
-  # 5. let gold's 15-minute RPO schedule it (next_replication_at says when)
+  # 5. a test failover of gold at the DR site (map its VM's network first), then its cleanup
+  {psql} -c "insert into network_mappings (protection_group_id, source_network, recovery_network) select id, 'VM Network', 'dr-network' from protection_groups where name = 'gold'"
+  {psql} -c "insert into recovery_runs (protection_group_id, kind) select id, 'test' from protection_groups where name = 'gold'"
+  {psql} -c "select kind, status, rto_seconds, error from recovery_runs order by created_at"
+  {psql} -c "insert into recovery_runs (protection_group_id, kind, test_run_id) select protection_group_id, 'cleanup', id from recovery_runs where kind = 'test' and status = 'active'"
+  # 6. let gold's 15-minute RPO schedule it (next_replication_at says when)
   {psql} -c "update protection_groups set paused = false where name = 'gold'"
   {psql} -c "select name, rpo_minutes, rpo_status, current_rpo_seconds, next_replication_at from protection_status"
   # cancel a running replication job
@@ -150,7 +155,9 @@ async def _steps(url: str, timeout: float) -> int:
         )
         failures += row is None or not row["dr_shell_vm_created"]
 
-        print("5. a group with a one-minute RPO replicates by itself (twice: about 35 s)", flush=True)
+        failures += await _test_failover(one)
+
+        print("7. a group with a one-minute RPO replicates by itself (twice: about 35 s)", flush=True)
         group = await one("add_scheduled_group")
         assert group is not None
         row = await _wait_for(
@@ -163,6 +170,35 @@ async def _steps(url: str, timeout: float) -> int:
         )
         failures += row is None or int(row["replicated"]) < 2
     return failures
+
+
+def _describe_run(r: Row) -> str:
+    line = f"{r['status']}, {r['finished']}/{r['steps']} steps" + (f" (now {r['current']})" if r["current"] else "")
+    if r["rto_seconds"] is not None:
+        line += f", RTO {float(r['rto_seconds']):.1f} s"
+    return line + (f", error: {r['error']}" if r["error"] else "")
+
+
+async def _test_failover(one: Callable[..., Awaitable[Row | None]], timeout: float = 120.0) -> int:
+    """A test failover of gold (the VM just replicated, booted at the DR site from a clone, on an
+    isolated port group), then its cleanup; answers how many of the two did not converge."""
+    print("5. test failover of gold at the DR site (recovery_runs kind 'test')", flush=True)
+    await one("map_networks")
+    test = await one("insert_test_run")
+    assert test is not None
+    row = await _wait_for("recovery_runs", lambda: one("run_state", id=test["id"]),
+                          lambda r: r["status"] in ("active", "failed", "cancelled"), _describe_run, timeout)
+    if row is None or row["status"] != "active":
+        return 2
+    print(f"  the test is up: RTO {float(row['rto_seconds']):.1f} s (see zerfaux report run {test['id']})", flush=True)
+    print("6. clean the test up (recovery_runs kind 'cleanup')", flush=True)
+    cleanup = await one("insert_cleanup_run", id=test["id"])
+    assert cleanup is not None
+    row = await _wait_for("recovery_runs", lambda: one("run_state", id=cleanup["id"]),
+                          lambda r: r["status"] in ("completed", "failed", "cancelled"),
+                          lambda r: _describe_run(r) + (f", point tested at {r['tested_at']:%H:%M:%S}"
+                                                        if r["tested_at"] else ""), timeout)
+    return int(row is None or row["status"] != "completed")
 
 
 def run_demo(settings: Settings, url: str, timeout: float) -> int:

@@ -50,3 +50,29 @@ select count(*) filter (where j.status = 'completed') as replicated,
        (select s.rpo_status from protection_status s where s.protection_group_id = %(id)s) as rpo_status
   from replication_jobs j
  where j.protection_group_id = %(id)s and j.origin = 'schedule' and j.created_at >= %(since)s;
+
+-- name: insert_test_run
+insert into recovery_runs (protection_group_id, kind)
+select id, 'test' from protection_groups where name = 'gold' returning id;
+
+-- name: insert_cleanup_run
+insert into recovery_runs (protection_group_id, kind, test_run_id)
+select protection_group_id, 'cleanup', id from recovery_runs where id = %(id)s returning id;
+
+-- name: run_state
+select r.status, r.rto_seconds, r.error,
+       (select count(*) from recovery_run_steps s where s.run_id = r.id) as steps,
+       (select count(*) from recovery_run_steps s
+         where s.run_id = r.id and s.status in ('done', 'warning', 'skipped')) as finished,
+       (select s.name from recovery_run_steps s where s.run_id = r.id and s.status = 'running'
+         order by s.seq limit 1) as current,
+       (select p.tested_at from recovery_points p where p.id = r.recovery_point_id) as tested_at
+  from recovery_runs r where r.id = %(id)s;
+
+-- name: map_networks
+-- gold's VM has a NIC on "VM Network" (the stub inventory's network): at a failover it joins
+-- dr-network; at a test, the isolated port group the run makes (test_network null). Not in the
+-- seed: the tests built on the seed start with no mappings.
+insert into network_mappings (protection_group_id, source_network, recovery_network)
+select id, 'VM Network', 'dr-network' from protection_groups where name = 'gold'
+on conflict (protection_group_id, source_network) do nothing returning id;

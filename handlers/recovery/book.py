@@ -35,6 +35,8 @@ class Book:
     def __init__(self, ctx: OperationContext, stored: Iterable[Mapping[str, Any]]) -> None:
         self._record: Callable[[Mapping[str, Any]], Awaitable[None]] = getattr(ctx, "record", None) or ctx.report
         self.rows: dict[int, dict[str, Any]] = {}
+        self._pending: list[tuple[list[tuple[Step, Outcome]], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         for row in stored:
             self.rows[int(row["seq"])] = {
                 "seq": int(row["seq"]), "name": row.get("name"), "status": row.get("status") or "pending",
@@ -62,8 +64,35 @@ class Book:
             self.rows[s.seq] = {**s.as_plan(), "status": "pending", "detail": {}, "error": None}
 
     async def write(self, items: Sequence[tuple[Step, Outcome]]) -> None:
+        """Record these steps; returns once they are written. Writes that arrive while one is on
+        its way go out together in the next (the outcomes of a priority's VMs finish together):
+        one round trip, and one lock of the run's row, instead of one per VM."""
         if not items:
             return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(items), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # let writes of this same tick join
+            batch, self._pending = self._pending, []
+            try:
+                await self._send([item for items, _ in batch for item in items])
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _send(self, items: Sequence[tuple[Step, Outcome]]) -> None:
         entries = []
         for step, (status, detail, error) in items:
             entry: dict[str, Any] = {"seq": step.seq, "status": status}

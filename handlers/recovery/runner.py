@@ -147,7 +147,8 @@ class Runner:
                 f"{parent!r} on the DR storage host has {free} bytes available, less than the "
                 f"{plan.min_free_bytes} a test of {len(plan.vms)} VM(s) needs (1 GiB or 5 % of their disks): "
                 "free space in the DR pool")
-        return "done", {"guid": str(guid), "placement": {**asdict(site.placement), "hosts": list(site.placement.hosts)}, "networks": list(plan.networks),
+        placement = {**asdict(site.placement), "hosts": list(site.placement.hosts)}
+        return "done", {"guid": str(guid), "placement": placement, "networks": list(plan.networks),
                         "available_bytes": free, "min_free_bytes": plan.min_free_bytes}, None
 
     async def _storage_bool(self, fn: Any, key: str, *args: Any) -> Outcome:
@@ -183,7 +184,8 @@ class Runner:
 
     async def _create_vm(self, ex: Executor, placement: Placement, step: Step) -> Outcome:
         vm = self.plan.vm(step.protected_vm_id)
-        assert vm is not None and vm.spec is not None  # validate refused VMs without a spec
+        if vm is None or vm.spec is None:  # validate passed, then the inventory changed under a resumed run
+            raise PermanentError("; ".join(self.plan.problems) or f"protected VM {step.protected_vm_id} has no spec")
         ref = await ex.call(self.compute.create_vm, self.plan.vcenter, placement, vm.spec, self.ctx.stop)
         return "done", {"moref": ref.moref, "name": vm.spec.name, "adopted": ref.adopted,
                         "nics": [n.network for n in vm.spec.nics]}, None
@@ -246,8 +248,12 @@ class Runner:
 
     async def _cancelled_cleanup(self) -> None:
         test_seqs = {s.seq for s in self.plan.steps}
-        unstarted = [(s, ("skipped", {"why": "cancelled"}, None)) for s in self.plan.steps
-                     if self.book.status(s.seq) == "pending"]
+        # Not started: skipped. Left 'running' by an attempt that died or stopped: it may have had
+        # its effect (the cleanup treats it so) and it will not finish now.
+        unstarted: list[tuple[Step, Outcome]] = [
+            (s, ("skipped", {"why": "cancelled"}, None)) for s in self.plan.steps if self.book.status(s.seq) == "pending"]
+        unstarted += [(s, ("failed", {}, "cancelled after its attempt was interrupted")) for s in self.plan.steps
+                      if self.book.status(s.seq) == "running"]
         async with self._own_stop() as stop:
             await self.book.write(unstarted)
             appended = [s for s in self.book.steps() if s.seq not in test_seqs]

@@ -69,9 +69,12 @@ $$;
 
 -- Live progress: {"plan": [{seq, name, protected_vm_id}, ...]} writes the whole plan as pending
 -- steps (again: nothing changes); {"steps": [{seq, status, detail, error}, ...]} updates steps.
--- A step going running (again) gets a new started_at, the previous start kept in
--- detail.previous_attempts; an end (done, failed, skipped, warning) sets finished_at; detail
--- is merged. Any other key is the handler's own progress, kept on the operation only.
+-- A step going running in a new attempt of the operation gets a new started_at, the previous
+-- start kept in detail.previous_attempts (detail.attempt and detail.worker say which attempt
+-- started it: a worker that took over after a kill or a release starts anew); an end
+-- (done, failed, skipped, warning) sets finished_at; detail is merged. The same report twice (a
+-- call retried after its answer was lost) changes no time. Any other key is the handler's own
+-- progress, kept on the operation only.
 create function zerfaux.progress_recovery_run(p_subject uuid, p_progress jsonb)
 returns void language plpgsql security definer set search_path = zerfaux, public, pg_temp as $$
 declare
@@ -79,6 +82,10 @@ declare
     v_seq integer;
     v_status text;
     v_old public.recovery_run_steps;
+    v_attempt integer;
+    v_worker text;
+    v_fresh boolean;
+    v_repeat boolean;
 begin
     if jsonb_typeof(p_progress -> 'plan') = 'array' then
         insert into public.recovery_run_steps (run_id, seq, name, protected_vm_id, detail)
@@ -90,6 +97,8 @@ begin
     if jsonb_typeof(p_progress -> 'steps') is distinct from 'array' then
         return;
     end if;
+    select o.attempts, o.worker_id into v_attempt, v_worker from zerfaux.operations o
+     where o.kind = 'recovery.run' and o.subject_id = p_subject and o.status = 'running';
     for v_step in select e from jsonb_array_elements(p_progress -> 'steps') as e loop
         v_seq := (v_step ->> 'seq')::integer;
         v_status := v_step ->> 'status';
@@ -100,22 +109,31 @@ begin
                             p_subject, v_seq
                 using errcode = 'invalid_parameter_value';
         end if;
+        v_fresh := v_status = 'running'
+                   and not (v_old.status = 'running'
+                            and (v_old.detail ->> 'attempt') is not distinct from v_attempt::text
+                            and (v_old.detail ->> 'worker') is not distinct from v_worker);
+        v_repeat := v_status is not distinct from v_old.status and not v_fresh;
         update public.recovery_run_steps s
            set status = coalesce(v_status, s.status),
-               started_at = case when v_status = 'running' then now() else s.started_at end,
-               finished_at = case when v_status in ('done', 'failed', 'skipped', 'warning') then now()
+               started_at = case when v_fresh then now() else s.started_at end,
+               finished_at = case when v_repeat then s.finished_at
+                                  when v_status in ('done', 'failed', 'skipped', 'warning') then now()
                                   when v_status in ('running', 'pending') then null
                                   else s.finished_at end,
                error = case when v_step ? 'error' then v_step ->> 'error'
                             when v_status in ('running', 'done') then null
                             else s.error end,
                detail = s.detail
-                        || case when v_status = 'running' and s.started_at is not null
+                        || case when v_fresh and s.started_at is not null
                                 then jsonb_build_object('previous_attempts',
                                          coalesce(s.detail -> 'previous_attempts', '[]'::jsonb)
                                          || jsonb_build_array(jsonb_build_object(
+                                                'attempt', s.detail -> 'attempt', 'worker', s.detail -> 'worker',
                                                 'started_at', s.started_at, 'finished_at', s.finished_at,
                                                 'status', s.status, 'error', s.error)))
+                                else '{}'::jsonb end
+                        || case when v_fresh then jsonb_build_object('attempt', v_attempt, 'worker', v_worker)
                                 else '{}'::jsonb end
                         || case when jsonb_typeof(v_step -> 'detail') = 'object' then v_step -> 'detail'
                                 else '{}'::jsonb end

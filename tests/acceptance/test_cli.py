@@ -150,4 +150,6 @@ def test_demo_on_the_embedded_default_converges_and_says_so(embedded_home: Path)
     for step in ("1. inventory sync", "2. protect", "3. replicate", "4. create the DR shell"):
         assert step in out
     assert "replication_jobs: completed" in out and "dr_shell_vm_created=True" in out
+    assert "5. test failover of gold" in out and "the test is up: RTO" in out, out
+    assert "6. clean the test up" in out and "point tested at" in out, out
     assert "demo: everything converged" in out

@@ -345,6 +345,11 @@ def test_progress_writes_the_plan_at_once_then_each_step(world: Database) -> Non
     assert [(s["seq"], s["name"], s["protected_vm_id"], s["status"]) for s in got] == [
         (1, "validate", None, "running"), (2, "create_vm", pvm, "pending"), (3, "activate", None, "pending")]
     assert got[0]["started_at"] is not None and got[0]["finished_at"] is None
+    assert (got[0]["detail"]["attempt"], got[0]["detail"]["worker"]) == (1, WORKER)
+    # the same report again (a call retried after its answer was lost) moves no time
+    progress(world, op, {"steps": [{"seq": 1, "status": "running"}]})
+    assert steps(world, test["id"])[0]["started_at"] == got[0]["started_at"]
+    assert "previous_attempts" not in steps(world, test["id"])[0]["detail"]
 
     # the plan again (a resumed attempt) changes nothing; other progress is the operation's own
     progress(world, op, {"plan": [{"seq": 1, "name": "renamed"}], "bytes": 5})
@@ -354,7 +359,7 @@ def test_progress_writes_the_plan_at_once_then_each_step(world: Database) -> Non
                                    {"seq": 2, "status": "running", "detail": {"moref": "vm-9"}}]})
     progress(world, op, {"steps": [{"seq": 2, "status": "failed", "error": "boom", "detail": {"b": 2}}]})
     first = steps(world, test["id"])[1]
-    assert (first["status"], first["error"], first["detail"]) == ("failed", "boom", {"moref": "vm-9", "b": 2})
+    assert (first["status"], first["error"], first["detail"]) == ("failed", "boom", {"moref": "vm-9", "b": 2, "attempt": 1, "worker": WORKER})
     assert first["finished_at"] >= first["started_at"]
 
     # running again: a new start, the previous attempt kept, the error gone once done
@@ -365,10 +370,25 @@ def test_progress_writes_the_plan_at_once_then_each_step(world: Database) -> Non
     assert (previous["status"], previous["error"]) == ("failed", "boom")
     assert again["detail"]["moref"] == "vm-9"
     progress(world, op, {"steps": [{"seq": 2, "status": "done"}]})
-    assert (steps(world, test["id"])[1]["status"], steps(world, test["id"])[1]["error"]) == ("done", None)
+    done = steps(world, test["id"])[1]
+    assert (done["status"], done["error"]) == ("done", None)
+    progress(world, op, {"steps": [{"seq": 2, "status": "done"}]})
+    assert steps(world, test["id"])[1]["finished_at"] == done["finished_at"]
+
+    # a worker that takes over (the first was killed: its lease ran out) starts the step anew
+    world.sql("update zerfaux.operations set lease_expires_at = now() - interval '1 second' where id = %s", (op,))
+    taken = [r for r in world.sql("select * from zerfaux.claim('w-other', 10, 60)") if r["id"] == op]
+    assert taken and taken[0]["attempts"] == 2
+    world.sql("select zerfaux.progress(%s, 'w-other', %s::jsonb)", (op, json.dumps({"steps": [{"seq": 2, "status": "running"}]})))
+    resumed = steps(world, test["id"])[1]
+    assert resumed["started_at"] > done["started_at"] and len(resumed["detail"]["previous_attempts"]) == 2
+    assert resumed["detail"]["previous_attempts"][-1]["status"] == "done"
+    assert (resumed["detail"]["attempt"], resumed["detail"]["worker"]) == (2, "w-other")
+    op_worker = "w-other"
 
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="step 7 is not in its plan"):
-        progress(world, op, {"steps": [{"seq": 7, "status": "done"}]})
+        world.sql("select zerfaux.progress(%s, %s, %s::jsonb)",
+                  (op, op_worker, json.dumps({"steps": [{"seq": 7, "status": "done"}]})))
 
 
 def test_complete_makes_a_test_active_with_its_rto_from_the_step_times(world: Database) -> None:

@@ -196,3 +196,35 @@ async def test_a_cancelled_test_removes_what_it_made_and_ends_cancelled(seeded_d
     world = StubWorld(world_dir)
     assert _effects(world, "recovery.clone", "destroyed") == 1
     assert _left_at_dr(world_dir, run_tag(test), test) == []
+
+
+def test_a_test_cancelled_while_its_listener_was_dead_is_cleaned_up_by_the_next(seeded_db: Database,
+                                                                                tmp_path: Path) -> None:
+    """The cancel lands on an operation whose worker was SIGKILLed after it made the test's VMs:
+    the next listener runs the handler with the cancel already signalled, and it cleans up."""
+    db, world_dir = seeded_db, tmp_path / "world"
+    _group(db, "rd")
+    common = {"ZERFAUX_LEASE_SECONDS": str(LEASE), "ZERFAUX_SWEEP_SECONDS": str(SWEEP)}
+    victim = Proc(db.url, "run", env={**listener_env(world_dir, ZERFAUX_STUB_SECONDS="3", **common),
+                                      "ZERFAUX_WORKER_ID": "victim"})
+    procs, world, rescuer = [victim], StubWorld(world_dir), None
+    try:
+        victim.wait_for_line("listening as")
+        _wait(lambda: db.value("select count(*) from replication_jobs where status = 'completed'"), 60,
+              "the replication did not complete", procs)
+        test = _run(db)
+        _wait(lambda: _effects(world, "recovery.vm", "created") >= 1, 90, "no test VM made", procs)
+        victim.kill()
+        db.sql("update recovery_runs set cancel_requested = true where id = %s", (test,))
+        rescuer = Proc(db.url, "run", env={**listener_env(world_dir, ZERFAUX_STUB_SECONDS="0.1", **common),
+                                           "ZERFAUX_WORKER_ID": "rescuer"})
+        procs.append(rescuer)
+        _wait(lambda: db.value("select status from recovery_runs where id = %s", (test,)) != "running", 90,
+              "the run did not end", procs)
+        assert db.value("select status from recovery_runs where id = %s", (test,)) == "cancelled"
+        assert _effects(world, "recovery.vm", "destroyed") >= 1
+        assert _left_at_dr(world_dir, run_tag(test), test) == []
+    finally:
+        victim.stop()
+        if rescuer is not None:
+            assert rescuer.stop() == 0, rescuer.output[-3000:]

@@ -18,6 +18,7 @@ import json
 import threading
 import time
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 from handlers.backends.stub.world import StubWorld
 from handlers.backends.zfs.grid import fit, parse
@@ -54,6 +55,9 @@ class StubReplica:
                 kept, pruned = entries[cut:], entries[:cut]
             else:
                 kept, pruned = entries, []
+            held = [e for e in pruned if self._held(dataset, e[0])]
+            if held:  # a hold (a test's clone of it): never pruned, as `zfs destroy` refuses it
+                kept, pruned = sorted(kept + held, key=lambda e: e[1]), [e for e in pruned if e not in held]
             self._store(dataset, kept)
         points = tuple(RecoveryPoint(
             snapshot_name=name, guid=fake_guid(dataset, name),
@@ -61,6 +65,14 @@ class StubReplica:
             bytes=sent_bytes if name == snapshot else None, on_source=present, on_target=present,
         ) for entries_, present in ((pruned, False), (kept, True)) for name, created in entries_)
         return points, tuple(name for name, _ in pruned)
+
+    def _held(self, dataset: str, snapshot: str) -> bool:
+        """Whether the recovery stubs placed a hold on it (handlers/backends/stub/recovery.py)."""
+        if self._world is None:
+            return False
+        where = self._world.root / "holds" / quote(f"{dataset}@{snapshot}", safe="")
+        return where.is_dir() and any(not p.name.startswith(".") and not p.name.endswith(".lock")
+                                      for p in where.iterdir())
 
     @property
     def complete(self) -> bool:
