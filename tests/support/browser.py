@@ -120,15 +120,31 @@ class Page:
         return path
 
     def overflows(self) -> int:
-        """How many CSS pixels the page is wider than its viewport (a phone must not scroll sideways)."""
-        return int(self.run("return Math.max(0, document.documentElement.scrollWidth - window.innerWidth)"))
+        """How many CSS pixels the page is wider than the device (a phone must not scroll sideways).
+        Measured against the device's width, not window.innerWidth: a mobile browser widens its
+        layout viewport to fit content that overflows (and shrinks the text to fit)."""
+        return int(self.run("return Math.max(0, document.documentElement.scrollWidth - arguments[0])",
+                            self.viewport.width))
 
     def legibility(self, min_px: float = 12.0) -> list[str]:
         """What makes the page hard to read here: sideways scrolling of the whole page, visible text
         smaller than ``min_px`` CSS pixels, text cut off by its own box (SVG charts' labels aside)."""
         problems = []
         if self.overflows():
-            problems.append(f"the page scrolls sideways by {self.overflows()} px at {self.viewport.width} px wide")
+            culprits = self.run("""
+                const w = arguments[0];
+                const clipped = e => { for (let a = e.parentElement; a; a = a.parentElement) {
+                    if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(a).overflowX)
+                        && a !== document.body && a !== document.documentElement) return true; }
+                  return false; };
+                return Array.from(document.querySelectorAll('body *'))
+                  .filter(e => e.getBoundingClientRect().right > w + 1 && !clipped(e)
+                               && !Array.from(e.children).some(c => c.getBoundingClientRect().right > w + 1))
+                  .slice(0, 3).map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '')
+                       + (e.className && e.className.baseVal === undefined ? '.' + e.className : '')
+                       + ' ' + JSON.stringify((e.innerText || '').slice(0, 30)));""", self.viewport.width)
+            problems.append(f"the page scrolls sideways by {self.overflows()} px at {self.viewport.width} px wide"
+                            f" (sticking out: {', '.join(culprits)})")
         for text, size in self.run("""
             const out = [], min = arguments[0];
             const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);

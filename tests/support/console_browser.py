@@ -117,12 +117,15 @@ def path_of(page: Page) -> str:
     return httpx.URL(page.url).path
 
 
-def button(page: Page, words: str) -> Any:
-    """The visible button whose label a person reads as ``words`` (a regex, any case)."""
-    found = [b for b in page.css("button, input[type=submit]")
-             if b.is_displayed() and re.search(words, b.text or b.get_attribute("value") or "", re.I)]
-    assert found, f"no button like {words!r} on {page.url}:\n{page.text()[:1500]}"
-    return found[0]
+def button(page: Page, words: str, timeout: float = 20.0) -> Any:
+    """The visible button whose label a person reads as ``words`` (a regex, any case), waited for:
+    after a click the old page's buttons go stale while the next page loads."""
+    def find() -> Any:
+        for b in page.css("button, input[type=submit]"):
+            if b.is_displayed() and re.search(words, b.text or b.get_attribute("value") or "", re.I):
+                return b
+        return None
+    return page.wait(find, timeout, what=f"a button like {words!r}")
 
 
 def progress_values(page: Page) -> list[float]:
