@@ -51,10 +51,11 @@ def binaries() -> tuple[str, str]:
     """The Chromium and chromedriver to use, or a missing-service failure (skip off CI)."""
     chromium = os.environ.get("ZERFAUX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     driver = os.environ.get("ZERFAUX_CHROMEDRIVER") or shutil.which("chromedriver")
-    if not chromium:
-        missing("headless Chromium", "no `chromium` on PATH (scripts/bootstrap.sh test installs Debian's chromium)")
-    if not driver:
-        missing("chromedriver", "no `chromedriver` on PATH (Debian package chromium-driver)")
+    if not chromium or not os.access(chromium, os.X_OK):
+        missing("headless Chromium", f"no `chromium` ({chromium or 'not on PATH'}); scripts/bootstrap.sh test "
+                                     "installs Debian's chromium")
+    if not driver or not os.access(driver, os.X_OK):
+        missing("chromedriver", f"no `chromedriver` ({driver or 'not on PATH'}); Debian package chromium-driver")
     return chromium, driver
 
 
