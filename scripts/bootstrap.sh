@@ -11,7 +11,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || run_pkgs+=(python3-venv)
 test_pkgs=(zfs-fuse openssh-server openssh-client sanoid mbuffer pv zstd lz4 golang-go
            golang-github-vmware-govmomi-dev debootstrap qemu-system-x86 qemu-utils
            e2fsprogs cpio postgresql-15-pgtap libtap-parser-sourcehandler-pgtap-perl
-           postgresql-15-plpgsql-check prometheus iproute2 nftables)
+           postgresql-15-plpgsql-check prometheus iproute2 nftables
+           chromium chromium-driver fonts-dejavu-core)
 pkgs=("${run_pkgs[@]}")
 [ "$want" = test ] && pkgs+=("${test_pkgs[@]}")
 

@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.zfs",
     "tests.support.openzfs",
     "tests.support.platforms",
+    "tests.support.browser",
 ]
