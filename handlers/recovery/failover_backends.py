@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from handlers.recovery.backends import RecoveryDisk, RecoveryNic
 from handlers.types import SSHEndpoint, VCenterEndpoint
@@ -45,8 +45,9 @@ class ShutdownResult:
     waited_seconds: float  # from the first call to the VM being off (0 when already off)
 
 
-@dataclass(frozen=True)
-class PowerState:
+class PowerState(NamedTuple):
+    """``(state, changed_at)``: unpacks as the pair a fencing check compares."""
+
     state: str  # runtime.powerState: poweredOn | poweredOff | suspended
     changed_at: str | None  # ISO 8601 of the newest power event of the VM (or its boot time); None: unknown
 

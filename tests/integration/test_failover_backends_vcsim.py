@@ -23,6 +23,7 @@ from handlers.backends.vcenter.failover import FailoverComputeReal
 from handlers.backends.vcenter.real import RecoveryComputeReal, VCenterSessions
 from handlers.errors import PermanentError
 from handlers.recovery.backends import RecoveryDisk, RecoveryNic
+from handlers.recovery.failover_backends import FailoverCompute
 from tests.support.vcsim import Simulator, mark_tools_running, start_simulator
 
 pytestmark = pytest.mark.vcsim
@@ -50,8 +51,8 @@ def sessions(sim: Simulator) -> Iterator[VCenterSessions]:
 
 
 @pytest.fixture(scope="module")
-def fo(sessions: VCenterSessions) -> FailoverComputeReal:
-    return FailoverComputeReal(sessions)
+def fo(sessions: VCenterSessions) -> FailoverCompute:
+    return FailoverComputeReal(sessions)  # typed as the Protocol: mypy checks the real class against it
 
 
 def make_vm(sim: Simulator, name: str, *, marked: bool = True, power_on: bool = True,
@@ -90,7 +91,7 @@ def name() -> str:
 # ---- shutdown and fencing reads -----------------------------------------------------------------
 
 
-def test_guest_shutdown_when_tools_run_then_already_off(sim: Simulator, fo: FailoverComputeReal) -> None:
+def test_guest_shutdown_when_tools_run_then_already_off(sim: Simulator, fo: FailoverCompute) -> None:
     ep, stop = sim.endpoint(), threading.Event()
     moref = make_vm(sim, name())
     mark_tools_running(sim, moref)
@@ -111,7 +112,7 @@ def test_guest_shutdown_when_tools_run_then_already_off(sim: Simulator, fo: Fail
 
 
 def test_without_tools_and_force_false_the_vm_is_left_running_and_named(
-        sim: Simulator, fo: FailoverComputeReal) -> None:
+        sim: Simulator, fo: FailoverCompute) -> None:
     vm_name = name()
     moref = make_vm(sim, vm_name)  # no Tools: vcsim's ShutdownGuest would power it off; it must not be called
     t0 = time.monotonic()
@@ -125,7 +126,7 @@ def test_without_tools_and_force_false_the_vm_is_left_running_and_named(
 
 
 def test_without_tools_and_force_true_it_is_powered_off_after_the_timeout(
-        sim: Simulator, fo: FailoverComputeReal) -> None:
+        sim: Simulator, fo: FailoverCompute) -> None:
     ep, stop = sim.endpoint(), threading.Event()
     moref = make_vm(sim, name())
     done = fo.shutdown_vm(ep, moref, 1, True, stop)
@@ -135,7 +136,7 @@ def test_without_tools_and_force_true_it_is_powered_off_after_the_timeout(
     assert fo.shutdown_vm(ep, moref, 1, True, stop).how == "already_off"
 
 
-def test_an_already_off_vm_is_not_touched(sim: Simulator, fo: FailoverComputeReal) -> None:
+def test_an_already_off_vm_is_not_touched(sim: Simulator, fo: FailoverCompute) -> None:
     moref = make_vm(sim, name(), power_on=False)
     done = fo.shutdown_vm(sim.endpoint(), moref, 5, False, threading.Event())
     assert done.how == "already_off" and done.waited_seconds == 0.0
@@ -164,7 +165,7 @@ def digests(root: Path) -> dict[str, str]:
 
 
 def test_attach_twice_is_one_disk_each_and_detach_keeps_the_files(
-        sim: Simulator, fo: FailoverComputeReal, replica: tuple[str, Path]) -> None:
+        sim: Simulator, fo: FailoverCompute, replica: tuple[str, Path]) -> None:
     tag, root = replica
     ep, stop = sim.endpoint(), threading.Event()
     shell = make_vm(sim, name(), power_on=False, controller=True)
@@ -193,7 +194,7 @@ def test_attach_twice_is_one_disk_each_and_detach_keeps_the_files(
 
 
 def test_attach_refuses_an_unpresented_datastore_and_an_unmarked_vm(
-        sim: Simulator, fo: FailoverComputeReal, replica: tuple[str, Path]) -> None:
+        sim: Simulator, fo: FailoverCompute, replica: tuple[str, Path]) -> None:
     tag, _ = replica
     ep, stop = sim.endpoint(), threading.Event()
     shell = make_vm(sim, name(), power_on=False)
@@ -209,7 +210,7 @@ def test_attach_refuses_an_unpresented_datastore_and_an_unmarked_vm(
 
 
 def test_set_networks_moves_and_adds_nics_once_and_refuses_unknown_networks(
-        sim: Simulator, fo: FailoverComputeReal, sessions: VCenterSessions) -> None:
+        sim: Simulator, fo: FailoverCompute, sessions: VCenterSessions) -> None:
     ep, stop = sim.endpoint(), threading.Event()
     compute = RecoveryComputeReal(sessions)
     placement = compute.check_site(ep, [], CLUSTER, stop).placement
@@ -222,7 +223,7 @@ def test_set_networks_moves_and_adds_nics_once_and_refuses_unknown_networks(
     def backings() -> list[str]:
         cards = sorted((d for d in sim.vm(moref).config.hardware.device
                         if isinstance(d, vim.vm.device.VirtualEthernetCard)), key=lambda d: d.key)
-        return [c.backing.deviceName for c in cards]
+        return [str(getattr(c.backing, "deviceName", None)) for c in cards]
 
     with pytest.raises(PermanentError, match="'no-such-net'.*network_mappings.recovery_network"):
         fo.set_networks(ep, moref, [RecoveryNic("no-such-net", "prod")], stop)

@@ -71,7 +71,7 @@ def _host_datastores(si: Any, host: Any) -> dict[str, Any]:
 def attach(si: Any, vcenter: Any, moref: str, disks: Sequence[RecoveryDisk], stop: threading.Event) -> AttachResult:
     vm, props, label = _read(si, vcenter, moref, "attached")
     devices = _devices(props)
-    present = {_norm(d.backing.fileName) for d in devices
+    present = {_norm(str(getattr(d.backing, "fileName", None))) for d in devices
                if isinstance(d, _dev.VirtualDisk) and getattr(d.backing, "fileName", None)}
     todo = [d for d in dict.fromkeys(disks) if _norm(d.file) not in present]
     already = tuple(d.file for d in disks if _norm(d.file) in present)
