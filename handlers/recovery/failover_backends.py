@@ -1,0 +1,156 @@
+"""What a failover, a planned migration, a rollback and a reprotect (issue 14) will need from the sites.
+
+Groundwork only: no run calls these yet. Two Protocols beside ``handlers.recovery.backends``
+(whose Protocols stay as they are): ``FailoverCompute`` for either vCenter (the source's VMs are
+shut down and fenced, the DR shells get their disks and networks), ``FailoverStorage`` for
+either storage host (the DR replica before and after a failover, the original site's dataset
+at a reprotect).
+
+The rules of ``handlers.recovery.backends`` hold here too: every method blocks (run it in a
+worker thread), converges when called again with the same arguments, checks ``stop`` before it
+starts anything new, and raises ``PermanentError`` or ``TransientError`` only. On top of them:
+nothing here ever deletes a disk file, a dataset or a snapshot. Disks are detached with no
+``fileOperation``; a rollback goes back to the newest snapshot only (plain ``zfs rollback``,
+never ``-r``/``-R``); a rename refuses to replace anything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
+
+from handlers.recovery.backends import RecoveryDisk, RecoveryNic
+from handlers.types import SSHEndpoint, VCenterEndpoint
+
+PRE_FAILOVER_PREFIX = "zerfaux_pre_failover_"
+
+
+def pre_failover_snapshot(run_id: str) -> str:
+    """``zerfaux_pre_failover_<8 hex of the run id>``: the snapshot a failover takes before any write."""
+    return PRE_FAILOVER_PREFIX + run_id.replace("-", "")[:8]
+
+
+# ---- compute (source and DR vCenter) -------------------------------------------------------------
+
+
+ShutdownHow = Literal["guest", "power_off", "already_off"]
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    how: ShutdownHow  # guest: ShutdownGuest; power_off: hard power off; already_off: nothing done
+    powered_off_at: str | None  # ISO 8601 from vCenter's power-off event; None: already off, no event
+    waited_seconds: float  # from the first call to the VM being off (0 when already off)
+
+
+class PowerState(NamedTuple):
+    """``(state, changed_at)``: unpacks as the pair a fencing check compares."""
+
+    state: str  # runtime.powerState: poweredOn | poweredOff | suspended
+    changed_at: str | None  # ISO 8601 of the newest power event of the VM (or its boot time); None: unknown
+
+
+@dataclass(frozen=True)
+class AttachResult:
+    attached: tuple[str, ...]  # files attached by this call
+    already: tuple[str, ...]  # files that were attached before it (nothing done for them)
+
+
+@dataclass(frozen=True)
+class NicChange:
+    device_key: int  # the NIC's key in the VM (negative: added by this call)
+    source_network: str
+    network: str
+    changed: bool  # False: it was on ``network`` already
+
+
+class FailoverCompute(Protocol):
+    def shutdown_vm(self, vcenter: VCenterEndpoint, moref: str, timeout_seconds: float, force_power_off: bool,
+                    stop: threading.Event) -> ShutdownResult:
+        """Stop a VM and wait until ``runtime.powerState`` is poweredOff.
+
+        With VMware Tools running: ``ShutdownGuest`` and wait up to ``timeout_seconds``. Without
+        Tools (or ``ToolsUnavailable``): wait the same time for the VM to go off by itself. Then,
+        still on: a hard power off when ``force_power_off``, else ``PermanentError`` naming the VM
+        and ``options.force_power_off`` (the VM is left running). Already off: ``already_off``, no
+        call. A suspended VM is powered off only when ``force_power_off``."""
+        ...
+
+    def power_state(self, vcenter: VCenterEndpoint, moref: str, stop: threading.Event) -> PowerState:
+        """The VM's power state and when it last changed (fencing: is the source VM really off, since
+        when). No effect."""
+        ...
+
+    def attach_disks(self, vcenter: VCenterEndpoint, shell_moref: str, disks: Sequence[RecoveryDisk],
+                     stop: threading.Event) -> AttachResult:
+        """Attach existing VMDKs (``[datastore] dir/disk.vmdk`` on the presented replica datastore) to a
+        DR shell (a VM carrying ``zerfaux.protected_vm_id``), with NO ``fileOperation``: nothing is
+        created or replaced. A file attached already is left as it is; controllers are added only
+        when the shell has none of a disk's kind with a free unit. The datastore must be mounted on
+        the shell's host, else ``PermanentError`` naming it."""
+        ...
+
+    def detach_disks(self, vcenter: VCenterEndpoint, shell_moref: str, stop: threading.Event) -> tuple[str, ...]:
+        """Remove every disk from a powered-off DR shell, ``fileOperation`` unset: the files stay
+        where they are. Returns the files detached (empty: none was attached)."""
+        ...
+
+    def set_networks(self, vcenter: VCenterEndpoint, moref: str, nics: Sequence[RecoveryNic],
+                     stop: threading.Event) -> tuple[NicChange, ...]:
+        """Put the VM's NICs on ``nics[i].network`` in device order (the shell's NICs are made in its
+        source VM's order); a NIC missing for an entry is added, NICs beyond the list are left alone.
+        Every network is looked up before the one reconfiguration: an unknown one is a
+        ``PermanentError`` naming it and ``network_mappings``, nothing changed."""
+        ...
+
+
+# ---- storage (a ZFS host over SSH) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    snapshot: str  # dataset@name
+    guid: str
+    created: bool  # False: it existed, its GUID is returned
+
+
+@dataclass(frozen=True)
+class Written:
+    bytes: int | None  # data written to the dataset since the snapshot; None: this ZFS cannot say
+    how: str  # "written" (the property), "send_stream" (counted from an incremental stream), "unavailable"
+    note: str = ""  # what a person should know (what the host could not do)
+
+
+class FailoverStorage(Protocol):
+    def snapshot(self, target: SSHEndpoint, dataset: str, name: str, stop: threading.Event,
+                 run_id: str | None = None) -> SnapshotInfo:
+        """``zfs snapshot dataset@name`` (``-r`` where the dataset has children, marked
+        ``zerfaux:recovery_run=<run_id>`` when given); an existing snapshot of that name is not made
+        again, its GUID is returned (``created`` False)."""
+        ...
+
+    def rollback(self, target: SSHEndpoint, dataset: str, snapshot: str, stop: threading.Event) -> tuple[str, ...]:
+        """Plain ``zfs rollback dataset@snapshot`` (each dataset of the tree, parents first), and only
+        to the NEWEST snapshot: a snapshot with newer ones after it is refused with ``PermanentError``
+        naming them, before any rollback (nothing is destroyed, ever). Rolling back again is
+        harmless. Returns the datasets rolled back."""
+        ...
+
+    def promote_writable(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> str:
+        """Make a received replica usable at the DR site: ``readonly=off`` where it was on, mounted
+        (replicas are received with ``-u``); returns the mountpoint. Mounted and writable: nothing."""
+        ...
+
+    def written_since(self, target: SSHEndpoint, dataset: str, snapshot: str, stop: threading.Event) -> Written:
+        """How much the dataset holds beyond ``snapshot``: ``written@snapshot`` where ZFS has it; on a
+        ZFS without it (zfs-fuse) the data bytes of an incremental stream from ``snapshot`` to a
+        temporary ``zerfaux_probe_<hex>`` snapshot, destroyed afterwards."""
+        ...
+
+    def rename(self, target: SSHEndpoint, dataset: str, new_name: str, stop: threading.Event) -> bool:
+        """``zfs rename dataset new_name`` (its snapshots and children go with it, data stays
+        reachable under the new name). ``new_name`` existing: ``PermanentError``, nothing renamed;
+        ``dataset`` gone and ``new_name`` there: False (renamed by an earlier attempt)."""
+        ...
