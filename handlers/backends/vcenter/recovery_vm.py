@@ -166,11 +166,9 @@ def resolve(si: Any, vcenter: VCenterEndpoint, placement: Placement, datastore: 
 
 def create_vm(si: Any, vcenter: VCenterEndpoint, placement: Placement, spec: RecoveryVMSpec,
               stop: threading.Event, await_seconds: float = AWAIT_SECONDS, lookups: Lookups | None = None) -> VMRef:
-    found = find_vm(si, spec.run_id, spec.protected_vm_id)
-    if found is not None:
-        log.info("%s: adopting VM %s of run %s for protected VM %s", where(vcenter), found._moId, spec.run_id,
-                 spec.protected_vm_id)
-        return VMRef(moref=found._moId, adopted=True)
+    # No read before the creation: the .vmx path is the lock (a second CreateVM_Task at it fails
+    # with FileAlreadyExists and the VM is then found by its marks), and a read of every VM's
+    # extraConfig per creation grew with the DR vCenter's inventory (bench/recovery.py).
     look = lookups or Lookups()
     try:
         return _create(si, vcenter, placement, spec, stop, await_seconds, look)
