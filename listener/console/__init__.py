@@ -25,6 +25,7 @@ from listener.console.render import page
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+COOKIE_TOKEN_LIMIT = 3900  # bytes of JWT: the cookie's name and attributes fit in a browser's 4096
 
 
 @dataclass
@@ -129,6 +130,13 @@ def routes(console: Console) -> list[BaseRoute]:
         except NotSignedIn as exc:
             return page(request, "login.html", {"why": WHY["none"], "error": f"Not signed in: {exc}.",
                                                 "signed": None}, status=401)
+        if len(identity.token) > COOKIE_TOKEN_LIMIT:
+            # A browser silently drops a cookie over 4096 bytes: the person would be sent back
+            # here with no word of why.
+            return page(request, "login.html", {"why": WHY["none"], "signed": None, "error": (
+                f"Not signed in: this token is {len(identity.token)} bytes, too long for a browser's cookie "
+                f"(at most {COOKIE_TOKEN_LIMIT}); send it as 'Authorization: Bearer' from a script instead.")},
+                status=400)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, identity.token, max_age=seconds_left(identity), path="/", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")
