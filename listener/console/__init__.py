@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from listener.console.auth import COOKIE, Identity, NotSignedIn, Verifier, read_form, seconds_left, wants_html
+from listener.console.auth import (COOKIE, Identity, KeysUnavailable, NotSignedIn, Verifier, read_form, seconds_left,
+                                   wants_html)
 from listener.console.feed import Feed
 from listener.console.queries import ConsoleDB
 from listener.console.render import page
@@ -100,6 +101,12 @@ async def signed_in(console: Console, request: Request) -> Identity | Response:
         return off(console, request)
     try:
         return await console.verifier.identify(request)
+    except KeysUnavailable as exc:
+        log.warning("console: cannot check a sign-in now: %s", exc)
+        if wants_html(request):
+            return page(request, "message.html", {"title": "Cannot check your sign-in now", "message": (
+                f"{exc}. Your session is kept: reload in a moment.")}, status=503, headers={"Retry-After": "10"})
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "10"})
     except NotSignedIn as exc:
         log.debug("console: not signed in: %s", exc)
         return unauthorized(request, str(exc))

@@ -43,6 +43,11 @@ class NotSignedIn(Exception):
     """No usable token; the message says why, in words for the login page."""
 
 
+class KeysUnavailable(NotSignedIn):
+    """The token cannot be checked now (the JWKS does not answer): not the token's fault, so
+    its cookie is kept and the page says to try again."""
+
+
 @dataclass(frozen=True)
 class Identity:
     token: str
@@ -128,7 +133,7 @@ class Verifier:
         if not isinstance(kid, str) or not kid or len(kid) > 200:
             raise NotSignedIn("it names no signing key (kid) of the project's JWKS")
         if time.monotonic() < self._jwks_down_until:
-            raise NotSignedIn("the project's JWKS (ZERFAUX_JWKS_URL) could not be read a moment ago; try again shortly")
+            raise KeysUnavailable("the project's JWKS (ZERFAUX_JWKS_URL) could not be read a moment ago; try again shortly")
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._jwks_thread, self._lookup, kid)
         if found.algorithm_name != alg:
@@ -139,13 +144,13 @@ class Verifier:
         """On the JWKS thread, one at a time: lookups queued behind a failed fetch fail at once."""
         assert self._jwks is not None
         if time.monotonic() < self._jwks_down_until:
-            raise NotSignedIn("the project's JWKS (ZERFAUX_JWKS_URL) could not be read a moment ago; try again shortly")
+            raise KeysUnavailable("the project's JWKS (ZERFAUX_JWKS_URL) could not be read a moment ago; try again shortly")
         try:
             return self._jwks.get_signing_key(kid)
         except jwt.PyJWKClientConnectionError as exc:
             self._jwks_down_until = time.monotonic() + JWKS_RETRY_SECONDS
             log.warning("console: the JWKS could not be fetched: %s", exc)
-            raise NotSignedIn("the project's JWKS (ZERFAUX_JWKS_URL) could not be read; try again shortly") from None
+            raise KeysUnavailable("the project's JWKS (ZERFAUX_JWKS_URL) could not be read; try again shortly") from None
         except jwt.PyJWTError as exc:  # no such kid, or a JWKS that is not one
             raise NotSignedIn(f"its signing key is not in the project's JWKS ({exc})") from None
 

@@ -203,8 +203,16 @@ def test_a_jwks_that_does_not_answer_holds_none_of_the_engines_threads(seeded_db
                 with client(server, make_jwt(user)) as c:
                     assert c.get("/", headers=JSON).status_code == 200
                 hold.set()
-                assert [a.result(30) for a in answers] == [401] * 12
+                # "Cannot check your sign-in now", not "signed out": the JWKS is at fault.
+                assert [a.result(30) for a in answers] == [503] * 12
             # The fetch failed: the others were refused without a fetch of their own.
+            assert len(hits) == 1
+            # A browser's session is kept meanwhile (its cookie is not cleared), and told to retry.
+            with client(server) as c:
+                c.cookies.set("zerfaux_console", tokens[0])
+                r = c.get("/", headers=HTML)
+                assert r.status_code == 503 and "set-cookie" not in r.headers and "session is kept" in r.text
+                assert r.headers["retry-after"] == "10"
             assert len(hits) == 1
 
 
@@ -355,6 +363,7 @@ def test_a_form_through_a_tls_proxy_is_this_sites(served: ConsoleServer, seeded_
     f"/runs/{uuid.uuid4()}/report", f"/groups/{uuid.uuid4()}", f"/groups/{GROUP}/confirm/drop_table",
     f"/groups/{GROUP}/confirm/test?point=' or 1=1 --", f"/groups/{GROUP}/confirm/test?point={uuid.uuid4()}",
     f"/groups/{uuid.uuid4()}/confirm/test", f"/groups/{GROUP}/confirm/cleanup?test_run=1 or 1=1",
+    "/static/..%2fauth.py", "/static/%2e%2e/queries.py", "/static/..%5c..%5cconsole.sql",
 ])
 def test_ids_that_are_not_ids_are_not_found_not_errors(served: ConsoleServer, seeded_db: Database, path: str) -> None:
     user = grant(seeded_db, "admin")
