@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from listener.console.auth import COOKIE, Identity, NotSignedIn, Verifier, read_form, seconds_left, wants_html
+from listener.console.auth import (COOKIE, Identity, KeysUnavailable, NotSignedIn, Verifier, read_form, seconds_left,
+                                   wants_html)
 from listener.console.feed import Feed
 from listener.console.queries import ConsoleDB
 from listener.console.render import page
@@ -25,6 +26,7 @@ from listener.console.render import page
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+COOKIE_TOKEN_LIMIT = 3900  # bytes of JWT: the cookie's name and attributes fit in a browser's 4096
 
 
 @dataclass
@@ -99,6 +101,12 @@ async def signed_in(console: Console, request: Request) -> Identity | Response:
         return off(console, request)
     try:
         return await console.verifier.identify(request)
+    except KeysUnavailable as exc:
+        log.warning("console: cannot check a sign-in now: %s", exc)
+        if wants_html(request):
+            return page(request, "message.html", {"title": "Cannot check your sign-in now", "message": (
+                f"{exc}. Your session is kept: reload in a moment.")}, status=503, headers={"Retry-After": "10"})
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "10"})
     except NotSignedIn as exc:
         log.debug("console: not signed in: %s", exc)
         return unauthorized(request, str(exc))
@@ -129,6 +137,13 @@ def routes(console: Console) -> list[BaseRoute]:
         except NotSignedIn as exc:
             return page(request, "login.html", {"why": WHY["none"], "error": f"Not signed in: {exc}.",
                                                 "signed": None}, status=401)
+        if len(identity.token) > COOKIE_TOKEN_LIMIT:
+            # A browser silently drops a cookie over 4096 bytes: the person would be sent back
+            # here with no word of why.
+            return page(request, "login.html", {"why": WHY["none"], "signed": None, "error": (
+                f"Not signed in: this token is {len(identity.token)} bytes, too long for a browser's cookie "
+                f"(at most {COOKIE_TOKEN_LIMIT}); send it as 'Authorization: Bearer' from a script instead.")},
+                status=400)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, identity.token, max_age=seconds_left(identity), path="/", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")

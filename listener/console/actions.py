@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -43,14 +44,22 @@ RUN_KINDS: dict[str, str] = {
 SIMPLE = ("sync", "replicate", "pause", "resume")
 ADMIN_KINDS = ("planned_migration", "failover", "commit", "rollback", "reprotect")
 POWERS_ON = {"test": "test", "planned_migration": "recovery", "failover": "recovery"}
+# Kinds that power VMs off and remove them at the DR site: the confirmation lists them too.
+REMOVES = {"cleanup": "test", "rollback": "recovery"}
 
 
 def same_origin(request: Request) -> bool:
+    """No Origin, or one naming this host. Only the host is compared: behind a proxy that ends
+    TLS the listener sees http while the browser says https, and refusing every form there would
+    lock operators out. X-Forwarded-Host counts too: a cross-site page cannot set it."""
     origin = request.headers.get("origin")
     if origin is None:  # not every browser sends it on a same-origin POST; SameSite and the token remain
         return True
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
-    return origin == own
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False  # "null" (a sandboxed frame, a data: URL) and anything else odd
+    ours = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")} - {""}
+    return parts.netloc.lower() in {h.lower() for h in ours}
 
 
 def refusal(request: Request, console: Console, who: Identity, exc: Refused | Unavailable) -> Response:
@@ -132,22 +141,29 @@ def routes(console: Console) -> list[Route]:
         group, kind = parse_id(request.path_params["id"]), request.path_params["kind"]
         if group is None or kind not in RUN_KINDS:
             return not_found(request, console, who, "No such action.")
+        point = parse_id(request.query_params.get("point", "")) if request.query_params.get("point") else None
+        test_run = parse_id(request.query_params.get("test_run", "")) if request.query_params.get("test_run") else None
+        chosen = None
         try:
             async with db.as_user(who) as s:
                 view = await load_group(s, group, db.has_runs)
+                if view is not None and point is not None:
+                    # The point the form will send, read by id (it may be older than the page's
+                    # list): the confirmation names exactly what the run will use.
+                    chosen = await s.one("group_point", {"group": group, "point": point})
         except (Refused, Unavailable) as exc:
             return failed(request, console, who, exc)
         if view is None:
             return not_found(request, console, who, "No such group, or you may not read it.")
-        point = parse_id(request.query_params.get("point", "")) if request.query_params.get("point") else None
-        test_run = parse_id(request.query_params.get("test_run", "")) if request.query_params.get("test_run") else None
-        chosen = next((p for p in view["points"] if str(p["id"]) == point), None) if point else None
-        newest = next((p for p in view["points"] if p["on_target"]), None)
+        if point is not None and chosen is None:
+            return not_found(request, console, who, "That recovery point is not one of this group's.")
+        # What the database picks when no point is named (recovery_runs' trigger): the newest on the target.
+        newest = next((p for p in view["points"] if p["on_target"] and p["removed_at"] is None), None)
         dr = next((v for v in view["vcenters"] if str(v["id"]) == str(view["dr_vcenter_id"])), None)
         return page(request, "confirm.html", context(
             console, who, g=view, kind=kind, what=RUN_KINDS[kind], network=POWERS_ON.get(kind),
             point=chosen or (newest if kind in POWERS_ON else None), point_id=point, test_run=test_run,
-            dr=dr, admin_only=kind in ADMIN_KINDS))
+            dr=dr, admin_only=kind in ADMIN_KINDS, removes=REMOVES.get(kind)))
 
     async def start_run(request: Request) -> Response:
         got = await checked(request)
@@ -158,7 +174,8 @@ def routes(console: Console) -> list[Route]:
         if kind not in RUN_KINDS:
             return not_found(request, console, who, "No such kind of recovery run.")
         if form.get("confirm") != "yes":
-            query = "&".join(f"{k}={form[k]}" for k in ("point", "test_run") if parse_id(form.get(k, "")))
+            ids = {k: parse_id(form.get(k, "")) for k in ("point", "test_run")}
+            query = "&".join(f"{k}={v}" for k, v in ids.items() if v)
             return RedirectResponse(f"/groups/{group}/confirm/{kind}" + (f"?{query}" if query else ""),
                                     status_code=303)
         assert db is not None

@@ -20,6 +20,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -33,10 +34,18 @@ COOKIE = "zerfaux_console"
 AUDIENCE = "authenticated"
 LEEWAY_SECONDS = 30  # clock skew between Supabase Auth and this machine
 ASYMMETRIC = ("RS256", "ES256")
+# After a failed JWKS fetch, tokens that need it are refused at once for this long: anyone can
+# send a token naming an unknown key, and each would otherwise wait out its own fetch.
+JWKS_RETRY_SECONDS = 10.0
 
 
 class NotSignedIn(Exception):
     """No usable token; the message says why, in words for the login page."""
+
+
+class KeysUnavailable(NotSignedIn):
+    """The token cannot be checked now (the JWKS does not answer): not the token's fault, so
+    its cookie is kept and the page says to try again."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,11 @@ class Verifier:
     def __init__(self, secret: str | None, jwks_url: str | None) -> None:
         self._secret = secret
         self._jwks = jwt.PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5) if jwks_url else None
+        # Its own thread: a JWKS that does not answer must never hold the default executor's
+        # threads, which the handlers' blocking backends run on (listener/executor.py), and an
+        # unsigned token is enough to ask for a fetch.
+        self._jwks_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="console-jwks") if jwks_url else None
+        self._jwks_down_until = 0.0
         # Signs the per-session CSRF token. From the JWT secret when there is one, so every
         # listener behind one address agrees; otherwise per process (a restart asks for a reload).
         seed = secret.encode() if secret else secrets.token_bytes(32)
@@ -86,11 +100,7 @@ class Verifier:
         if alg == "HS256" and self._secret:
             key: Any = self._secret
         elif alg in ASYMMETRIC and self._jwks is not None:
-            try:
-                key = (await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key
-            except jwt.PyJWKClientError as exc:
-                log.warning("console: JWKS lookup failed: %s", exc)
-                raise NotSignedIn(f"its signing key is not in the project's JWKS ({exc})") from None
+            key = await self._jwks_key(header.get("kid"), alg)
         else:
             have = [n for n, on in (("HS256 (ZERFAUX_JWT_SECRET)", self._secret),
                                     ("RS256/ES256 (ZERFAUX_JWKS_URL)", self._jwks)) if on]
@@ -118,6 +128,31 @@ class Verifier:
         except ValueError:
             raise NotSignedIn("its subject (sub) is not a user id") from None
         return Identity(token, claims, via_cookie)
+
+    async def _jwks_key(self, kid: object, alg: str) -> Any:
+        if not isinstance(kid, str) or not kid or len(kid) > 200:
+            raise NotSignedIn("it names no signing key (kid) of the project's JWKS")
+        if time.monotonic() < self._jwks_down_until:
+            raise KeysUnavailable("the project's JWKS (ZERFAUX_JWKS_URL) could not be read a moment ago; try again shortly")
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._jwks_thread, self._lookup, kid)
+        if found.algorithm_name != alg:
+            raise NotSignedIn(f"it says {alg} but its key {kid!r} is for {found.algorithm_name}")
+        return found.key
+
+    def _lookup(self, kid: str) -> jwt.PyJWK:
+        """On the JWKS thread, one at a time: lookups queued behind a failed fetch fail at once."""
+        assert self._jwks is not None
+        if time.monotonic() < self._jwks_down_until:
+            raise KeysUnavailable("the project's JWKS (ZERFAUX_JWKS_URL) could not be read a moment ago; try again shortly")
+        try:
+            return self._jwks.get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError as exc:
+            self._jwks_down_until = time.monotonic() + JWKS_RETRY_SECONDS
+            log.warning("console: the JWKS could not be fetched: %s", exc)
+            raise KeysUnavailable("the project's JWKS (ZERFAUX_JWKS_URL) could not be read; try again shortly") from None
+        except jwt.PyJWTError as exc:  # no such kid, or a JWKS that is not one
+            raise NotSignedIn(f"its signing key is not in the project's JWKS ({exc})") from None
 
     async def identify(self, request: Request) -> Identity:
         """The caller's identity: the Authorization header first (scripts), then the cookie."""

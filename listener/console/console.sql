@@ -78,6 +78,13 @@ select p.id, p.snapshot_name, p.created_at, p.replicated_at, p.on_source, p.on_t
  order by p.created_at desc
  limit 60;
 
+-- name: group_point
+-- One recovery point of the group by id, for a confirmation that names the point a run will use.
+select p.id, p.snapshot_name, p.created_at, p.replicated_at, p.on_source, p.on_target, p.bytes,
+       p.tested_at, p.removed_at
+  from public.recovery_points p
+ where p.protection_group_id = %(group)s and p.id = %(point)s;
+
 -- name: group_jobs
 select j.id, j.status, j.origin, j.snapshot_name, j.bytes_transferred, j.bytes_estimated, j.error,
        j.created_at, j.started_at, j.completed_at,

@@ -3,7 +3,9 @@ live feed. Each page is one transaction as the signed-in user with a fixed numbe
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -21,6 +23,8 @@ from listener.console.render import page, percent
 
 if TYPE_CHECKING:
     from listener.console import Console
+
+log = logging.getLogger(__name__)
 
 DONE = {  # ?done=<code>: what the last action did, in fixed words
     "sync": "Inventory sync requested.", "replicate": "Replication requested.",
@@ -112,6 +116,36 @@ def step_timeline(run: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str,
     return {"bars": bars, "span": span, "height": len(steps) * 14 + 4}
 
 
+class BoundedStream(StreamingResponse):
+    """A stream that ends at its deadline even for a client that stopped reading: its sends
+    would otherwise wait for ever on a full socket, keeping its watcher (and the feed's
+    refreshes) alive past the token's expiry. Such a client is cut off ``SEND_GRACE`` seconds
+    after the deadline (the server closes the connection)."""
+
+    SEND_GRACE = 10.0
+
+    def __init__(self, content: AsyncIterator[str], ends: float, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.ends = ends
+
+    async def stream_response(self, send: Any) -> None:
+        async def bounded(message: Any) -> None:
+            await asyncio.wait_for(send(message), max(0.1, self.ends + self.SEND_GRACE - time.monotonic()))
+
+        try:
+            await super().stream_response(bounded)
+        except asyncio.TimeoutError:
+            log.info("console feed: cut off a client that stopped reading")
+        finally:
+            await _close(self.body_iterator)
+
+
+async def _close(iterator: Any) -> None:
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()
+
+
 def routes(console: Console) -> list[Route]:
     from listener.console import context, signed_in
 
@@ -154,15 +188,20 @@ def routes(console: Console) -> list[Route]:
             return who
         assert db is not None
         run_id = parse_id(request.path_params["id"])
-        if run_id is None or not db.has_runs:
-            return not_found(request, console, who, "No such recovery run (recovery runs need issue 13's migration)."
-                             if not db.has_runs else "That is not a run id.")
+        if run_id is None:
+            return not_found(request, console, who, "That is not a run id.")
+        row: dict[str, Any] | None = None
+        steps: list[dict[str, Any]] = []
         try:
             async with db.as_user(who) as s:
-                row = await s.one("run", {"run": run_id})
-                steps = await s.rows("run_steps", {"run": run_id}) if row else []
+                # Known only once the database has been opened (the first request after a start).
+                if db.has_runs:
+                    row = await s.one("run", {"run": run_id})
+                    steps = await s.rows("run_steps", {"run": run_id}) if row else []
         except (Refused, Unavailable) as exc:
             return failed(request, console, who, exc)
+        if not db.has_runs:
+            return not_found(request, console, who, "No such recovery run (recovery runs need issue 13's migration).")
         if row is None:
             return not_found(request, console, who, "No such run, or you may not read it.")
         row["id"], row["protection_group_id"] = str(row["id"]), str(row["protection_group_id"])
@@ -205,8 +244,8 @@ def routes(console: Console) -> list[Route]:
             finally:
                 hub.unwatch(watcher)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return BoundedStream(stream(), ends, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return [
         Route("/", groups, methods=["GET"]),

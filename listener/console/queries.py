@@ -12,6 +12,7 @@ tick for every client); the feed filters its rows per client (feed.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 
 QUERIES = sqlfile.load(Path(__file__).with_name("console.sql"))
 STATEMENT_TIMEOUT = "10s"
+# A request's whole time with the database: waiting for a connection (and its check, which has
+# no timeout of its own: a half-open connection would hang it for ever), the statements, the
+# commit. Past it the request is answered "unavailable" and the connection is dropped (psycopg
+# then spends up to 10 s more trying to cancel the statement on a hung network).
+DEADLINE_SECONDS = 12.0
 
 
 class Refused(Exception):
@@ -66,26 +72,33 @@ class ConsoleDB:
     def __init__(self, conninfo: str, *, pool_size: int = 4,
                  connection_class: type[psycopg.AsyncConnection[Any]] = psycopg.AsyncConnection) -> None:
         self.description = redact_url(conninfo)
+        self.deadline = DEADLINE_SECONDS
         self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo, min_size=1, max_size=pool_size, open=False, connection_class=connection_class,
             kwargs={"autocommit": True, "row_factory": dict_row}, timeout=10.0,
             check=AsyncConnectionPool.check_connection,
         )
         self._opened = False
+        self._detected = False
         self.has_runs = False  # recovery_runs exists (issue 13's migration applied)
 
     async def open(self) -> None:
-        if self._opened:
-            return
-        await self._pool.open(wait=True, timeout=15.0)
-        self._opened = True
-        await self.detect()
+        """Start the pool (once) without waiting for the database: a database that is down when
+        the console is first used must not break the pool for good (a pool whose first open
+        timed out cannot be opened again); the pool keeps reconnecting in the background and
+        each request waits at most its own deadline."""
+        if not self._opened:
+            self._opened = True
+            await self._pool.open(wait=False)
+        if not self._detected:
+            await self.detect()
 
     async def detect(self) -> None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(QUERIES["has_runs"])
             row = await cur.fetchone()
             self.has_runs = bool(row and row["present"])
+        self._detected = True
 
     async def close(self) -> None:
         if self._opened:
@@ -95,17 +108,18 @@ class ConsoleDB:
     @asynccontextmanager
     async def as_user(self, identity: Identity) -> AsyncIterator[Session]:
         """A transaction as ``identity``; a database error becomes Refused (its message), a lost
-        database Unavailable. Anything raised inside rolls the whole transaction back."""
-        await self.open()
+        or hung database Unavailable. Anything raised inside rolls the whole transaction back."""
         try:
-            async with self._pool.connection() as conn:
-                async with conn.transaction():
-                    await conn.execute("set local role authenticated")
-                    await conn.execute(QUERIES["as_user"], {"claims": json.dumps(dict(identity.claims)),
-                                                            "timeout": STATEMENT_TIMEOUT})
-                    yield Session(conn)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.warning("console: database unreachable: %s", exc)
+            async with asyncio.timeout(self.deadline):
+                await self.open()
+                async with self._pool.connection() as conn:
+                    async with conn.transaction():
+                        await conn.execute("set local role authenticated")
+                        await conn.execute(QUERIES["as_user"], {"claims": json.dumps(dict(identity.claims)),
+                                                                "timeout": STATEMENT_TIMEOUT})
+                        yield Session(conn)
+        except (psycopg.OperationalError, PoolTimeout, TimeoutError) as exc:
+            log.warning("console: database unreachable: %s", exc or "no answer in time")
             raise Unavailable(f"the database ({self.description}) does not answer") from exc
         except psycopg.Error as exc:
             diag = exc.diag
@@ -114,10 +128,11 @@ class ConsoleDB:
 
     async def as_listener(self, name: str) -> list[dict[str, Any]]:
         """A read as the listener's own role: only for the feed's shared refresh."""
-        await self.open()
         try:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(QUERIES[name])
-                return cast(list[dict[str, Any]], await cur.fetchall())
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+            async with asyncio.timeout(self.deadline):
+                await self.open()
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute(QUERIES[name])
+                    return cast(list[dict[str, Any]], await cur.fetchall())
+        except (psycopg.OperationalError, PoolTimeout, TimeoutError) as exc:
             raise Unavailable(f"the database ({self.description}) does not answer") from exc

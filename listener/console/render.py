@@ -16,10 +16,11 @@ TEMPLATES = Path(__file__).with_name("templates")
 STATUS_WORDS = {"ok": "OK", "at_risk": "at risk", "violated": "RPO violated", "unknown": "unknown"}
 
 
-def duration(seconds: float | int | None) -> str:
-    if seconds is None:
+def duration(seconds: object) -> str:
+    try:
+        s = int(round(float(seconds)))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):  # None, or a step's detail that is not a number
         return "—"
-    s = int(round(float(seconds)))
     if s < 0:
         return "—"
     if s < 60:

@@ -100,12 +100,35 @@
     document.body.setAttribute("data-feed-updated", String(Date.now()));
   }
 
+  // A page whose sign-in ended must say so: figures that silently stop moving look current.
+  function signedOut() {
+    document.body.setAttribute("data-feed", "signed-out");
+    if (document.getElementById("feed-signed-out")) return;
+    var note = document.createElement("p");
+    note.id = "feed-signed-out";
+    note.className = "refusal";
+    note.setAttribute("role", "alert");
+    note.appendChild(document.createTextNode("Your sign-in has ended: this page is no longer updated. "));
+    var link = document.createElement("a");
+    link.href = "/login?why=expired";
+    link.textContent = "Sign in again";
+    note.appendChild(link);
+    var main = document.querySelector("main");
+    if (main) main.insertBefore(note, main.firstChild);
+  }
+
   function poll() {
     fetch("/feed?once=1", {credentials: "same-origin", headers: {Accept: "application/json"}})
-      .then(function (r) { return r.ok ? r.json() : {groups: []}; })
-      .then(function (body) { body.groups.forEach(apply); })
-      .catch(function () {})
-      .then(function () { setTimeout(poll, 5000); });
+      .then(function (r) {
+        if (r.status === 401) { signedOut(); return null; }
+        return r.ok ? r.json() : {groups: []};
+      })
+      .then(function (body) {
+        if (body === null) return;
+        body.groups.forEach(apply);
+        setTimeout(poll, 5000);
+      })
+      .catch(function () { setTimeout(poll, 5000); });
   }
 
   function connect() {
@@ -118,7 +141,11 @@
     source.addEventListener("error", function () {
       failures++;
       document.body.setAttribute("data-feed", "reconnecting");
-      if (failures > 5) { source.close(); document.body.setAttribute("data-feed", "polling"); poll(); }
+      // A refused stream (401 once the token ended) is closed for good by the browser: poll,
+      // which can read the status and say so, instead of waiting for reconnects that never come.
+      if (failures > 5 || source.readyState === EventSource.CLOSED) {
+        source.close(); document.body.setAttribute("data-feed", "polling"); poll();
+      }
     });
   }
 
