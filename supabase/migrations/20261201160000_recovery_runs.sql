@@ -333,7 +333,9 @@ create trigger recovery_runs_rules before insert on public.recovery_runs
 
 -- Cancelling a pending run ends it at once; a running one is told through its heartbeat (and a
 -- NOTIFY, so it hears within a moment rather than a heartbeat period) and a running test then
--- removes what it made. Nothing to stop once a run is active or ended: the refusal says what
+-- removes what it made. Its operation is marked also while it waits in the queue between two
+-- attempts (a retry not yet due, a dead listener's released work): the next attempt is claimed
+-- with cancel_requested and runs the cleanup steps. Nothing to stop once a run is active or ended: the refusal says what
 -- to do instead. The person's UPDATE has locked the run row: run, then operation, the engine's
 -- order.
 create function zerfaux.on_recovery_run_cancel() returns trigger
@@ -350,7 +352,7 @@ begin
             new.error := 'cancelled before it started';
         elsif old.status = 'running' then
             update zerfaux.operations set cancel_requested = true
-             where kind = 'recovery.run' and subject_id = new.id and status = 'running';
+             where kind = 'recovery.run' and subject_id = new.id and status in ('queued', 'running');
             perform pg_notify('zerfaux_cancel', new.id::text);
         else
             raise exception 'recovery_runs_cancel: recovery run % (kind %) is %: only a pending or running run can be '
