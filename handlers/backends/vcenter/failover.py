@@ -14,17 +14,17 @@ so a fencing check compares vCenter's clocks, not ours.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 
 from handlers.backends.vcenter import failover_devices as devices
 from handlers.backends.vcenter.query import check_stop, properties, wait_for_task
 from handlers.backends.vcenter.session import VCenterSessions, where
+from handlers.backends.vcenter.watch import watch
 from handlers.errors import PermanentError
 from handlers.recovery.backends import RecoveryDisk, RecoveryNic
 from handlers.recovery.failover_backends import AttachResult, NicChange, PowerState, ShutdownResult
@@ -34,9 +34,7 @@ log = logging.getLogger(__name__)
 
 OFF, ON, SUSPENDED = "poweredOff", "poweredOn", "suspended"
 TOOLS_RUNNING = "guestToolsRunning"
-WAKE_SECONDS = 5  # a long poll returns at least this often, so ``stop`` is noticed
 POWER_EVENTS = ["VmPoweredOffEvent", "VmPoweredOnEvent", "VmSuspendedEvent", "VmResumingEvent"]
-_PC = vmodl.query.PropertyCollector
 
 
 class FailoverComputeReal:
@@ -96,30 +94,10 @@ def _power_state(si: Any, moref: str) -> PowerState:
 
 def _wait_off(si: Any, vm: Any, timeout_seconds: float, stop: threading.Event, started: float) -> bool:
     """Long-poll ``runtime.powerState`` until poweredOff (True) or ``timeout_seconds`` since ``started``."""
-    collector = si.content.propertyCollector.CreatePropertyCollector()
-    try:
-        spec = _PC.FilterSpec(objectSet=[_PC.ObjectSpec(obj=vm, skip=False)],
-                              propSet=[_PC.PropertySpec(type=vim.VirtualMachine, pathSet=["runtime.powerState"],
-                                                        all=False)])
-        collector.CreateFilter(spec, partialUpdates=True)
-        version, state = "", None
-        while True:
-            check_stop(stop, f"while waiting for VM {vm._moId} to power off")
-            left = timeout_seconds - (time.monotonic() - started)
-            wait = max(1, min(WAKE_SECONDS, math.ceil(left)))
-            update = collector.WaitForUpdatesEx(version, _PC.WaitOptions(maxWaitSeconds=wait))
-            if update is not None:
-                version = update.version
-                for filter_set in update.filterSet or ():
-                    for obj_update in filter_set.objectSet or ():
-                        for change in obj_update.changeSet or ():
-                            state = str(change.val)
-            if state == OFF:
-                return True
-            if time.monotonic() - started >= timeout_seconds:
-                return False
-    finally:
-        collector.DestroyPropertyCollector()
+    off = watch(si, vm, ["runtime.powerState"], timeout_seconds, stop,
+                lambda values: True if str(values.get("runtime.powerState")) == OFF else None,
+                f"VM {vm._moId} to power off", started)
+    return bool(off)
 
 
 def _off_result(si: Any, vm: Any, how: str, started: float) -> ShutdownResult:

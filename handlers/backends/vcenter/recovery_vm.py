@@ -15,7 +15,6 @@ on and waited for at once).
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from typing import Any
@@ -25,6 +24,7 @@ from pyVmomi import vim, vmodl
 from handlers.backends.vcenter.placement import computes, datacenters, network_backing, resource_pool, vm_folder
 from handlers.backends.vcenter.query import Props, check_stop, collect, properties, wait_for_task
 from handlers.backends.vcenter.session import name_list, where
+from handlers.backends.vcenter.watch import watch
 from handlers.backends.vcenter.shell import (
     MARK_KEY,
     RUN_MARK_KEY,
@@ -42,11 +42,9 @@ log = logging.getLogger(__name__)
 
 AWAIT_SECONDS = 30.0  # for another creator's VM to show its marks
 AWAIT_STEP = 0.5
-WAKE_SECONDS = 5  # a long poll returns at least this often, so ``stop`` is noticed
 TOOLS_RUNNING = "guestToolsRunning"
 HEARTBEAT_GREEN = "green"
 _READY_PATHS = ["guest.toolsRunningStatus", "summary.quickStats.guestHeartbeatStatus"]
-_PC = vmodl.query.PropertyCollector
 
 
 def marks(props: Props) -> dict[str, str]:
@@ -245,36 +243,10 @@ def wait_ready(si: Any, moref: str, timeout_seconds: float, stop: threading.Even
     started = time.monotonic()
     if timeout_seconds <= 0:
         return Readiness(ready=False, how=None, waited_seconds=0.0)
-    vm = _vm(si, moref)
-    collector = si.content.propertyCollector.CreatePropertyCollector()
-    try:
-        spec = _PC.FilterSpec(
-            objectSet=[_PC.ObjectSpec(obj=vm, skip=False)],
-            propSet=[_PC.PropertySpec(type=vim.VirtualMachine, pathSet=_READY_PATHS, all=False)],
-        )
-        collector.CreateFilter(spec, partialUpdates=True)
-        values: Props = {}
-        version = ""
-        while True:
-            check_stop(stop, f"while waiting for VM {moref} to be ready")
-            left = timeout_seconds - (time.monotonic() - started)
-            # The first call (version "") answers at once with the current values.
-            wait = max(1, min(WAKE_SECONDS, math.ceil(left)))
-            update = collector.WaitForUpdatesEx(version, _PC.WaitOptions(maxWaitSeconds=wait))
-            if update is not None:
-                version = update.version
-                for filter_set in update.filterSet or ():
-                    for obj_update in filter_set.objectSet or ():
-                        for change in obj_update.changeSet or ():
-                            values[change.name] = change.val
-            how = _readiness(values)
-            waited = time.monotonic() - started
-            if how is not None:
-                return Readiness(ready=True, how=how, waited_seconds=round(waited, 3))
-            if waited >= timeout_seconds:
-                return Readiness(ready=False, how=None, waited_seconds=round(waited, 3))
-    finally:
-        collector.DestroyPropertyCollector()
+    how = watch(si, _vm(si, moref), _READY_PATHS, timeout_seconds, stop, _readiness,
+                f"VM {moref} to be ready", started)
+    waited = round(time.monotonic() - started, 3)
+    return Readiness(ready=how is not None, how=how, waited_seconds=waited)
 
 
 def destroy_vm(si: Any, vcenter: VCenterEndpoint, moref: str, run_id: str, stop: threading.Event) -> bool:
