@@ -43,9 +43,17 @@ def size(n: float | int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def when(value: datetime | None) -> str:
+def when(value: datetime | str | None) -> str:
+    """A time as a person reads it; ISO text from a step's detail (vCenter's bootTime) too."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value  # not a time: shown as it is (escaped), never an error page
     if value is None:
         return "—"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
