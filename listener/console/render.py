@@ -43,7 +43,7 @@ def size(n: float | int | None) -> str:
     return f"{value:.1f} TiB"
 
 
-def when(value: datetime | str | None) -> str:
+def when(value: object) -> str:
     """A time as a person reads it; ISO text from a step's detail (vCenter's bootTime) too."""
     if isinstance(value, str):
         try:
@@ -52,6 +52,8 @@ def when(value: datetime | str | None) -> str:
             return value  # not a time: shown as it is (escaped), never an error page
     if value is None:
         return "—"
+    if not isinstance(value, datetime):
+        return str(value)  # a step's detail may hold anything: shown as it is (escaped)
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -361,7 +361,7 @@ def test_an_operator_starts_a_test_failover_and_reads_its_steps_and_report(serve
                       "  '{\"how\": \"timeout\", \"waited_seconds\": 49}')", {"r": run["id"], "v": pvm})
         page = c.get(f"/runs/{run['id']}", headers=HTML).text
         assert 'data-name="wait_ready" data-status="warning"' in page and "ready by timeout" in page
-        assert "booted 2026-12-01T10:00:00Z" in page and 'id="rto" data-seconds="80.0"' in page
+        assert "booted 2026-12-01 10:00:00 UTC" in page and 'id="rto" data-seconds="80.0"' in page
         report = c.get(f"/runs/{run['id']}/report", headers=HTML).text
         assert 'id="report-warnings">1<' in report and "app-07" in report and "1m 20s" in report
     with client(served, make_jwt(grant(seeded_db, "viewer", add_groups(seeded_db, 1)[0]))) as stranger:

@@ -17,3 +17,7 @@ def test_a_time_reads_the_same_from_the_database_and_from_vcenters_iso_text() ->
 def test_nothing_and_text_that_is_no_time() -> None:
     assert when(None) == "—"
     assert when("soon") == "soon"
+
+
+def test_any_other_value_is_shown_as_it_is() -> None:
+    assert when(42) == "42" and when({"a": 1}) == "{'a': 1}"
