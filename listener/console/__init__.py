@@ -158,7 +158,7 @@ def routes(console: Console) -> list[BaseRoute]:
     return [
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
-        Route("/logout", logout, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),  # a link elsewhere cannot sign a person out
         *pages.routes(console),
         *actions.routes(console),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),

@@ -68,7 +68,9 @@ def test_login_keeps_the_token_in_a_strict_http_only_cookie(served: ConsoleServe
         assert "secure" not in cookie  # plain http on loopback; https requests get Secure
         page = c.get("/", headers=HTML)
         assert page.status_code == 200 and 'data-group-id="' + GROUP + '"' in page.text
-        assert c.get("/logout", headers=HTML).status_code == 303
+        assert c.get("/logout", headers=HTML).status_code == 405  # a link from elsewhere signs nobody out
+        assert c.get("/", headers=HTML).status_code == 200
+        assert c.post("/logout", headers=HTML).status_code == 303
         assert c.get("/", headers=HTML).status_code == 303  # the cookie is gone
 
 
