@@ -216,7 +216,7 @@ def main() -> None:
     print(f"  the last page ({last_page}): p50 {percentile(tail, 50):.1f} ms  p99 {percentile(tail, 99):.1f} ms")
     print(f"  queries per refresh {per_page:.1f} (statements sent on the console's connections;"
           f" BEGIN/COMMIT not counted)")
-    print(f"  of which the page's groups query alone (console.sql 'groups', as the same user):"
+    print(f"  of which the page's groups query alone (console.sql 'groups_page', as the same user):"
           f" p50 {percentile(query, 50):.1f} ms  p99 {percentile(query, 99):.1f} ms")
     print(f"  live feed: {len(running)} jobs' progress moved in one commit -> the client told of all"
           f" p50 {percentile(feed, 50):.0f} ms  p99 {percentile(feed, 99):.0f} ms;"
