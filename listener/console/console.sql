@@ -64,7 +64,9 @@ select g.id, g.name, g.rpo_minutes, g.paused, g.state, g.next_replication_at,
 -- counts; a page past the last still returns one row: the counts, with a null id. Each table
 -- named costs its RLS policy's group_ids() once (about 1 ms at 1,000 groups), so the columns
 -- come from protection_status itself (no second join to protection_groups: the groups page
--- needs none of its other columns) and the role from has_role() on the page's groups only.
+-- needs none of its other columns) and the role from has_role() on the page's groups only (a
+-- global role, asked once, answers for every group). The chart's points come as a float8
+-- array: building and parsing 2,400 small jsonb arrays was a third of the statement.
 with listed as materialized (
          select s.protection_group_id as id, s.rpo_status, s.current_rpo_seconds, s.last_recovery_point_at,
                 s.last_job_status, s.last_error, s.paused, s.name, s.rpo_minutes, s.next_replication_at,
@@ -85,12 +87,13 @@ select sm.total, sm.n_violated, sm.n_at_risk, sm.n_unknown, sm.n_ok, sm.n_paused
        l.id, l.name, l.rpo_minutes, l.paused, l.next_replication_at,
        l.current_rpo_seconds::float8 as current_rpo_seconds, l.rpo_status, l.last_recovery_point_at,
        l.last_job_status, l.last_error,
-       case when zerfaux.has_role('admin', l.id) then 'admin'
-            when zerfaux.has_role('operator', l.id) then 'operator' else 'viewer' end as my_role,
+       case when (select zerfaux.has_role('admin')) or zerfaux.has_role('admin', l.id) then 'admin'
+            when (select zerfaux.has_role('operator')) or zerfaux.has_role('operator', l.id) then 'operator'
+            else 'viewer' end as my_role,
        j.id as job_id, j.status as job_status, j.bytes_transferred, j.bytes_estimated,
        j.started_at as job_started_at, j.origin as job_origin,
        extract(epoch from now())::float8 as now_epoch,
-       coalesce(pts.points, '[]'::jsonb) as points,
+       coalesce(pts.points, '{}'::float8[]) as points,  -- [[created, arrived], ...]: no jsonb to build
        coalesce(ev.events, '[]'::jsonb) as events
   from summary sm
   left join shown l on true
@@ -100,8 +103,8 @@ select sm.total, sm.n_violated, sm.n_at_risk, sm.n_unknown, sm.n_ok, sm.n_paused
        where r.protection_group_id = l.id and r.status in ('pending', 'running')
        order by r.created_at desc limit 1) j on true
   left join lateral (
-      select jsonb_agg(jsonb_build_array(extract(epoch from x.created_at)::float8,
-                                         extract(epoch from x.arrived)::float8) order by x.arrived) as points
+      select array_agg(array[extract(epoch from x.created_at)::float8,
+                             extract(epoch from x.arrived)::float8] order by x.arrived) as points
         from (select p.created_at, coalesce(p.replicated_at, p.created_at) as arrived
                 from public.recovery_points p
                where p.protection_group_id = l.id and p.created_at >= now() - interval '24 hours'

@@ -428,6 +428,7 @@ def test_paging_reaches_every_group_worst_first_with_counts_over_all(served: Con
                 assert f'id="count-{status}" data-count-status="{status}" data-count="{n}"' in \
                     c.get(path, headers=HTML).text, (status, path)
         assert 'data-total="120"' in first and "groups 1–50 shown" in first
+        assert first.count('data-role="admin"') == 50  # a global admin is admin of every group
         # Scripts off: the pager is plain links, every page listed.
         assert all(f'href="/?page={n}"' in first for n in (2, 3))
         # Past the last page: no rows, the counts, a way back; a bad number: the field and the fix.
@@ -464,12 +465,16 @@ def test_a_viewers_counts_and_pages_are_only_their_groups(served: ConsoleServer,
     user = str(uuid.uuid4())
     for g in mine:
         grant(seeded_db, "viewer", g, user=user)
+    grant(seeded_db, "operator", mine[0], user=user)
     truth = {r["id"]: r["rpo_status"] for r in seeded_db.sql(
         "select protection_group_id::text as id, rpo_status from protection_status where protection_group_id = any(%s::uuid[])",
         (mine,))}
     with client(served, make_jwt(user)) as c:
         html = c.get("/", headers=HTML).text
         assert dict(ROW.findall(html)) == truth and 'data-total="7"' in html and 'class="pager"' not in html
+        roles = dict(re.findall(r'data-group-id="([^"]+)" data-status="[a-z_]+" data-paused="[a-z]+" data-role="([a-z]+)"',
+                                html))
+        assert roles == {g: "operator" if g == mine[0] else "viewer" for g in mine}, roles
         for status in WORST_FIRST:
             n = sum(1 for s in truth.values() if s == status)
             assert f'id="count-{status}" data-count-status="{status}" data-count="{n}"' in html
