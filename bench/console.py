@@ -12,8 +12,10 @@ uvicorn on loopback, in a thread of this process (tests/support/console.py's Con
 database connections counting every statement they run, so "queries per refresh" is what the
 page really sent. Each figure comes after a warm-up.
 
-- page: time to first byte of ``GET /`` (request sent → status line and headers in; the page is
+- page: time to first byte of ``GET /`` (page 1: the worst ``PAGE_SIZE`` groups and the counts
+  over all; request sent → status line and headers in; the page is
   rendered before its headers leave), p50 and p99 over ``--requests`` requests, one at a time.
+- the last page (``/?page=N``, the largest offset): the same, fewer requests; not in the ratio.
 - queries per refresh: statements per ``GET /`` (must not grow with the groups).
 - feed: one ``/feed`` client; every running job's progress is moved in one transaction; time to
   the client's next event and the statements the feed ran for it.
@@ -41,6 +43,7 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
 from bench.common import drop_database, percentile, scratch_database  # noqa: E402
+from listener.console.paging import PAGE_SIZE  # noqa: E402
 from listener.migrate import migrate, seed  # noqa: E402
 from tests.support.console import ConsoleServer, CountingConnection, make_jwt  # noqa: E402
 from tests.support.pg import Database  # noqa: E402
@@ -112,8 +115,10 @@ def baseline(url: str, n: int) -> list[float]:
 
 
 def groups_query(url: str, n: int) -> list[float]:
-    """The page's own groups query (listener/console/console.sql) as the same user, rows fetched:
-    how much of the page is the database's."""
+    """The page's own groups query (listener/console/console.sql 'groups_page', page 1 of
+    PAGE_SIZE groups and the counts over all) as the same user, rows fetched: how much of the
+    page is the database's."""
+    from listener.console.paging import PAGE_SIZE
     from listener.console.queries import QUERIES
 
     claims = json.dumps({"sub": ADMIN, "role": "authenticated", "aud": "authenticated"})
@@ -123,24 +128,24 @@ def groups_query(url: str, n: int) -> list[float]:
         conn.execute("select set_config('request.jwt.claims', %s, false)", (claims,))
         for i in range(n + n // 5):
             start = time.perf_counter()
-            conn.execute(QUERIES["groups"], {"group": None}).fetchall()
+            conn.execute(QUERIES["groups_page"], {"limit": PAGE_SIZE, "offset": 0}).fetchall()
             if i >= n // 5:
                 times.append((time.perf_counter() - start) * 1000)
     return times
 
 
-def page_times(base: str, token: str, n: int) -> tuple[list[float], float, int]:
-    """TTFB of ``GET /`` one request at a time; statements per request; the page's size."""
+def page_times(base: str, token: str, n: int, path: str = "/") -> tuple[list[float], float, int]:
+    """TTFB of ``GET path`` one request at a time; statements per request; the page's size."""
     headers = {"Authorization": f"Bearer {token}", "Accept": "text/html"}
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         for _ in range(max(5, n // 10)):  # warm-up: pool, plans, templates
-            client.get("/").raise_for_status()
+            client.get(path).raise_for_status()
         times: list[float] = []
         before = CountingConnection.statements
         size = 0
         for _ in range(n):
             start = time.perf_counter()
-            with client.stream("GET", "/") as response:
+            with client.stream("GET", path) as response:
                 times.append((time.perf_counter() - start) * 1000)  # status line and headers are in
                 body = response.read()
                 assert response.status_code == 200, (response.status_code, body[:300])
@@ -199,15 +204,19 @@ def main() -> None:
         with ConsoleServer(Database(name, url), counting=True) as server:
             token = make_jwt(ADMIN)
             page, per_page, size = page_times(server.url, token, args.requests)
+            # The last page (the healthiest groups, the largest offset): a figure, not the ratio's.
+            last_page = f"/?page={max(1, -(-args.groups // PAGE_SIZE))}"
+            tail, _, _ = page_times(server.url, token, max(20, args.requests // 5), last_page)
             feed, per_round = feed_rounds(url, server.url, token, running, args.feed_rounds)
     finally:
         drop_database(name)
     print(f"console groups page: {args.groups} groups, {len(running)} replicating;"
           f" {args.requests} requests one at a time after a warm-up ({size / 1024:.0f} KiB a page)")
     print(f"  time to first byte p50 {percentile(page, 50):.1f} ms  p99 {percentile(page, 99):.1f} ms")
+    print(f"  the last page ({last_page}): p50 {percentile(tail, 50):.1f} ms  p99 {percentile(tail, 99):.1f} ms")
     print(f"  queries per refresh {per_page:.1f} (statements sent on the console's connections;"
           f" BEGIN/COMMIT not counted)")
-    print(f"  of which the page's groups query alone (console.sql 'groups', as the same user):"
+    print(f"  of which the page's groups query alone (console.sql 'groups_page', as the same user):"
           f" p50 {percentile(query, 50):.1f} ms  p99 {percentile(query, 99):.1f} ms")
     print(f"  live feed: {len(running)} jobs' progress moved in one commit -> the client told of all"
           f" p50 {percentile(feed, 50):.0f} ms  p99 {percentile(feed, 99):.0f} ms;"

@@ -55,6 +55,71 @@ select g.id, g.name, g.rpo_minutes, g.paused, g.state, g.next_replication_at,
  where %(group)s::uuid is null or g.id = %(group)s::uuid
  order by g.name, g.id;
 
+-- name: groups_page
+-- One page of the groups page, worst status first (violated, at risk, unknown, ok; then by name),
+-- and the counts per status over EVERY group the user may read. The status of every group is
+-- computed once (the one pass over protection_status the counts need anyway); the job, the
+-- recovery points and the RPO events of the chart are read only for the %(limit)s groups of the
+-- page, through the (group, time) indexes. One row per group of the page, each carrying the
+-- counts; a page past the last still returns one row: the counts, with a null id. Each table
+-- named costs its RLS policy's group_ids() once (about 1 ms at 1,000 groups), so the columns
+-- come from protection_status itself (no second join to protection_groups: the groups page
+-- needs none of its other columns) and the role from has_role() on the page's groups only (a
+-- global role, asked once, answers for every group). The chart's points come as a float8
+-- array: building and parsing 2,400 small jsonb arrays was a third of the statement.
+with listed as materialized (
+         select s.protection_group_id as id, s.rpo_status, s.current_rpo_seconds, s.last_recovery_point_at,
+                s.last_job_status, s.last_error, s.paused, s.name, s.rpo_minutes, s.next_replication_at,
+                case s.rpo_status when 'violated' then 0 when 'at_risk' then 1 when 'unknown' then 2
+                                  else 3 end as rank
+           from public.protection_status s),
+     summary as (
+         select count(*)::int as total,
+                count(*) filter (where rpo_status = 'violated')::int as n_violated,
+                count(*) filter (where rpo_status = 'at_risk')::int as n_at_risk,
+                count(*) filter (where rpo_status = 'unknown')::int as n_unknown,
+                count(*) filter (where rpo_status = 'ok')::int as n_ok,
+                count(*) filter (where paused)::int as n_paused
+           from listed),
+     shown as materialized (
+         select l.* from listed l order by l.rank, l.name, l.id limit %(limit)s offset %(offset)s)
+select sm.total, sm.n_violated, sm.n_at_risk, sm.n_unknown, sm.n_ok, sm.n_paused,
+       l.id, l.name, l.rpo_minutes, l.paused, l.next_replication_at,
+       l.current_rpo_seconds::float8 as current_rpo_seconds, l.rpo_status, l.last_recovery_point_at,
+       l.last_job_status, l.last_error,
+       case when (select zerfaux.has_role('admin')) or zerfaux.has_role('admin', l.id) then 'admin'
+            when (select zerfaux.has_role('operator')) or zerfaux.has_role('operator', l.id) then 'operator'
+            else 'viewer' end as my_role,
+       j.id as job_id, j.status as job_status, j.bytes_transferred, j.bytes_estimated,
+       j.started_at as job_started_at, j.origin as job_origin,
+       extract(epoch from now())::float8 as now_epoch,
+       coalesce(pts.points, '{}'::float8[]) as points,  -- [[created, arrived], ...]: no jsonb to build
+       coalesce(ev.events, '[]'::jsonb) as events
+  from summary sm
+  left join shown l on true
+  left join lateral (
+      select r.id, r.status, r.bytes_transferred, r.bytes_estimated, r.started_at, r.origin
+        from public.replication_jobs r
+       where r.protection_group_id = l.id and r.status in ('pending', 'running')
+       order by r.created_at desc limit 1) j on true
+  left join lateral (
+      select array_agg(array[extract(epoch from x.created_at)::float8,
+                             extract(epoch from x.arrived)::float8] order by x.arrived) as points
+        from (select p.created_at, coalesce(p.replicated_at, p.created_at) as arrived
+                from public.recovery_points p
+               where p.protection_group_id = l.id and p.created_at >= now() - interval '24 hours'
+              union all
+              (select p.created_at, coalesce(p.replicated_at, p.created_at)
+                 from public.recovery_points p
+                where p.protection_group_id = l.id and p.created_at < now() - interval '24 hours'
+                order by p.created_at desc limit 1)) x) pts on true
+  left join lateral (
+      select jsonb_agg(jsonb_build_array(extract(epoch from e.at)::float8, e.new_status,
+                                         e.rpo_seconds::float8, e.reason) order by e.at) as events
+        from public.rpo_events e
+       where e.protection_group_id = l.id and e.at >= now() - interval '24 hours') ev on true
+ order by l.rank, l.name, l.id;
+
 -- name: group_vms
 select p.id, p.vm_id, p.boot_priority, p.boot_delay_seconds, p.tools_timeout_seconds,
        p.dr_shell_vm_created, p.dr_shell_vm_id, p.last_error,

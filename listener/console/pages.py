@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from listener.console import chart
+from listener.console import chart, paging
 from listener.console.auth import Identity, seconds_left
 from listener.console.queries import Refused, Session, Unavailable
 from listener.console.render import page, percent
@@ -157,11 +157,19 @@ def routes(console: Console) -> list[Route]:
             return who
         assert db is not None
         try:
+            number = paging.parse_page(request.query_params.get("page"))
+        except paging.BadPage as exc:
+            return page(request, "message.html", context(console, who, title="Bad page number",
+                                                         message=str(exc)), status=400)
+        try:
             async with db.as_user(who) as s:
-                rows = await s.rows("groups", {"group": None})
+                rows = await s.rows("groups_page", {"limit": paging.PAGE_SIZE,
+                                                    "offset": (number - 1) * paging.PAGE_SIZE})
         except (Refused, Unavailable) as exc:
             return failed(request, console, who, exc)
-        return page(request, "groups.html", context(console, who, groups=[group_view(r) for r in rows],
+        shown, pager = paging.split(rows, number)
+        return page(request, "groups.html", context(console, who, groups=[group_view(r) for r in shown],
+                                                    paging=pager,
                                                     notice=DONE.get(request.query_params.get("done", ""))))
 
     async def group(request: Request) -> Response:

@@ -159,6 +159,44 @@ def test_progress_bar_advances_during_a_stub_replication(groups_world: Database,
         _look(page, "group-running")
 
 
+def test_a_later_page_stays_live_and_the_counts_follow_every_group(groups_world: Database, tmp_path: Path,
+                                                                   browser: BrowserFactory) -> None:
+    """Paging: 60 more groups, OK and paused (the schedule leaves them be), so page 2 holds OK
+    groups only. A replication of page 2's last group moves its bar on the open page; a recovery
+    point for a group on page 1 moves the counts line, both without a reload."""
+    db = groups_world
+    extra = add_groups(db.url, 60, "cbp")
+    db.sql("update protection_groups set rpo_minutes = 30, paused = true where id = any(%s::uuid[])", (extra,))
+    db.sql("""insert into recovery_points (protection_group_id, snapshot_name, guid, created_at, replicated_at)
+              select id, 'zerfaux_cbp', 'cbp-' || id, now() - interval '1 minute', now()
+                from protection_groups where id = any(%s::uuid[])""", (extra,))
+    with Console(db, tmp_path, ZERFAUX_STUB_SECONDS="40") as console:
+        operator = console.person("operator")
+        page = browser(DESKTOP)
+        sign_in(page, console.url, operator.token)
+        page.open(console.url + "/?page=2")
+        rows = _group_rows(page)
+        assert rows and {r["id"] for r in rows.values()} <= set(extra), sorted(rows)  # OK ones come last
+        assert page.css("#pager-top [aria-current=page]")[0].text == "2"
+        target = list(rows.values())[-1]["id"]
+        counts = {s: int(page.css(f"#count-{s}")[0].get_attribute("data-count")) for s in ("ok", "unknown")}
+        assert counts["ok"] == 60 and counts["unknown"] >= 1, counts
+        page.run("window.__notReloaded = true")
+        _replicate(db, target)
+        first = page.wait(lambda: [v for v in progress_values(page) if 0 < v < 1], 60,
+                          what="a running progress bar on page 2")[0]
+        page.wait(lambda: [v for v in progress_values(page) if v > first], 60,
+                  what=f"the progress bar on page 2 moving past {first:.2f}")
+        # cb-hourly (page 1, unknown: no point yet) gets a recovery point: it is OK now.
+        db.sql("""insert into recovery_points (protection_group_id, snapshot_name, guid, created_at, replicated_at)
+                  select id, 'zerfaux_cbp_h', 'cbp-h', now(), now() from protection_groups where name = 'cb-hourly'""")
+        page.wait(lambda: page.css("#count-ok")[0].get_attribute("data-count") == str(counts["ok"] + 1), 60,
+                  what="the counts line counting cb-hourly as OK")
+        assert page.css("#count-unknown")[0].get_attribute("data-count") == str(counts["unknown"] - 1)
+        assert page.run("return window.__notReloaded === true"), "the page reloaded instead of updating"
+        _look(page, "groups-page-2")
+
+
 def test_a_viewer_is_shown_the_databases_refusal(groups_world: Database, tmp_path: Path,
                                                  browser: BrowserFactory) -> None:
     db = groups_world

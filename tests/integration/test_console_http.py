@@ -8,6 +8,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -368,3 +369,113 @@ def test_an_operator_starts_a_test_failover_and_reads_its_steps_and_report(serve
         assert 'id="report-warnings">1<' in report and "app-07" in report and "1m 20s" in report
     with client(served, make_jwt(grant(seeded_db, "viewer", add_groups(seeded_db, 1)[0]))) as stranger:
         assert stranger.get(f"/runs/{run['id']}", headers=HTML).status_code == 404
+
+
+# --- paging of the groups page (120 groups: three pages of 50) --------------------------------
+
+ROW = re.compile(r'<tr class="group" id="group-[^"]+" data-group-id="([^"]+)" data-status="([a-z_]+)"')
+WORST_FIRST = ("violated", "at_risk", "unknown", "ok")
+
+
+def statuses_spread(db: Database, groups: list[str]) -> None:
+    """A recovery point per group, chosen so the groups are violated, at risk, ok and unknown in
+    turn (unknown: no point at all); what protection_status says is checked, not assumed."""
+    db.sql("update protection_groups set rpo_minutes = 30 where id = any(%s::uuid[]) and rpo_minutes is null",
+           (groups,))
+    for i, group in enumerate(groups):
+        age = (2.0, 0.8, 0.1, None)[i % 4]  # share of the group's RPO
+        if age is not None:
+            db.sql("insert into recovery_points (protection_group_id, snapshot_name, guid, created_at, replicated_at)"
+                   " select id, 'zerfaux_p', id::text || 'p', now() - %s * rpo_minutes * interval '1 minute', now()"
+                   " from protection_groups where id = %s", (age, group))
+
+
+def all_pages(c: httpx.Client) -> tuple[list[tuple[str, str]], list[str]]:
+    """Every (id, status) row of every page, following the pager's links from page 1; the pages."""
+    rows: list[tuple[str, str]] = []
+    pages, seen = ["/"], set()
+    while pages:
+        path = pages.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        html = c.get(path, headers=HTML).text
+        rows += ROW.findall(html)
+        nxt = re.search(r'<a rel="next" class="page-next" href="([^"]+)"', html)
+        if nxt:
+            pages.append(nxt.group(1))
+    return rows, sorted(seen)
+
+
+def test_paging_reaches_every_group_worst_first_with_counts_over_all(served: ConsoleServer,
+                                                                     seeded_db: Database) -> None:
+    statuses_spread(seeded_db, add_groups(seeded_db, 119))
+    user = grant(seeded_db, "admin")
+    truth = {r["id"]: r["rpo_status"] for r in seeded_db.sql(
+        "select protection_group_id::text as id, rpo_status from protection_status")}
+    assert len(truth) == 120 and set(truth.values()) == set(WORST_FIRST)
+    with client(served, make_jwt(user)) as c:
+        first = c.get("/", headers=HTML).text
+        rows, pages = all_pages(c)
+        assert pages == ["/", "/?page=2", "/?page=3"]
+        ids = [i for i, _ in rows]
+        assert len(ids) == len(set(ids)) == 120 and set(ids) == set(truth)  # every group, once
+        assert all(truth[i] == s for i, s in rows)  # each with its status
+        ranks = [WORST_FIRST.index(s) for _, s in rows]
+        assert ranks == sorted(ranks) and rows[0][1] == "violated"  # worst first, across pages
+        assert len(ROW.findall(first)) == 50 and first.count('class="rpo-chart"') == 50
+        for status in WORST_FIRST:  # the counts are over all 120 groups, on every page
+            n = sum(1 for s in truth.values() if s == status)
+            for path in pages:
+                assert f'id="count-{status}" data-count-status="{status}" data-count="{n}"' in \
+                    c.get(path, headers=HTML).text, (status, path)
+        assert 'data-total="120"' in first and "groups 1–50 shown" in first
+        assert first.count('data-role="admin"') == 50  # a global admin is admin of every group
+        # Scripts off: the pager is plain links, every page listed.
+        assert all(f'href="/?page={n}"' in first for n in (2, 3))
+        # Past the last page: no rows, the counts, a way back; a bad number: the field and the fix.
+        past = c.get("/?page=9", headers=HTML)
+        assert past.status_code == 200 and 'id="past-last-page"' in past.text and 'href="/?page=3"' in past.text
+        assert not ROW.findall(past.text) and 'data-total="120"' in past.text
+        bad = c.get("/?page=two", headers=HTML)
+        assert bad.status_code == 400 and "page" in bad.text and "?page=2" in bad.text
+
+
+def test_paging_costs_the_same_queries_on_every_page(served: ConsoleServer, seeded_db: Database) -> None:
+    user = grant(seeded_db, "admin")
+    with client(served, make_jwt(user)) as c:
+        c.get("/", headers=HTML)  # the pool's first connection and the capability check
+        one = statements(served, c, "/")
+        groups = add_groups(seeded_db, 119)
+        statuses_spread(seeded_db, groups)
+        seeded_db.sql("insert into replication_jobs (protection_group_id) select unnest(%s::uuid[])", (groups,))
+        seeded_db.sql("update replication_jobs set status = 'running', started_at = now(), bytes_estimated = 100"
+                      " where status = 'pending'")
+        seeded_db.sql("insert into rpo_events (protection_group_id, at, new_status, rpo_seconds, reason)"
+                      " select id, now() - n * interval '1 hour', 'at_risk', 60, 'test'"
+                      " from protection_groups, generate_series(1, 3) n")
+        counts = [statements(served, c, p) for p in ("/", "/?page=2", "/?page=3", "/?page=4")]
+        assert counts == [one] * 4 and one <= 4
+        html = c.get("/?page=3", headers=HTML).text
+        assert len(ROW.findall(html)) == 20 and html.count('<circle class="event') >= 20 * 3
+
+
+def test_a_viewers_counts_and_pages_are_only_their_groups(served: ConsoleServer, seeded_db: Database) -> None:
+    groups = add_groups(seeded_db, 60)
+    statuses_spread(seeded_db, groups)
+    mine = groups[:7]
+    user = str(uuid.uuid4())
+    for g in mine:
+        grant(seeded_db, "operator" if g == mine[0] else "viewer", g, user=user)
+    truth = {r["id"]: r["rpo_status"] for r in seeded_db.sql(
+        "select protection_group_id::text as id, rpo_status from protection_status where protection_group_id = any(%s::uuid[])",
+        (mine,))}
+    with client(served, make_jwt(user)) as c:
+        html = c.get("/", headers=HTML).text
+        assert dict(ROW.findall(html)) == truth and 'data-total="7"' in html and 'class="pager"' not in html
+        roles = dict(re.findall(r'data-group-id="([^"]+)" data-status="[a-z_]+" data-paused="[a-z]+" data-role="([a-z]+)"',
+                                html))
+        assert roles == {g: "operator" if g == mine[0] else "viewer" for g in mine}, roles
+        for status in WORST_FIRST:
+            n = sum(1 for s in truth.values() if s == status)
+            assert f'id="count-{status}" data-count-status="{status}" data-count="{n}"' in html

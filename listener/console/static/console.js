@@ -75,7 +75,28 @@
       });
   }
 
+  // The groups page shows one page of groups but counts every group's status: the feed tells
+  // of every group the user may read when it connects, so once it has told of as many groups as
+  // the page counted, the counts are recounted from the feed.
+  var statusOf = {};
+  function recount(group) {
+    var summary = document.getElementById("summary");
+    if (!summary) return;
+    statusOf[group.id] = group.status;
+    var ids = Object.keys(statusOf);
+    if (ids.length < Number(summary.getAttribute("data-total"))) return;
+    var n = {};
+    ids.forEach(function (id) { n[statusOf[id]] = (n[statusOf[id]] || 0) + 1; });
+    each("#summary [data-count-status]", function (el) {
+      var s = el.getAttribute("data-count-status"), c = n[s] || 0;
+      if (el.getAttribute("data-count") === String(c)) return;
+      el.setAttribute("data-count", String(c));
+      el.textContent = c + " " + (WORDS[s] || s);
+    });
+  }
+
   function apply(group) {
+    recount(group);
     each('[data-group-id="' + group.id + '"].group', function (el) {
       el.setAttribute("data-status", group.status);
       el.setAttribute("data-paused", group.paused ? "true" : "false");
