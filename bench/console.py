@@ -30,6 +30,7 @@ costs at most four times the bare query).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -202,6 +203,7 @@ def main() -> None:
         base = baseline(url, args.requests)
         query = groups_query(url, max(20, args.requests // 5))
         with ConsoleServer(Database(name, url), counting=True) as server:
+            gc.freeze()  # as `zerfaux run` does once everything is loaded (listener/cli.py)
             token = make_jwt(ADMIN)
             page, per_page, size = page_times(server.url, token, args.requests)
             # The last page (the healthiest groups, the largest offset): a figure, not the ratio's.
