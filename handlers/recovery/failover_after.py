@@ -108,7 +108,9 @@ class AfterSteps:
         if not self.older or not self.attempted("clone_point"):
             return "skipped", {"why": "the failover brought up the newest point on the replica itself"}, None
         clone = str(self.acted("clone_point").get("dataset") or plan.clone_dataset)
-        done = await self.r.call(self.r.storage.replace_with_clone, plan.b.storage, plan.b.dataset, clone, plan.tag)
+        # The tag's hex names the superseded replica: <ds>_zerfaux_superseded_<8 hex of the failover's id>.
+        done = await self.r.call(self.r.storage.replace_with_clone, plan.b.storage, plan.b.dataset, clone,
+                                 self.acted_id)
         return "done", {"dataset": plan.b.dataset, "clone": clone, **as_dict(done)}, None
 
     # ---- rollback ----------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from handlers import replication as replication_module
 from handlers.context import OperationContext, StopSignal
 from handlers.errors import OperationCancelled, OperationStopped, PermanentError
 from handlers.recovery.backends import ExportNotServed, Placement
@@ -35,7 +34,7 @@ from handlers.recovery.failover_backends import PowerState, pre_failover_snapsho
 from handlers.recovery.failover_plan import FORWARD_KINDS, FailoverPlan, FailoverVM, remap_disks
 from handlers.recovery.plan import Step
 from handlers.recovery.runner import MAX_THREADS, _seconds_since, now_iso
-from handlers.replication import ReplicationOutcome, ReplicationRequest, build_request
+from handlers.replication import ReplicationOutcome, ReplicationRequest, request_for
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +118,7 @@ class FailoverRunner:
         snapshot the first one made; no retention pruning on either side while the run goes on."""
         plan = self.plan
         job_id = str(uuid.uuid5(uuid.UUID(plan.run_id), name))
-        request_for = getattr(replication_module, "request_for", None)
-        if request_for is not None:
-            request: ReplicationRequest = request_for(plan.group, plan.target, job_id=job_id, direction=direction,
-                                                      keep_all=True)
-        elif direction == "forward":  # a build from before reverse replication landed
-            primary, dr = (plan.a, plan.b) if plan.direction == "forward" else (plan.b, plan.a)
-            request = build_request({"job": {"id": job_id, "source_dataset": primary.dataset,
-                                             "target_dataset": dr.dataset},
-                                     "group": {**plan.group, "retention_snapshots": None}, "target": plan.target})
-        else:
-            raise PermanentError("this listener cannot replicate from the DR site back to the primary "
-                                 "(handlers.replication.request_for is missing): upgrade it")
+        request = request_for(plan.group, plan.target, job_id=job_id, direction=direction, keep_all=True)
         return replace(request, operation_id=str(self.ctx.operation_id), attempt=int(self.ctx.attempt))
 
     async def replicate(self, name: str, direction: str) -> tuple[ReplicationRequest, ReplicationOutcome]:

@@ -9,7 +9,6 @@ import handlers.replication
 from handlers.errors import PermanentError
 from handlers.recovery.failover_backends import pre_failover_snapshot
 from handlers.recovery_run import RecoveryRunHandler
-from tests.unit.handlers import failover_fakes
 from tests.unit.handlers.failover_fakes import (
     DR_DATASTORE, DR_HOST, PRIMARY_HOST, PROTECTION_DS, REPLICA_DS, RUN_ID, SOURCE_DS, World, payload, vm_entry,
 )
@@ -18,12 +17,6 @@ from tests.unit.handlers.recovery_fakes import FakeCtx, FakeDB, Killed
 SECOND_ID = "5678abcd-0000-4000-8000-0000000000f2"
 PRE = pre_failover_snapshot(RUN_ID)
 SRC, DR = "vc-src", "vc-dr"
-
-
-@pytest.fixture(autouse=True)
-def _request_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not hasattr(handlers.replication, "request_for"):  # until the reverse replication lands
-        monkeypatch.setattr(handlers.replication, "request_for", failover_fakes.request_for, raising=False)
 
 
 async def _run(world: World, p: dict[str, Any], db: FakeDB, ctx: FakeCtx | None = None) -> dict[str, Any]:
