@@ -258,7 +258,7 @@ class AfterSteps:
         # dataset unchanged since its base.
         changed = await r.call(r.storage.set_readonly, plan.a.storage, plan.a.dataset, True)
         direction = plan.reversed_direction
-        request, outcome = await r.replicate("replicate_reverse", direction)
+        request, outcome = await r.replicate("replicate_reverse", direction, self._common_name())
         return "done", {**r.replication_detail(request, outcome, direction), "readonly": plan.a.dataset,
                         "readonly_changed_now": bool(changed)}, None
 

@@ -113,19 +113,21 @@ class FailoverRunner:
     def detail(self, name: str, pid: str | None = None) -> dict[str, Any]:
         return self.book.detail(self.plan.step(name, pid).seq)
 
-    def request(self, name: str, direction: str) -> ReplicationRequest:
+    def request(self, name: str, direction: str, base: str | None = None) -> ReplicationRequest:
         """The replication of step ``name``: job id uuid5(run, step), so a resumed attempt reuses the
         snapshot the first one made; no retention pruning on either side while the run goes on."""
         plan = self.plan
         job_id = str(uuid.uuid5(uuid.UUID(plan.run_id), name))
-        request = request_for(plan.group, plan.target, job_id=job_id, direction=direction, keep_all=True)
+        request = request_for(plan.group, plan.target, job_id=job_id, direction=direction, keep_all=True,
+                              last_snapshot=base)  # a hint: the backend matches the base by GUID
         return replace(request, operation_id=str(self.ctx.operation_id), attempt=int(self.ctx.attempt))
 
-    async def replicate(self, name: str, direction: str) -> tuple[ReplicationRequest, ReplicationOutcome]:
+    async def replicate(self, name: str, direction: str, base: str | None = None
+                        ) -> tuple[ReplicationRequest, ReplicationOutcome]:
         if self.replication is None:
             raise PermanentError("this listener was started without a replication backend, which a "
                                  f"{self.plan.kind} needs: start it with the engine's handlers (build_handlers)")
-        request = self.request(name, direction)
+        request = self.request(name, direction, base)
         outcome = await self.ex.call(self.replication.replicate, request, lambda _progress: None, self.stop)
         return request, outcome
 
@@ -248,7 +250,8 @@ class FailoverRunner:
 
     async def _replicate_final(self) -> Outcome:
         plan = self.plan
-        request, outcome = await self.replicate("replicate_final", plan.direction)
+        request, outcome = await self.replicate("replicate_final", plan.direction,
+                                                self.detail("replicate").get("snapshot_name"))
         snap = outcome.snapshot_name
         assert plan.b.storage is not None
         guid_b = await self.call(self.storage.snapshot_guid, plan.b.storage, f"{plan.b.dataset}@{snap}")

@@ -423,3 +423,47 @@ async def test_reprotect_with_no_common_snapshot_refuses_and_says_what_to_do() -
     with pytest.raises(PermanentError, match="share no snapshot.*zfs rename"):
         await _run(world, _acting("reprotect", first, "failover"), db)
     assert world.replication.requests == [] and _statuses(db)["check_source_changes"] == ["pending"]
+
+
+# ---- stop, cancel, a changed group -----------------------------------------------------------------
+
+
+async def test_a_cancel_before_the_start_ends_it_and_a_cancel_later_does_not_stop_it() -> None:
+    from handlers.errors import OperationCancelled
+    world, db = World(), FakeDB()
+    ctx = FakeCtx(db)
+    ctx.stop.cancel()
+    with pytest.raises(OperationCancelled):
+        await _run(world, payload("planned_migration"), db, ctx)
+    assert db.rows() == [] and world.compute.effects["shutdown"] == 0
+    ctx = FakeCtx(db, cancel_at=3)  # the database refuses such a cancel; if one arrives, it is ignored
+    result = await _run(world, payload("planned_migration"), db, ctx)
+    assert result["status"] == "completed" and world.compute.effects["power_on"] == 3
+
+
+async def test_the_engines_stop_leaves_the_step_running_for_the_next_attempt() -> None:
+    from handlers.errors import OperationStopped
+    world, db = World(), FakeDB()
+    real = world.replication.replicate
+
+    def stopped(request: Any, progress: Any, cancel: Any) -> Any:
+        ctx.stop.stop("lease lost")
+        cancel.wait(1)
+        raise OperationStopped("stopped")
+
+    world.replication.replicate = stopped  # type: ignore[method-assign]
+    ctx = FakeCtx(db)
+    with pytest.raises(OperationStopped):
+        await _run(world, payload("planned_migration"), db, ctx)
+    assert _statuses(db)["replicate"] == ["running"] and _statuses(db)["shutdown_source"] == ["pending"] * 3
+    world.replication.replicate = real  # type: ignore[method-assign]
+    assert (await _run(world, payload("planned_migration"), db))["status"] == "completed"
+
+
+async def test_a_resumed_run_whose_group_changed_refuses_to_go_on() -> None:
+    world, db = World(), FakeDB()
+    with pytest.raises(Killed):
+        await _run(world, payload("planned_migration"), db, FakeCtx(db, kill_at=4))
+    changed = payload("planned_migration", vms=[*world.vms, vm_entry("p4", "cache", priority=1)])
+    with pytest.raises(PermanentError, match="cannot resume safely"):
+        await _run(world, changed, db)
