@@ -139,7 +139,8 @@ class AfterSteps:
         if not self.attempted("export") or export.get("status") == "skipped":
             return "skipped", {"why": "the run rolled back exported nothing"}, None
         dataset = str(self.acted("export").get("dataset") or (plan.clone_dataset if self.older else plan.b.dataset))
-        done = await self.r.call(self.r.storage.unexport, plan.b.storage, dataset)
+        unshare = self.r.storage.unexport if self.older else self.r.storage.unexport_replica
+        done = await self.r.call(unshare, plan.b.storage, dataset)
         return "done", {"dataset": dataset, "unexported_now": bool(done)}, None
 
     async def _remove_datastore(self) -> Outcome:

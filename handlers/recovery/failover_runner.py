@@ -338,7 +338,8 @@ class FailoverRunner:
         clients = list(plan.nfs_clients or placement.hosts)
         detail: dict[str, Any] = {"dataset": dataset, "clients": clients}
         try:
-            path = await self.ex.call(self.storage.export, plan.b.storage, dataset, self.stop, clients)
+            share = self.storage.export if older else self.storage.export_replica
+            path = await self.ex.call(share, plan.b.storage, dataset, self.stop, clients)
         except ExportNotServed as exc:
             return "warning", {**detail, "path": exc.path}, str(exc)
         return "done", {**detail, "path": path}, None

@@ -76,6 +76,7 @@ async def test_a_planned_migration_stops_site_a_first_and_brings_every_vm_up_at_
     vms = {v["protected_vm_id"]: v for v in result["report"]["vms"]}
     assert vms["p1"]["source_shutdown"] == "guest" and vms["p1"]["moref_b"] == "vm-dr-p1" and vms["p1"]["ready_at"]
     assert world.compute.fvms[(DR, "vm-dr-p1")]["nics"] == ["prod"]
+    assert world.storage.effects["export_replica"] == 1 and world.storage.exports == {REPLICA_DS}
 
 
 async def test_force_power_off_false_with_a_vm_that_will_not_stop_powers_nothing_on_at_b() -> None:
@@ -341,6 +342,7 @@ async def test_rollback_returns_the_replica_and_the_next_forward_replication_is_
     replica = world.storage.ds[(DR_HOST, REPLICA_DS)]
     assert replica.names() == ["zerfaux_s1"] and replica.written == 0 and replica.readonly
     assert result["report"]["discarded"]["bytes"] == 8192 and result["report"]["pre_failover_destroyed"] is True
+    assert world.storage.exports == set()  # the replica is no longer shared
     assert _statuses(db)["destroy_clone"] == ["skipped"] and _statuses(db)["remove_datastore"] == ["skipped"]
     world.storage.write(PRIMARY_HOST, SOURCE_DS, 100)
     request = handlers.replication.request_for(payload("failover")["group"], payload("failover")["target"],
