@@ -332,7 +332,7 @@ class FailoverRunner:
 
     async def _export(self, placement: Placement, older: bool) -> Outcome:
         plan = self.plan
-        if plan.direction == "reverse":
+        if plan.direction == "reverse" and not older:
             return "skipped", {"why": f"site B's datastore {plan.b_datastore!r} presents the dataset already"}, None
         dataset = self._b_dataset(older)
         clients = list(plan.nfs_clients or placement.hosts)
@@ -347,7 +347,7 @@ class FailoverRunner:
     async def _present(self, placement: Placement, export: Mapping[str, Any], older: bool) -> Outcome:
         plan = self.plan
         name = self._b_datastore(older)
-        if plan.direction == "reverse":
+        if plan.direction == "reverse" and not older:
             return "skipped", {"datastore": name, "why": "the original VMs' datastore is there already"}, None
         path = str(export.get("path") or self.detail("make_writable").get("mountpoint")
                    or (self.detail("clone_point").get("mountpoint") if older else ""))
@@ -364,7 +364,7 @@ class FailoverRunner:
 
     async def _attach(self, step: Step, older: bool) -> Outcome:
         plan, vm = self.plan, self._vm(step)
-        if plan.direction == "reverse":
+        if plan.direction == "reverse" and not older:
             return "skipped", {"moref": vm.b_moref, "why": "the original VM kept its disks"}, None
         datastore = self._b_datastore(older)
         disks = remap_disks(vm, plan.protection_datastore, datastore) if older else vm.disks

@@ -422,7 +422,7 @@ async def test_reprotect_with_no_common_snapshot_refuses_and_says_what_to_do() -
     await _run(world, payload("failover", point=_point()), first)
     world.storage.ds[(PRIMARY_HOST, SOURCE_DS)].snaps = [("other", "42", 0)]
     db = FakeDB()
-    with pytest.raises(PermanentError, match="share no snapshot.*zfs rename"):
+    with pytest.raises(PermanentError, match="share no snapshot.*zfs rename.*zfs send"):
         await _run(world, _acting("reprotect", first, "failover"), db)
     assert world.replication.requests == [] and _statuses(db)["check_source_changes"] == ["pending"]
 
@@ -469,3 +469,22 @@ async def test_a_resumed_run_whose_group_changed_refuses_to_go_on() -> None:
     changed = payload("planned_migration", vms=[*world.vms, vm_entry("p4", "cache", priority=1)])
     with pytest.raises(PermanentError, match="cannot resume safely"):
         await _run(world, changed, db)
+
+
+async def test_a_failover_in_reverse_to_an_older_point_clones_at_the_primary_and_presents_it_there() -> None:
+    world, first = World(), FakeDB()
+    await _run(world, payload("planned_migration"), first)
+    await _run(world, _acting("reprotect", first, "planned_migration"), FakeDB())
+    final = first.by_name("replicate_final")[0]["detail"]
+    run_id = "bbbb0000-0000-4000-8000-0000000000f5"
+    db = FakeDB()
+    result = await _run(world, payload("failover", run_id=run_id, direction="reverse",
+                                       point=_point(final["snapshot_name"], final["guid"])), db)
+    tag = "zerfaux-failover-bbbb0000"
+    assert result["status"] == "awaiting_commit" and result["report"]["group"]["older_point"] is True
+    assert world.storage.clones == {f"pool/vms/{tag}": (f"{SOURCE_DS}@{final['snapshot_name']}", run_id)}
+    assert tag in world.compute.datastores
+    assert db.by_name("present_datastore")[0]["detail"]["remote_host"] == PRIMARY_HOST
+    assert world.compute.fvms[(SRC, "vm-src-p1")]["disks"] == [f"[{tag}] db/db.vmdk"]
+    assert all(world.state(DR, f"vm-dr-{p}") == "poweredOff" for p in ("p1", "p2", "p3"))  # fenced at site A
+    assert all(world.state(SRC, f"vm-src-{p}") == "poweredOn" for p in ("p1", "p2", "p3"))
