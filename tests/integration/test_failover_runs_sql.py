@@ -710,3 +710,38 @@ def test_a_group_with_a_failover_awaiting_commit_says_commit_or_rollback(world: 
                        match="protection_groups_delete_during_recovery: .* \\(failover, awaiting_commit\\)") as caught:
         world.sql("delete from protection_groups where id = %s", (GROUP,))
     assert "commit or roll back" in (caught.value.diag.message_hint or "")
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def test_run_report_of_a_migration_and_of_what_acted_on_it(world: Database) -> None:
+    db_vm = protect(world, add_vm(world, name="db-01", moref="vm-db"))
+    pm = run(world, "planned_migration")
+    op = claim(world)["id"]
+    names = [("validate", None), ("shutdown_source", db_vm), ("replicate_final", None), ("present_datastore", None),
+             ("power_on", db_vm), ("finish", None)]
+    progress(world, op, {"plan": [{"seq": i, "name": n, "protected_vm_id": str(v) if v else None}
+                                  for i, (n, v) in enumerate(names, start=1)]})
+    progress(world, op, {"steps": [
+        {"seq": 1, "status": "done"},
+        {"seq": 2, "status": "done", "detail": {"how": "guest"}},
+        {"seq": 3, "status": "done", "detail": {"snapshot_name": "zerfaux_final_x", "guid": "777"}},
+        {"seq": 4, "status": "done", "detail": {"datastore": "dr-replica-01"}},
+        {"seq": 5, "status": "done", "detail": {"boot_time": "2026-12-01T12:00:10Z", "source_state": "poweredOff",
+                                                "source_changed_at": "2026-12-01T11:59:00Z"}},
+        {"seq": 6, "status": "done"}]})
+    complete(world, op, {"report": {"final_point": {"snapshot_name": "zerfaux_final_x", "guid": "777",
+                                                    "created_at": "2026-12-01T11:59:30Z"}, "vms": 1}})
+    rp = ended(world, "reprotect")
+    doc = world.value("select zerfaux.run_report(%s)", (pm["id"],))
+    assert doc["group"] == {"id": GROUP, "name": "gold", "state": "protected", "direction": "reverse"}
+    assert (doc["datastore"], doc["final_snapshot"]["guid"], doc["report"]["vms"]) == ("dr-replica-01", "777", 1)
+    assert doc["recovery_point"]["guid"] == "777" and doc["data_loss_seconds"] == 0
+    [vm] = doc["vms"]
+    assert (vm["vm_name"], vm["source_step"], vm["source_status"], vm["source_how"], vm["source_state"]) == (
+        "db-01", "shutdown_source", "done", "guest", "poweredOff")
+    assert vm["source_stopped_at"] is not None and vm["boot_time"] == "2026-12-01T12:00:10Z"
+    assert [(b["id"], b["kind"], b["status"]) for b in doc["acted_on_by"]] == [(str(rp["id"]), "reprotect", "completed")]
+    theirs = world.value("select zerfaux.run_report(%s)", (rp["id"],))
+    assert (theirs["acts_on_run"]["id"], theirs["acts_on_run"]["kind"], theirs["final_snapshot"]) == (
+        str(pm["id"]), "planned_migration", None)
