@@ -212,7 +212,11 @@ def test_keep_changes_resumes_after_a_kill_at_any_step(sites: Sites) -> None:
     assert len(stopped_at) >= 6  # snapshot, hold, mark, unmount/rename, clone, promote
     assert files(s.p.source, zfs_get(s.p.source, "mountpoint", kept.kept_dataset)) == primary_now
     assert zfs_get(s.p.source, "guid", f"{s.src}@{common}") == zfs_get(s.p.target, "guid", f"{s.replica}@{common}")
+    print("DEBUG", stopped_at, s.p.source.run(["zfs", "get", "-H", "-o", "property,value,source",
+          f"written@{common},mounted,readonly,origin,mountpoint", s.src], check=False).stdout.decode())
     s.p.source.run(["zfs", "umount", s.src], check=False)
+    print("DEBUG2", s.p.source.run(["zfs", "get", "-H", "-o", "property,value", f"written@{common},mounted", s.src],
+                                   check=False).stdout.decode())
     out = s.replicate("reverse", keep_all=True)
     assert zfs_get(s.p.source, "guid", f"{s.src}@{out.snapshot_name}") == \
         zfs_get(s.p.target, "guid", f"{s.replica}@{out.snapshot_name}")
@@ -291,14 +295,24 @@ def test_an_older_point_clone_replaces_the_replica_and_every_snapshot_stays(site
     write(s.p.target, clone, "dr-wrote.log", 128 * 1024)
     mp = zfs_get(s.p.target, "mountpoint", clone)
     wrote = files(s.p.target, mp)
-    done = s.storage.replace_with_clone(s.dr, s.replica, clone, run, stop)
+    for n in range(40):  # killed at each step in turn: every later call goes on from there
+        try:
+            done = s.storage.replace_with_clone(s.dr, s.replica, clone, run, StopAfter(n))
+            break
+        except OperationCancelled:
+            # Whatever the kill left, both points are still there under one name or another.
+            left = {n.split("@")[1] for n in snapshot_names(s.p.target, root)}
+            assert {older, newer} <= left
+    assert n >= 4  # pin, promote, mark, rename (and the clone's rename)
     assert s.storage.replace_with_clone(s.dr, s.replica, clone, run, stop) == done
     superseded = done["superseded"]
     assert superseded == f"{s.replica}_zerfaux_superseded_{run.replace('-', '')[:8]}"
     assert zfs_get(s.p.target, "mountpoint", s.replica) == mp and files(s.p.target, mp) == wrote
     # Nothing destroyed: the older point now belongs to the replica, the newer one to the superseded.
     assert older in guids(s.p.target, s.replica) and newer in guids(s.p.target, superseded)
-    assert zfs_get(s.p.target, "origin", superseded) == f"{s.replica}@{older}"
+    assert zfs_get(s.p.target, "origin", superseded) == f"{s.replica}@{older}" and done["point"] == older
+    # The next forward incremental goes onto the promoted clone's newest snapshot: the point.
+    assert list(guids(s.p.target, s.replica))[-1] == older
 
 
 @pytest.mark.openzfs

@@ -339,62 +339,66 @@ class ReprotectStorage:
         if clone.split("/", 1)[0] != ds.split("/", 1)[0] or clone == ds:
             raise PermanentError(f"the clone {clone} must be another dataset of {ds}'s pool")
         _halt(stop, f"replacing {ds} with {clone}")
+        props = "type,origin,mountpoint,mounted," + SUPERSEDED_BY
         with self._runner(target) as runner:
-            props = "type,origin,mountpoint,mounted," + SUPERSEDED_BY
-            old, new, now = (_props(runner, superseded, props), _props(runner, clone, props),
-                             _props(runner, ds, props))
+            old = _props(runner, superseded, props)
             if old is None:
-                if now is None or new is None:
-                    raise PermanentError(f"{ds if now is None else clone} does not exist on {runner.label}: "
-                                         "nothing was replaced")
-                origin = _value(new, "origin")
-                if not origin.startswith(ds + "@"):
-                    raise PermanentError(f"{clone} on {runner.label} is not a clone of a snapshot of {ds} "
-                                         f"(origin {origin or 'none'}): nothing was replaced")
-                mountpoint, source = new.get("mountpoint", ("-", "-"))
-                if source != "local" and mountpoint.startswith("/"):
-                    # Pin the clone's mountpoint: the datastore presented from it must not move with the rename.
-                    _halt(stop, f"pinning the mountpoint of {clone}")
-                    check(runner.run(["zfs", "set", f"mountpoint={mountpoint}", clone]), runner.label,
-                          f"pinning the mountpoint of {clone}")
-                _halt(stop, f"marking {ds}")
-                check(runner.run(["zfs", "set", f"{SUPERSEDED_BY}={clone}", ds]), runner.label, f"marking {ds}")
-                _unmount(runner, ds, stop, f"rename it to {superseded}")
-                _halt(stop, f"renaming {ds} to {superseded}")
-                check(runner.run(["zfs", "rename", ds, superseded]), runner.label, f"renaming {ds} to {superseded}")
-                old, now = _props(runner, superseded, props), None
+                self._supersede(runner, ds, clone, superseded, props, stop)
+                old = _props(runner, superseded, props)
                 if old is None:
                     raise TransientError(f"{ds} on {runner.label} was renamed but {superseded} is not there")
             elif _value(old, SUPERSEDED_BY) != clone:
                 raise PermanentError(f"{superseded} exists on {runner.label} and was not superseded by {clone}: "
                                      "Zerfaux does not touch it")
-            origin_before = _value(new, "origin") if new is not None else ""
-            if now is None:
-                if new is None:
+            origin = _value(old, "origin")  # <clone or ds>@<the point>: the promoted clone's snapshot
+            if _props(runner, ds, "type") is None:
+                if _props(runner, clone, "type") is None:
                     raise PermanentError(f"neither {ds} nor {clone} exists on {runner.label}; the old replica "
                                          f"is {superseded}")
-                _halt(stop, f"renaming {clone} to {ds}")
-                result = runner.run(["zfs", "rename", "-u", clone, ds])  # -u: stay mounted (OpenZFS 2.x)
-                if not result.ok and ("invalid option" in result.err or "usage" in result.err.lower()):
-                    _unmount(runner, clone, stop, f"rename it to {ds}")  # zfs-fuse: no -u, no mounted rename
-                    result = runner.run(["zfs", "rename", clone, ds])
-                    remount = True
-                else:
-                    remount = False
-                check(result, runner.label, f"renaming {clone} to {ds}")
-                if remount:
-                    mounted = runner.run(["zfs", "mount", ds])
-                    if not mounted.ok and "already mounted" not in mounted.err:
-                        log.warning("could not mount %s on %s: %s", ds, runner.label, mounted.err.strip())
-                now = _props(runner, ds, props)
-                if now is None:
-                    raise TransientError(f"{clone} on {runner.label} was renamed but {ds} is not there")
-            if _value(now, "origin").startswith(superseded + "@"):
-                origin_before = origin_before or _value(now, "origin")
-                _halt(stop, f"promoting {ds}")
-                check(runner.run(["zfs", "promote", ds]), runner.label, f"promoting {ds}")
-            log.info("%s on %s is the former %s; the superseded replica is %s", ds, runner.label, clone, superseded)
-            return {"dataset": ds, "superseded": superseded, "origin_before": origin_before}
+                self._rename_mounted(runner, clone, ds, stop)
+            point = origin.split("@", 1)[1] if "@" in origin else ""
+            log.info("%s on %s is the former %s (from @%s); the superseded replica is %s", ds, runner.label, clone,
+                     point, superseded)
+            return {"dataset": ds, "superseded": superseded, "point": point}
+
+    def _supersede(self, runner: Runner, ds: str, clone: str, superseded: str, props: str,
+                   stop: threading.Event) -> None:
+        """Promote the clone (it takes the replica's snapshots up to its origin), then rename the replica."""
+        now, new = _props(runner, ds, props), _props(runner, clone, props)
+        if now is None:
+            raise PermanentError(f"{ds} does not exist on {runner.label}: nothing was replaced")
+        if new is not None and _value(new, "origin").startswith(ds + "@"):
+            mountpoint, source = new.get("mountpoint", ("-", "-"))
+            if source != "local" and mountpoint.startswith("/"):
+                # Pin the clone's mountpoint: the datastore presented from it must not move with the rename.
+                _halt(stop, f"pinning the mountpoint of {clone}")
+                check(runner.run(["zfs", "set", f"mountpoint={mountpoint}", clone]), runner.label,
+                      f"pinning the mountpoint of {clone}")
+            _halt(stop, f"promoting {clone}")
+            check(runner.run(["zfs", "promote", clone]), runner.label, f"promoting {clone}")
+            now = _props(runner, ds, props) or now
+        if not _value(now, "origin").startswith(clone + "@"):
+            raise PermanentError(f"{clone} on {runner.label} is not a clone of a snapshot of {ds} (nor promoted "
+                                 f"over it): nothing was replaced")
+        _halt(stop, f"marking {ds}")
+        check(runner.run(["zfs", "set", f"{SUPERSEDED_BY}={clone}", ds]), runner.label, f"marking {ds}")
+        _unmount(runner, ds, stop, f"rename it to {superseded}")
+        _halt(stop, f"renaming {ds} to {superseded}")
+        check(runner.run(["zfs", "rename", ds, superseded]), runner.label, f"renaming {ds} to {superseded}")
+
+    @staticmethod
+    def _rename_mounted(runner: Runner, name: str, new_name: str, stop: threading.Event) -> None:
+        """Rename keeping it mounted where it is (``-u``, OpenZFS 2.x); zfs-fuse: unmount, rename, mount."""
+        _halt(stop, f"renaming {name} to {new_name}")
+        result = runner.run(["zfs", "rename", "-u", name, new_name])
+        if not result.ok and ("invalid option" in result.err or "usage" in result.err.lower()):
+            _unmount(runner, name, stop, f"rename it to {new_name}")
+            check(runner.run(["zfs", "rename", name, new_name]), runner.label, f"renaming {name} to {new_name}")
+            mounted = runner.run(["zfs", "mount", new_name])
+            if not mounted.ok and "already mounted" not in mounted.err:
+                log.warning("could not mount %s on %s: %s", new_name, runner.label, mounted.err.strip())
+            return
+        check(result, runner.label, f"renaming {name} to {new_name}")
 
 
 def _run_with_input(runner: ParamikoRunner, argv: list[str], data: bytes, timeout: float = 120.0) -> tuple[int, str]:
