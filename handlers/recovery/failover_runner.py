@@ -1,7 +1,8 @@
 """Execute a planned migration or a failover (issue 14); their boot order is ``failover_boot``, their
-report ``failover_report``; commit, rollback and reprotect are ``failover_after``. The book, the executor and the resume rules are the test's (``book``): the plan
-first, each step 'running' before its effect and its outcome after, an attempt resuming at the
-first unfinished step with what it needs taken from the recorded ``detail``.
+report ``failover_report``; commit, rollback and reprotect are ``failover_after``. The book, the
+executor and the resume rules are the test's (``book``): the plan first, each step 'running'
+before its effect and its outcome after, an attempt resuming at the first unfinished step with
+what it needs taken from the recorded ``detail``.
 
 No VM in two places: a planned migration shuts site A's VMs down (highest boot priority first)
 before the final replication, and each ``power_on`` at B first reads its VM at A: anything but
