@@ -33,13 +33,20 @@ RUN_KINDS: dict[str, str] = {
             "point, on the test networks, while replication goes on.",
     "cleanup": "Clean up the test: its test VMs are powered off and deleted, its test datastore, port group "
                "and clone removed, and the recovery point marked tested.",
-    "planned_migration": "Planned migration: the protected VMs are shut down at the primary site, a last "
-                         "replication runs, and the VMs below power on at the DR site on the recovery networks.",
-    "failover": "Failover: the VMs below power on at the DR site from the newest recovery point, on the "
-                "recovery networks, without waiting for the primary site.",
-    "commit": "Commit the failover: the DR site becomes where these VMs run; the way back is a reprotect.",
-    "rollback": "Roll the failover back: the VMs started at the DR site are powered off and removed.",
-    "reprotect": "Reprotect: replication is reversed, from the DR site back to the primary.",
+    "planned_migration": "Planned migration: a replication runs while the VMs still run, they are shut down at "
+                         "the site they run at (by reverse boot priority), the final delta is replicated and its "
+                         "GUID checked, and the VMs below power on at the other site on the recovery networks. No "
+                         "data is lost.",
+    "failover": "Failover: the source VMs are powered off where the primary site still answers (fencing), and "
+                "the VMs below power on at the DR site from the newest recovery point (or the one named), "
+                "without waiting for the primary site. The group then awaits a commit or a rollback.",
+    "commit": "Commit the failover: the DR site becomes where these VMs run; the way back is a reprotect, then "
+              "a failback.",
+    "rollback": "Roll the failover back: the VMs started at the DR site are powered off and their disks "
+                "detached, and the replica returns to its pre-failover snapshot: what they wrote there is "
+                "discarded. Replication resumes.",
+    "reprotect": "Reprotect: replication is reversed, from the site the VMs run at back to the other, "
+                 "incrementally; data the other site holds beyond the common snapshot is kept, not destroyed.",
 }
 SIMPLE = ("sync", "replicate", "pause", "resume")
 ADMIN_KINDS = ("planned_migration", "failover", "commit", "rollback", "reprotect")
