@@ -114,6 +114,8 @@ class FailoverWorld:
     dr_sim: Simulator
     vms: list[FailoverVM]
     points: list[str] = field(default_factory=list)  # snapshot names, oldest first
+    # snapshot → the live side's disk hashes just before the job that made it (``replicate``)
+    point_hashes: dict[str, dict[str, str]] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -214,10 +216,22 @@ class FailoverWorld:
         write_into(self.source_dir / vm.flat, data, offset)
 
     def replicate(self) -> dict[str, Any]:
-        """One replication job through the dispatcher (the group's direction); returns its row."""
+        """One replication job through the dispatcher (the group's direction); returns its row.
+
+        The live side's disks are hashed first (before the job's snapshot, so the read changes
+        nothing the receive checks) and kept in ``point_hashes`` under the snapshot it made."""
+        live = self.source_dir if self.group()["direction"] == "forward" else self.replica_dir
+        before = self.hashes(live)
         self.db.sql("insert into replication_jobs (protection_group_id) values (%s)", (GROUP,))
         asyncio.run(self.drain())
-        return dict(self.db.one("select * from replication_jobs order by created_at desc limit 1"))
+        job = dict(self.db.one("select * from replication_jobs order by created_at desc limit 1"))
+        if job["status"] == "completed" and job["snapshot_name"]:
+            self.point_hashes[job["snapshot_name"]] = before
+        return job
+
+    def point_id(self, snapshot: str) -> str:
+        return str(self.db.value("select id from recovery_points where protection_group_id = %s"
+                                 " and snapshot_name = %s", (GROUP, snapshot)))
 
     def run(self, kind: str, **columns: Any) -> str:
         """Insert a recovery run of ``kind`` as an admin's SQL would (the service role); returns its id."""
