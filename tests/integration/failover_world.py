@@ -282,8 +282,10 @@ def build_failover_world(db: Database, source_host: ZFSHost, target_host: ZFSHos
     tag = uuid.uuid4().hex[:8]
     source, source_dir = f"{source_host.pool}/fo{tag}", Path(mountpoint(f"fo-src-{tag}"))
     root, root_dir = f"{target_host.pool}/fodr{tag}", Path(mountpoint(f"fo-dr-{tag}"))
-    source_host.run(["zfs", "create", "-o", f"mountpoint={source_dir}", source])
-    target_host.run(["zfs", "create", "-p", "-o", f"mountpoint={root_dir}", root])
+    # atime=off: a test reading a dataset's files must not change it (a receive refuses a
+    # modified dataset, and the test, not the product, would have modified it).
+    source_host.run(["zfs", "create", "-o", f"mountpoint={source_dir}", "-o", "atime=off", source])
+    target_host.run(["zfs", "create", "-p", "-o", f"mountpoint={root_dir}", "-o", "atime=off", root])
     sims: list[Simulator] = []
     try:
         secrets = workdir / f"secrets-{tag}"
