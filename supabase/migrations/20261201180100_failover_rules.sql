@@ -159,7 +159,7 @@ begin
     elsif new.kind = 'rollback' then
         select * into v_acts from public.recovery_runs r
          where r.protection_group_id = new.protection_group_id and r.kind in ('planned_migration', 'failover')
-         order by r.created_at desc limit 1;
+         order by r.created_at desc, r.started_at desc nulls last limit 1;
         if not (v_group.state = 'awaiting_commit'
                 or (v_group.state = 'recovering' and v_acts.status is not distinct from 'failed')) then
             raise exception 'recovery_runs_state: protection group % (%) is %: a rollback undoes a failover awaiting '
@@ -193,8 +193,8 @@ begin
         end if;
         select * into v_acts from public.recovery_runs r
          where r.protection_group_id = new.protection_group_id and r.kind in ('planned_migration', 'failover')
-           and r.status = 'completed'
-         order by r.created_at desc limit 1;
+           and r.status = 'completed' and not coalesce(r.report ? 'rolled_back_by', false)
+         order by r.created_at desc, r.started_at desc nulls last limit 1;
     end if;
     if v_acts.id is not null then
         new.acts_on_run_id := v_acts.id;
