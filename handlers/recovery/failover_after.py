@@ -108,7 +108,7 @@ class AfterSteps:
         if not self.older or not self.attempted("clone_point"):
             return "skipped", {"why": "the failover brought up the newest point on the replica itself"}, None
         clone = str(self.acted("clone_point").get("dataset") or plan.clone_dataset)
-        done = await self.r.call(self.r.storage.replace_with_clone, plan.b.storage, plan.b.dataset, clone, plan.tag)
+        done = await self.r.call(self.r.storage.replace_with_clone, plan.b.storage, plan.b.dataset, clone, plan.resource_run_id)
         return "done", {"dataset": plan.b.dataset, "clone": clone, **as_dict(done)}, None
 
     # ---- rollback ----------------------------------------------------------------------------------
