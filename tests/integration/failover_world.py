@@ -351,7 +351,9 @@ def build_failover_world(db: Database, source_host: ZFSHost, target_host: ZFSHos
                " select %s, s, r, null from unnest(%s::text[], %s::text[]) as m(s, r)",
                (GROUP, [*RECOVERY, *RECOVERY.values()], [*RECOVERY.values(), *RECOVERY]))
 
-        for _ in range(points):
+        for i in range(points):
+            for v in vms[:i]:  # each point differs from the one before: the first i disks changed
+                world.write_source(v, os.urandom(64 * 1024), offset=i * 64 * 1024 % disk_bytes)
             job = world.replicate()
             assert job["status"] == "completed", job["error"]
             world.points.append(job["snapshot_name"])
