@@ -54,6 +54,7 @@ from tests.integration.test_dr_end_to_end import write_disk
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database, create_database, drop_database
 from tests.support.platforms import guids
+from tests.support.require import missing
 from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator, start_simulator
 from tests.support.zfs import mountpoint
 from tests.support.zfshost import ZFSHost
@@ -425,7 +426,7 @@ def failover_world(pg_template: str, zfs_source: ZFSHost, zfs_target: ZFSHost, v
     from listener.migrate import seed
 
     if not zfs_source.local:
-        pytest.skip("the source datastore is a directory on this machine: needs a local zfs")
+        missing("zfs-fuse", "the source datastore is a directory on this machine: needs a local zfs")
     built: list[tuple[Database, Iterator[FailoverWorld]]] = []
 
     def start(name: str, **kwargs: Any) -> Simulator:
