@@ -9,12 +9,13 @@ it records what it measured before the first, so a resumed attempt reports the s
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from handlers.errors import PermanentError
+from handlers.errors import OperationStopped, PermanentError
 from handlers.recovery.book import ATTEMPTED, Outcome
 from handlers.recovery.cleanup import placement_of
 from handlers.recovery.failover_backends import pre_failover_snapshot
@@ -96,6 +97,7 @@ class AfterSteps:
         detail: dict[str, Any] = {"acts_on_run_id": self.acted_id, "acts_on_kind": acts.get("kind"),
                                   "direction": plan.direction}
         if plan.kind == "reprotect":
+            detail.update(await self._site_a_off())
             detail.update(await self._common())
         else:
             detail.update(older=self.older, point=self.point())
@@ -108,7 +110,9 @@ class AfterSteps:
         if not self.older or not self.attempted("clone_point"):
             return "skipped", {"why": "the failover brought up the newest point on the replica itself"}, None
         clone = str(self.acted("clone_point").get("dataset") or plan.clone_dataset)
-        done = await self.r.call(self.r.storage.replace_with_clone, plan.b.storage, plan.b.dataset, clone, plan.resource_run_id)
+        # The tag's hex names the superseded replica: <ds>_zerfaux_superseded_<8 hex of the failover's id>.
+        done = await self.r.call(self.r.storage.replace_with_clone, plan.b.storage, plan.b.dataset, clone,
+                                 self.acted_id)
         return "done", {"dataset": plan.b.dataset, "clone": clone, **as_dict(done)}, None
 
     # ---- rollback ----------------------------------------------------------------------------------
@@ -124,7 +128,7 @@ class AfterSteps:
     async def _detach(self, step: Step) -> Outcome:
         plan, pid = self.plan, step.protected_vm_id
         vm = plan.vm(pid)
-        if plan.direction == "reverse":
+        if plan.direction == "reverse" and not self.older:
             return "skipped", {"why": "the original VMs keep their disks"}, None
         if vm is None or not vm.b_moref or not self.attempted("attach_disks", pid):
             return "skipped", {"why": "the run rolled back never attached its disks"}, None
@@ -137,7 +141,8 @@ class AfterSteps:
         if not self.attempted("export") or export.get("status") == "skipped":
             return "skipped", {"why": "the run rolled back exported nothing"}, None
         dataset = str(self.acted("export").get("dataset") or (plan.clone_dataset if self.older else plan.b.dataset))
-        done = await self.r.call(self.r.storage.unexport, plan.b.storage, dataset)
+        unshare = self.r.storage.unexport if self.older else self.r.storage.unexport_replica
+        done = await self.r.call(unshare, plan.b.storage, dataset)
         return "done", {"dataset": dataset, "unexported_now": bool(done)}, None
 
     async def _remove_datastore(self) -> Outcome:
@@ -204,6 +209,29 @@ class AfterSteps:
 
     # ---- reprotect ---------------------------------------------------------------------------------
 
+    async def _site_a_off(self) -> dict[str, Any]:
+        """Site A's VMs must be off before its dataset is replaced by what comes back from B: one
+        seen running refuses the reprotect; a vCenter that does not answer is noted, not fatal
+        (site A's storage may be back before its vCenter)."""
+        plan, r = self.plan, self.r
+        vms = [v for v in plan.vms if v.a_moref]
+        if plan.a.vcenter is None or not vms:
+            return {"site_a_states": {}}
+        got = await asyncio.gather(*(r.call(r.compute.power_state, plan.a.vcenter, v.a_moref) for v in vms),
+                                   return_exceptions=True)
+        for error in got:
+            if isinstance(error, OperationStopped):
+                raise error
+        on = [f"{v.name!r} ({v.a_moref}: {s.state})" for v, s in zip(vms, got)
+              if not isinstance(s, BaseException) and s.state != "poweredOff"]
+        if on:
+            raise PermanentError(
+                f"these VMs are running at site A ({plan.a.vcenter.name}) while their copies run at B: "
+                f"{', '.join(on)}. A reprotect replaces site A's dataset with what B holds: power them off at "
+                "site A (what they wrote is kept by the reprotect), then insert it again. Nothing was done")
+        return {"site_a_states": {v.protected_vm_id: (f"unknown: {s}"[:300] if isinstance(s, BaseException)
+                                                      else s.state) for v, s in zip(vms, got)}}
+
     async def _common(self) -> dict[str, Any]:
         """The newest snapshot of site A's dataset (the new target) that B's (the new source) also has."""
         plan, r = self.plan, self.r
@@ -211,12 +239,15 @@ class AfterSteps:
                               plan.b.dataset)
         if common is None:
             a_host = plan.a.storage.host if plan.a.storage else "the listener's machine"
+            b_host = plan.b.storage.host if plan.b.storage else "the listener's machine"
             raise PermanentError(
-                f"{plan.a.dataset} on {a_host} and {plan.b.dataset} share no snapshot (none with the same GUID), so "
-                "the replication back cannot be incremental, and Zerfaux never overwrites a dataset with a full "
-                f"stream. To reprotect: on {a_host}, rename the original dataset out of the way (`zfs rename "
-                f"{plan.a.dataset} {plan.a.dataset}_old`: its data stays there) or destroy it if nothing on it is "
-                "needed, then insert the reprotect again: it sends a full copy into the empty place. Nothing was done")
+                f"{plan.a.dataset} on {a_host} and {plan.b.dataset} on {b_host} share no snapshot (none with the "
+                "same GUID), so the replication back cannot be incremental, and Zerfaux never overwrites a dataset "
+                f"with a full stream. Nothing was done. To reprotect: on {a_host}, move the original dataset out of "
+                f"the way (`zfs rename {plan.a.dataset} {plan.a.dataset}_old`: its data stays there; or destroy it "
+                f"if nothing on it is needed), send the live dataset back in full (on {b_host}: `zfs snapshot "
+                f"{plan.b.dataset}@zerfaux_reseed` and `zfs send {plan.b.dataset}@zerfaux_reseed | ssh {a_host} "
+                f"zfs receive -u {plan.a.dataset}`), then insert the reprotect again: it starts from that snapshot")
         found = as_dict(common)
         return {"common": {k: None if found.get(k) is None else str(found[k]) for k in ("name", "guid", "created")}}
 
@@ -256,7 +287,7 @@ class AfterSteps:
         # dataset unchanged since its base.
         changed = await r.call(r.storage.set_readonly, plan.a.storage, plan.a.dataset, True)
         direction = plan.reversed_direction
-        request, outcome = await r.replicate("replicate_reverse", direction)
+        request, outcome = await r.replicate("replicate_reverse", direction, self._common_name())
         return "done", {**r.replication_detail(request, outcome, direction), "readonly": plan.a.dataset,
                         "readonly_changed_now": bool(changed)}, None
 
