@@ -253,9 +253,13 @@ def test_failover_to_the_newest_point_with_the_source_vcenter_down_then_commit(f
     created = w.db.value("select created_at from recovery_points where id = %s", (run["recovery_point_id"],))
     assert abs(loss - (run["started_at"] - created).total_seconds()) < 0.01 and loss > 0, (loss, created)
 
+    printed = report(w, run_id)
+    assert "failover" in printed and "fence_source" in printed and "awaiting_commit" in printed, printed
+
     commit_id = w.run("commit")
     commit = drive(w, commit_id, "dr")
     assert commit["status"] == "completed", (commit["error"], summary(w, commit_id))
+    assert "commit" in report(w, commit_id)
     assert [(s["name"], s["status"]) for s in steps(w, commit_id)] == [
         ("validate", "done"), ("replace_replica", "skipped"), ("finish", "done")]
     assert str(commit["acts_on_run_id"]) == run_id and run_row(w, run_id)["status"] == "completed"
@@ -314,10 +318,10 @@ def test_rollback_discards_only_what_the_dr_vms_wrote_and_forward_replication_re
     assert run["status"] == "awaiting_commit", (run["error"], summary(w, run_id))
     guids_failed_over = w.guids("dr")
 
-    # What the DR VMs write while the failover waits: 2 MiB into one disk.
-    first = w.vms[0]
-    write_into(w.replica_dir / first.flat, os.urandom(2 * MiB // 2), offset=0)
-    write_into(w.replica_dir / first.flat, os.urandom(2 * MiB // 2), offset=MiB // 2)
+    # What the DR VMs write while the failover waits: all of one disk (1 MiB), half of another.
+    wrote = MiB + MiB // 2
+    write_into(w.replica_dir / w.vms[0].flat, os.urandom(MiB))
+    write_into(w.replica_dir / w.vms[1].flat, os.urandom(MiB // 2), offset=MiB // 4)
     assert w.replica_hashes() != w.point_hashes[point]
 
     rb_id = w.run("rollback")
@@ -340,8 +344,11 @@ def test_rollback_discards_only_what_the_dr_vms_wrote_and_forward_replication_re
     assert pre_failover_snapshot(run_id) not in after and max(after, key=lambda s: s) >= point
     assert {k: v for k, v in guids_failed_over.items() if k != pre_failover_snapshot(run_id)} == after
     assert readonly(w, "dr", w.replica)
-    text = json.dumps(rb["report"])
-    assert "discard" in text, rb["report"]
+    # The run says what it discarded: the DR VMs' writes, in whole blocks.
+    discarded = (rb["report"] or {}).get("discarded") or {}
+    assert wrote <= discarded.get("bytes", -1) < wrote + 128 * 1024, rb["report"]
+    printed = report(w, rb_id)
+    assert "rollback" in printed and "rollback_replica" in printed and "discarded" in printed, printed
     group = w.group()
     assert (group["state"], group["direction"]) == ("protected", "forward")
 
@@ -479,6 +486,8 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
         return
     # Kept where the report says: the renamed dataset, its last state held; the bytes readable there.
     assert kept_name in text and kept_name in datasets, (rp["report"], datasets)
+    printed = report(w, rp_id)
+    assert "reprotect" in printed and kept_name in printed, printed
     where = ensure_mounted(w, "source", kept_name)
     assert digest((where / lost_vm.name / "after-the-point.bin").read_bytes()) == digest(extra)
     assert w.hashes(where) == source_then
