@@ -267,6 +267,19 @@ def test_failover_to_the_newest_point_with_the_source_vcenter_down_then_commit(f
     assert all(w.power(v, "dr")[0] == "poweredOn" for v in w.vms)
     assert {k: w.guids("dr")[k] for k in after} == after
 
+    # No snapshot in common with the original site (its snapshots destroyed by hand): a reprotect
+    # refuses in validate, saying how to reseed, and changes nothing on either host.
+    for snap in w.guids("source"):
+        w.source_host.run(["zfs", "destroy", f"{w.source}@{snap}"])
+    dr_before = w.guids("dr")
+    rp_id = w.run("reprotect")
+    rp = drive(w, rp_id, "dr")
+    assert rp["status"] == "failed" and "share no snapshot" in (rp["error"] or ""), rp["error"]
+    assert "zfs send" in rp["error"], rp["error"]
+    assert [s["status"] for s in steps(w, rp_id)][1:] == ["pending"] * (len(steps(w, rp_id)) - 1), summary(w, rp_id)
+    assert (w.guids("source"), w.guids("dr")) == ({}, dr_before)
+    assert w.group()["state"] == "failed_over"
+
 
 def test_failover_to_an_older_point_runs_on_a_clone_and_keeps_every_newer_snapshot_then_commit(
         failover_world: Any) -> None:
@@ -485,13 +498,19 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
         assert not (w.source_dir / lost_vm.name / "after-the-point.bin").exists()
         return
     # Kept where the report says: the renamed dataset, its last state held; the bytes readable there.
-    assert kept_name in text and kept_name in datasets, (rp["report"], datasets)
+    kept = (rp["report"] or {}).get("kept") or {}
+    assert (kept.get("kept_dataset"), kept.get("kept_snapshot")) == (
+        kept_name, f"{kept_name}@zerfaux_kept_{hex8(rp_id)}"), rp["report"]
+    assert kept_name in datasets, datasets
     printed = report(w, rp_id)
     assert "reprotect" in printed and kept_name in printed, printed
+    assert mount_path(w, "source", kept_name) != w.source_dir  # not hidden under (or over) the live dataset
     where = ensure_mounted(w, "source", kept_name)
     assert digest((where / lost_vm.name / "after-the-point.bin").read_bytes()) == digest(extra)
     assert w.hashes(where) == source_then
-    assert int(w.zfs_get("source", "userrefs", f"{kept_name}@zerfaux_kept_{hex8(rp_id)}")) >= 1
+    assert int(w.zfs_get("source", "userrefs", kept["kept_snapshot"])) >= 1
+    refused = w.source_host.run(["zfs", "destroy", kept["kept_snapshot"]], check=False)
+    assert refused.returncode != 0, "the kept snapshot could be destroyed: it is not held"
     # The common snapshot stays with one of the two (keep_changes promotes the clone), its GUID the replica's.
     both = {**w.guids("source", kept_name), **w.guids("source")}
     assert both[point] == w.guids("dr")[point]
@@ -572,3 +591,4 @@ def test_refusals_start_nothing(failover_world: Any) -> None:
     final = snapshot_of_the_world(w)
     assert (final["source"], final["dr"], final["power"]) == (before["source"], before["dr"], before["power"])
     assert w.group()["state"] == "failed_over"
+
