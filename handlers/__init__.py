@@ -133,7 +133,7 @@ def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSe
         )
     sessions = vcenter_real.VCenterSessions(secrets, ca_bundle=settings.vcenter_ca_bundle)
     zfs = zfs_real.ZFSReplicationReal(secrets, cipher=settings.ssh_cipher)
-    recovery, recovery_closers = _recovery_real(settings, secrets, sessions)
+    recovery, recovery_closers = _recovery_real(settings, secrets, sessions, zfs)
     handlers: list[Handler] = [
         VCenterSyncHandler(vcenter_real.VCenterInventoryReal(sessions)),
         ReplicationHandler(zfs, settings.progress_interval),
@@ -144,15 +144,16 @@ def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSe
     return _handler_set(handlers, "real", [*recovery_closers, sessions.close, zfs.close])
 
 
-def _recovery_real(settings: BackendSettings, secrets: SecretResolver, sessions: Any
+def _recovery_real(settings: BackendSettings, secrets: SecretResolver, sessions: Any, replication: Any = None
                    ) -> tuple[list[Handler], list[Callable[[], None]]]:
     """The recovery run's real backends, imported late. A module that is not there at all (a build
     from before they landed) leaves ``recovery.run`` out, logged with its name: such operations then
     fail as an unknown kind naming what this listener runs. One that is there but fails to import
     stops the start, naming it."""
     classes = []
-    for module, name in (("handlers.backends.zfs.recovery", "RecoveryStorageReal"),
-                         ("handlers.backends.vcenter.recovery", "RecoveryComputeReal")):
+    for module, name in (("handlers.backends.zfs.failover", "FailoverStorageReal"),
+                         ("handlers.backends.vcenter.recovery", "RecoveryComputeReal"),
+                         ("handlers.backends.vcenter.failover", "FailoverComputeReal")):
         try:
             classes.append(getattr(importlib.import_module(module), name))
         except ModuleNotFoundError as exc:
@@ -163,7 +164,8 @@ def _recovery_real(settings: BackendSettings, secrets: SecretResolver, sessions:
         except (ImportError, AttributeError) as exc:
             raise BackendUnavailable(f"ZERFAUX_USE_STUBS=false needs {name} ({module}) for recovery runs, "
                                      f"but it cannot be imported: {exc}") from exc
-    storage = classes[0](secrets, cipher=settings.ssh_cipher)
-    compute = classes[1](sessions)
+    storage = classes[0](secrets, cipher=settings.ssh_cipher)  # RecoveryStorage + FailoverStorage
+    # RecoveryCompute + FailoverCompute on the same sessions (their method names do not overlap).
+    compute = type("SiteComputeReal", (classes[1], classes[2]), {})(sessions)
     closers = [c for c in (getattr(storage, "close", None), getattr(compute, "close", None)) if callable(c)]
-    return [RecoveryRunHandler(storage, compute)], closers
+    return [RecoveryRunHandler(storage, compute, replication)], closers

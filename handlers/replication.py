@@ -243,6 +243,7 @@ class ReplicationHandler:
         finally:
             flusher.cancel()
         result = asdict(outcome)
+        result["direction"] = request.direction  # complete_replication_run names the points' sides by it
         for key in ("notes", "recovery_points", "pruned_source", "pruned_target", "children"):
             result[key] = list(result[key])
         return result

@@ -230,10 +230,11 @@ class FailoverStorage(Protocol):
 
     def replace_with_clone(self, target: SSHEndpoint, ds: str, clone: str, tag: str,
                            stop: threading.Event) -> dict[str, str]:
-        """Commit of a failover to an older point: the clone becomes ``ds``. ``ds`` is renamed
-        ``<ds>_zerfaux_superseded_<8 hex of tag>`` with all its snapshots, the clone renamed to
-        ``ds`` and ``zfs promote``d (the superseded replica's snapshots up to the clone's origin
-        move to ``ds``; the newer ones stay with the superseded dataset), keeping the clone's
-        mountpoint. Nothing destroyed. Idempotent. Returns {dataset, superseded, origin_before}."""
+        """Commit of a failover to an older point: the clone becomes ``ds``. The clone is ``zfs
+        promote``d (the replica's snapshots up to the clone's origin move to it; the newer ones stay
+        with the old replica), ``ds`` renamed ``<ds>_zerfaux_superseded_<8 hex of tag>`` and the
+        clone renamed to ``ds``, keeping its mountpoint (pinned first when inherited; zfs-fuse
+        unmounts it for the rename, OpenZFS renames it mounted). Nothing destroyed. Idempotent.
+        Returns {dataset, superseded, point (the snapshot the clone was made from)}."""
         ...
 

@@ -380,11 +380,12 @@ class FailoverStorageStub(_Stub):
         with self._world.locked("fo-ds", target.host, ds):
             old = self._ds(target, superseded)
             if old is not None and old.get("renamed_from") == ds:
-                return {"dataset": ds, "superseded": superseded, "origin_before": str(old.get("origin_point", ""))}
+                return {"dataset": ds, "superseded": superseded, "point": str(old.get("point", ""))}
             cur, new = self._need(target, ds), self._need(target, clone)
-            self._put(target, superseded, {**cur, "renamed_from": ds})
+            point = str(new.get("origin", "")).rpartition("@")[2]
+            self._put(target, superseded, {**cur, "renamed_from": ds, "point": point})
             self._put(target, ds, {**new, "renamed_from": clone})
             self._put(target, clone, {"gone": True})
         self._world.record("failover.replace", ds, "replaced", by=clone)
-        return {"dataset": ds, "superseded": superseded, "origin_before": ""}
+        return {"dataset": ds, "superseded": superseded, "point": point}
 
