@@ -89,6 +89,15 @@ class FakeFailoverStorage(FakeStorage):
 
     # FailoverStorage
 
+    def export_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+                       clients: Sequence[str] | None = None) -> str:
+        self.get(target, dataset)
+        self.effects["export_replica"] += 1
+        return self.export(target, dataset, stop, clients)
+
+    def unexport_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:
+        return self.unexport(target, dataset, stop)
+
     def snapshot(self, target: SSHEndpoint, dataset: str, name: str, stop: threading.Event,
                  run_id: str | None = None) -> SnapshotInfo:
         with self.lock:
@@ -193,7 +202,7 @@ class FakeFailoverStorage(FakeStorage):
     def replace_with_clone(self, target: SSHEndpoint, dataset: str, clone: str, tag: str,
                            stop: threading.Event) -> dict[str, Any]:
         self.effects["replace"] += 1
-        return {"superseded": dataset + "_zerfaux_superseded_" + tag[-8:], "promoted": clone}
+        return {"superseded": dataset + "_zerfaux_superseded_" + tag.replace("-", "")[:8], "promoted": clone}
 
 
 class FakeFailoverCompute(FakeCompute):
@@ -339,20 +348,6 @@ class FakeReplication:
             raise Killed()
         point = RecoveryPoint(name, hit[1], _now(), sent, True, True)
         return ReplicationOutcome(name, base, sent, sent, (), (point,))
-
-
-def request_for(group: Mapping[str, Any], target: Mapping[str, Any], *, job_id: str, direction: str,
-                keep_all: bool = False) -> ReplicationRequest:
-    """The contract's ``handlers.replication.request_for`` as the tests need it (until it lands)."""
-    primary = SSHEndpoint.source_from_group(group)
-    dr = SSHEndpoint.target_from_row(target)
-    replica = f"{target['target_root']}/{group['replica_name']}"
-    ends = [(primary, group["source_dataset"]), (dr, replica)]
-    if direction == "reverse":
-        ends.reverse()
-    (src, src_ds), (dst, dst_ds) = ends
-    assert dst is not None
-    return ReplicationRequest(job_id, src_ds, dst_ds, "ssh", dst, src, None if keep_all else 5, None)
 
 
 def vm_entry(pid: str, name: str, priority: int = 3, networks: Sequence[str] = ("VM Network",),
