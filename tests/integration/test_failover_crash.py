@@ -40,6 +40,7 @@ kind says so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -73,6 +74,7 @@ LEASE, SWEEP = 2.0, 0.25
 DELAY_MS = 20  # per SOAP call at both simulators while a run is killed: a vCenter step spans several calls
 KILL_AFTER = 0.03  # after a step shows 'running': inside a multi-call step's effect, or at its outcome write
 PAUSE_KEY = 14_000_014  # the advisory lock the trigger waits on
+INSIDE, AT_OUTCOME = "inside the effect", "at the outcome write"
 
 # Every step name of each kind, in plan order (docs/recovery.md, "Failover runs: the engine").
 STEPS = {
@@ -118,7 +120,7 @@ class Kill:
     seq: int
     worker: str
     attempt: int
-    landed: str  # 'inside the effect' | 'at the outcome write'
+    landed: str  # INSIDE | AT_OUTCOME
     at: float
 
 
@@ -267,7 +269,8 @@ class Listeners:
 
     def spawn(self) -> str:
         worker = f"{self.kind}-{len(self.procs) + 1}"
-        self.procs[worker] = Proc(self.url, "run", env={**self.env, "ZERFAUX_WORKER_ID": worker})
+        # PGAPPNAME: its connections carry its worker id, so the test can end them once it is dead.
+        self.procs[worker] = Proc(self.url, "run", env={**self.env, "ZERFAUX_WORKER_ID": worker, "PGAPPNAME": worker})
         return worker
 
     def output(self) -> str:
@@ -304,6 +307,34 @@ def kill_at_every_step(w: FailoverWorld, env: dict[str, str], kind: str, termina
 
     def q(query: str, *params: Any) -> list[dict[str, Any]]:
         return db.execute(query, params).fetchall()
+
+    def kill(step: dict[str, Any]) -> str:
+        """SIGKILL the listener holding the run while ``step`` runs; where the kill landed."""
+        [op] = q("select worker_id, attempts from zerfaux.operations where kind = 'recovery.run'"
+                 " and subject_id = %s and status = 'running'", chain.run_id)
+        victim = str(op["worker_id"])
+        listeners.procs[victim].kill()
+        time.sleep(0.02)  # what it had sent reaches the server, and the pause
+        # Its backend still waits on the pause if the kill came at the outcome write. Every backend of
+        # the dead listener is then ended, as a dropped connection would be: that write never lands.
+        [blocked] = q(BLOCKED + " and a.application_name = %s", PAUSE_KEY, victim)
+        q("select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s", victim)
+        [now] = q("select status from recovery_run_steps where run_id = %s and seq = %s", chain.run_id, step["seq"])
+        assert now["status"] == "running", (kind, step, now)
+        landed = AT_OUTCOME if blocked["n"] else INSIDE
+        chain.kills.append(Kill(step["name"], int(step["seq"]), victim, int(op["attempts"]), landed,
+                                round(time.monotonic() - t0, 2)))
+        chain.split_brain += [f"{step['name']}: {n}" for n in _both_on(w)]
+        listeners.spawn()
+        return landed
+
+    def again(run_id: str) -> str | None:
+        """'blocked' once a listener writes the paused step's outcome, 'ended' if the run ended first."""
+        if q(BLOCKED, PAUSE_KEY)[0]["n"]:
+            return "blocked"
+        if q("select 1 from recovery_runs where id = %s and status = any(%s)", run_id, list(ends)):
+            return "ended"
+        return None
 
     t0 = time.monotonic()
     try:
@@ -343,24 +374,14 @@ def kill_at_every_step(w: FailoverWorld, env: dict[str, str], kind: str, termina
                 continue
             step = running[0]
             time.sleep(KILL_AFTER)
-            [op] = q("select worker_id, attempts from zerfaux.operations where kind = 'recovery.run'"
-                     " and subject_id = %s and status = 'running'", run_id)
-            victim = str(op["worker_id"])
-            [blocked] = q(BLOCKED, PAUSE_KEY)
-            listeners.procs[victim].kill()
-            # The dead listener's outcome write, if it waits on the pause: ended with its backend, as a
-            # dropped connection would be, so what it was writing never lands.
-            q("select pg_terminate_backend(pid) from pg_locks where locktype = 'advisory' and not granted"
-              " and objid = %s", PAUSE_KEY)
+            if kill(step) == INSIDE:
+                # The next listener does the step again: killed once more when its outcome is being written.
+                if _until(lambda: again(run_id), 120 + LEASE, f"{kind}: {step['name']} is done again",
+                          listeners) == "ended":
+                    break  # the run ended: the checks say how
+                assert kill(step) == AT_OUTCOME
             q("delete from crash_probe.pause where run_id = %s and name = %s returning name", run_id, step["name"])
-            [now] = q("select status from recovery_run_steps where run_id = %s and seq = %s", run_id, step["seq"])
-            assert now["status"] == "running", (kind, step, now)
-            chain.kills.append(Kill(step["name"], int(step["seq"]), victim, int(op["attempts"]),
-                                    "at the outcome write" if blocked["n"] else "inside the effect",
-                                    round(time.monotonic() - t0, 2)))
             todo.remove(step["name"])
-            chain.split_brain += [f"{step['name']}: {n}" for n in _both_on(w)]
-            listeners.spawn()
         _until(lambda: q("select 1 from recovery_runs where id = %s and status = any(%s)", run_id, list(ends)),
                120 + LEASE, f"{kind}: the run ends", listeners, interval=0.1)
         chain.seconds = time.monotonic() - t0
@@ -387,7 +408,8 @@ select r.status as run_status, s.name, s.seq, s.status
                       where t.run_id = r.id and t.name = any(%s) order by t.name, t.seq) s on true
  where r.id = %s order by s.seq
 """
-BLOCKED = "select count(*) as n from pg_locks where locktype = 'advisory' and not granted and objid = %s"
+BLOCKED = ("select count(*) as n from pg_locks l join pg_stat_activity a on a.pid = l.pid"
+           " where l.locktype = 'advisory' and not l.granted and l.objid = %s")
 
 
 def _moved(rows: list[dict[str, Any]], ends: Sequence[str]) -> list[dict[str, Any]] | None:
@@ -411,17 +433,27 @@ def _check_steps(w: FailoverWorld, chain: Chain, status: str) -> list[dict[str, 
     skipped = {n for n, s in first.items() if s["status"] == "skipped"}
     not_here = NOT_HERE[chain.kind] & set(first)
     assert not_here <= skipped <= not_here | MAY_SKIP.get(chain.kind, set()), (skipped, where)
-    killed = [k.step for k in chain.kills]  # a step recorded 'skipped' without running had no effect to kill
+    # Every step killed with its effect done and not yet recorded (a step recorded 'skipped' without
+    # running had no effect to kill); some also inside the effect before that.
     assert set(chain.skipped) <= not_here | MAY_SKIP.get(chain.kind, set()), (chain.skipped, where)
-    assert sorted(killed + chain.skipped) == sorted(first), f"not killed while running: {set(first) - set(killed)}"
-    by_seq = {s["seq"]: s for s in steps}
-    for k in chain.kills:
-        previous = (by_seq[k.seq]["detail"] or {}).get("previous_attempts") or []
-        assert any(p.get("worker") == k.worker and p.get("status") == "running" for p in previous), (k, previous)
+    done_unrecorded = [k.step for k in chain.kills if k.landed == AT_OUTCOME]
+    assert sorted(done_unrecorded + chain.skipped) == sorted(first), (
+        f"not killed at the outcome write: {set(first) - set(done_unrecorded)}")
     assert (op["status"], op["attempts"] >= len(chain.kills) + 1) == ("succeeded", True), (op, where)
     assert chain.split_brain == [], f"powered on at both sites after a kill: {chain.split_brain}"
     assert _both_on(w) == []
     return steps
+
+
+def _check_history(w: FailoverWorld, chain: Chain) -> None:
+    """Each killed step's ``detail.previous_attempts`` holds the killed attempt, left 'running'."""
+    by_seq = {s["seq"]: s for s in _steps(w, chain.run_id)}
+    lost = []
+    for k in chain.kills:
+        previous = (by_seq[k.seq]["detail"] or {}).get("previous_attempts") or []
+        if not any(p.get("worker") == k.worker and p.get("status") == "running" for p in previous):
+            lost.append((k.step, k.worker, k.landed, [(p.get("worker"), p.get("status")) for p in previous]))
+    assert lost == [], f"killed attempts missing from previous_attempts: {lost}"
 
 
 def _check_vms(w: FailoverWorld, before: dict[str, dict[str, str]], dr_on: bool, source_on: bool) -> None:
@@ -471,6 +503,7 @@ def test_failover_to_the_newest_point_killed_at_every_step(crash_world: Failover
     assert change.lost == {"source": [], "dr": []}, change
     assert change.new == {"source": [], "dr": [f"{w.replica}@{_pre_failover(chain.run_id)}"]}, change
     assert change.renamed == {"source": {}, "dr": {}}, change
+    _check_history(w, chain)
 
 
 def test_rollback_of_that_failover_killed_at_every_step(crash_world: FailoverWorld, env: dict[str, str]) -> None:
@@ -492,7 +525,8 @@ def test_rollback_of_that_failover_killed_at_every_step(crash_world: FailoverWor
     assert change.lost == {"source": [], "dr": [f"{w.replica}@{_pre_failover(failover_id)}"]}, change
     assert change.new == {"source": [], "dr": []}, change
     assert _newest(w.target_host, w.replica) == point
-    assert w.zfs_get("dr", "readonly", w.replica) == "on"
+    assert _read_only(w, "dr", w.replica), "the replica is writable after the rollback"
+    _check_history(w, chain)
 
 
 def test_planned_migration_killed_at_every_step(crash_world: FailoverWorld, env: dict[str, str]) -> None:
@@ -530,6 +564,7 @@ def test_planned_migration_killed_at_every_step(crash_world: FailoverWorld, env:
     assert all(src[s] == dr.get(s) for s in sent), ("a run snapshot on the source only", change, src, dr)
     assert sorted(change.new["dr"]) == sorted([f"{w.replica}@{s}" for s in sent]
                                               + [f"{w.replica}@{_pre_failover(chain.run_id)}"]), change
+    _check_history(w, chain)
 
 
 def test_reprotect_after_the_migration_with_writes_on_both_sides_killed_at_every_step(
@@ -575,7 +610,23 @@ def test_reprotect_after_the_migration_with_writes_on_both_sides_killed_at_every
     assert newest in sent and common != newest, (newest, sent, common)
     assert w.guids("source")[newest] == w.guids("dr")[newest], "the reverse replication's newest GUIDs differ"
     assert _file_hash(w.source_host, f"{w.source}@{newest}", vm.flat) == dr_hash, "the DR write did not go back"
-    assert w.zfs_get("source", "readonly", w.source) == "on", "the new direction's target is not read-only"
+    assert _read_only(w, "source", w.source), "the new direction's target is writable after the reprotect"
+    _check_history(w, chain)
+
+
+def _read_only(w: FailoverWorld, side: str, dataset: str) -> bool:
+    """Whether ``dataset`` refuses writes. Mounted: a file cannot be created in it (EROFS). zfs-fuse
+    shows ``readonly`` as "off temporary" on a mounted dataset after ``zfs set readonly=on``, so
+    the property alone says nothing there; unmounted, the property is what a mount will honour."""
+    if w.zfs_get(side, "mounted", dataset) != "yes":
+        return w.zfs_get(side, "readonly", dataset) == "on"
+    probe = Path(w.mountpoint(w.source_host if side == "source" else w.target_host, dataset)) / ".crash-probe"
+    try:
+        probe.open("x").close()
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    probe.unlink()
+    return False
 
 
 def _find(report: Any, key: str) -> str | None:
