@@ -56,6 +56,15 @@ class FailoverRunner:
         self.stop = StopSignal()  # set only by the engine's 'stop' (relayed)
         self.ex = Executor(self.book, self.stop, self.pool)
         self._source_checks: dict[int, asyncio.Task[dict[str, PowerState | BaseException]]] = {}
+        self._fences: ThreadPoolExecutor | None = None
+
+    def _fence_pool(self) -> ThreadPoolExecutor:
+        """Fencing calls' own threads: one given up on may block for long, and must not hold a
+        thread the rest of the run needs."""
+        if self._fences is None:
+            self._fences = ThreadPoolExecutor(min(MAX_THREADS, max(1, len(self.plan.vms))),
+                                              thread_name_prefix=f"fence-{self.plan.run_id[:8]}")
+        return self._fences
 
     async def run(self) -> dict[str, Any]:
         if not self.book.rows and self.ctx.stop.cancelled:
@@ -71,6 +80,8 @@ class FailoverRunner:
                     report = await AfterSteps(self).run()
         finally:
             self.pool.shutdown(wait=False)
+            if self._fences is not None:
+                self._fences.shutdown(wait=False)
         status = "awaiting_commit" if self.plan.kind == "failover" else "completed"
         return {"status": status, "report": report}
 
@@ -279,7 +290,7 @@ class FailoverRunner:
         timeout = float(plan.option("fence_timeout_seconds", 60))
         # A hard power off at once: the site is not trusted to shut down cleanly, and the wait is
         # bounded here; the call may go on in its thread after we stop waiting.
-        call = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
+        call = asyncio.get_running_loop().run_in_executor(self._fence_pool(), functools.partial(
             self.compute.shutdown_vm, plan.a.vcenter, vm.a_moref, 0.0, True, self.stop))
         base = {"moref": vm.a_moref, "vcenter": plan.a.vcenter.name, "timeout_seconds": timeout}
         try:
