@@ -308,6 +308,8 @@ def kill_at_every_step(w: FailoverWorld, env: dict[str, str], kind: str, termina
     def q(query: str, *params: Any) -> list[dict[str, Any]]:
         return db.execute(query, params).fetchall()
 
+    dead: set[str] = set()
+
     def kill(step: dict[str, Any]) -> str:
         """SIGKILL the listener holding the run while ``step`` runs; where the kill landed."""
         [op] = q("select worker_id, attempts from zerfaux.operations where kind = 'recovery.run'"
@@ -319,6 +321,9 @@ def kill_at_every_step(w: FailoverWorld, env: dict[str, str], kind: str, termina
         # the dead listener is then ended, as a dropped connection would be: that write never lands.
         [blocked] = q(BLOCKED + " and a.application_name = %s", PAUSE_KEY, victim)
         q("select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s", victim)
+        _until(lambda: not q("select 1 from pg_stat_activity where application_name = %s", victim), 30,
+               f"the backends of {victim} end", listeners)
+        dead.add(victim)
         [now] = q("select status from recovery_run_steps where run_id = %s and seq = %s", chain.run_id, step["seq"])
         assert now["status"] == "running", (kind, step, now)
         landed = AT_OUTCOME if blocked["n"] else INSIDE
@@ -329,8 +334,12 @@ def kill_at_every_step(w: FailoverWorld, env: dict[str, str], kind: str, termina
         return landed
 
     def again(run_id: str) -> str | None:
-        """'blocked' once a listener writes the paused step's outcome, 'ended' if the run ended first."""
-        if q(BLOCKED, PAUSE_KEY)[0]["n"]:
+        """'blocked' once the listener now holding the run writes the paused step's outcome, 'ended' if
+        the run ended first."""
+        holder = q("select worker_id from zerfaux.operations where kind = 'recovery.run' and subject_id = %s"
+                   " and status = 'running'", run_id)
+        if holder and holder[0]["worker_id"] not in dead and \
+                q(BLOCKED + " and a.application_name = %s", PAUSE_KEY, holder[0]["worker_id"])[0]["n"]:
             return "blocked"
         if q("select 1 from recovery_runs where id = %s and status = any(%s)", run_id, list(ends)):
             return "ended"
