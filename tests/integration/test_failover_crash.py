@@ -13,20 +13,21 @@ so each starts from what the previous one left (and its checks are the next one'
 
 Every run is killed at every step name of its kind, in order (for a per-VM step, at the first
 VM's): a ``zerfaux run`` subprocess holds the operation, a second one stands by. When the step
-shows 'running', the holder is SIGKILLed; the standby takes the operation over once the lease
-expires and resumes from that step; a new standby is started. So each step is killed while it
-runs and done again by another listener, and the last listener finishes the run. Reaching each
-step exactly: a test-only trigger in this world's database holds the killed-to-be step's outcome
-write (``recovery_run_steps`` leaving 'running') on an advisory lock the test holds, so a step
-that ends in a few milliseconds is still 'running' when the kill lands; a step whose effect takes
-longer (the simulators answer after ``DELAY_MS`` per call meanwhile) is killed inside its effect.
-The dead listener's blocked write is ended with its backend (as a dropped connection would), so
-the outcome it was writing never lands. Where each kill landed (inside the effect or at its
-outcome write) goes to ``$ZERFAUX_FIGURES_DIR/failover_crash.jsonl``.
+shows 'running', the holder is SIGKILLed ``KILL_AFTER`` later; the standby takes the operation
+over once the lease expires and resumes from that step; a new standby is started. If that kill
+landed inside the step's effect, the step is killed again when the next listener writes its
+outcome. So every step is killed once with its whole effect done and not recorded, most also
+inside the effect, and each is done again by another listener; the last one finishes the run.
+Landing there exactly: a test-only trigger in this world's database holds the outcome write of
+the step being killed (its ``recovery_run_steps`` row leaving 'running') on an advisory lock the
+test holds. The dead listener's connections (named by its worker id through ``PGAPPNAME``) are
+ended, as dropped connections would be, so the outcome it was writing never lands. The
+simulators answer after ``DELAY_MS`` per call meanwhile, so a vCenter step is killed between its
+calls. Where each kill landed goes to ``$ZERFAUX_FIGURES_DIR/failover_crash.jsonl``.
 
 Checked after each kill (at both vCenters, through their API): no protected VM powered on at
 both sites. After each run: its status and the group's; every step finished, the skipped ones
-exactly those the kind skips here; each killed step's ``detail.previous_attempts`` names the
+exactly those the kind skips here; each killed step's ``detail.previous_attempts`` names every
 killed worker's attempt, left 'running'; one operation, one attempt more than kills at least;
 exactly one DR VM per protected VM (no VM made or lost at either vCenter), powered on or off as
 the kind says, with its disks and NICs once; the source VMs' power states; ``zfs get guid`` of
