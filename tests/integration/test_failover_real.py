@@ -30,7 +30,7 @@ import pytest
 from handlers.recovery.failover_backends import pre_failover_snapshot
 from tests.integration.conftest import GROUP
 from tests.integration.failover_world import (  # noqa: F401 - failover_world is a fixture
-    RECOVERY, FailoverVM, FailoverWorld, digest, drop_caches, failover_world, write_into,
+    RECOVERY, FailoverVM, FailoverWorld, digest, failover_world, write_into,
 )
 from tests.integration.recovery_world import serves_nfs
 from tests.support.engine import spawn
@@ -253,15 +253,32 @@ def test_failover_to_the_newest_point_with_the_source_vcenter_down_then_commit(f
     created = w.db.value("select created_at from recovery_points where id = %s", (run["recovery_point_id"],))
     assert abs(loss - (run["started_at"] - created).total_seconds()) < 0.01 and loss > 0, (loss, created)
 
+    printed = report(w, run_id)
+    assert "failover" in printed and "fence_source" in printed and "awaiting_commit" in printed, printed
+
     commit_id = w.run("commit")
     commit = drive(w, commit_id, "dr")
     assert commit["status"] == "completed", (commit["error"], summary(w, commit_id))
+    assert "commit" in report(w, commit_id)
     assert [(s["name"], s["status"]) for s in steps(w, commit_id)] == [
         ("validate", "done"), ("replace_replica", "skipped"), ("finish", "done")]
     assert str(commit["acts_on_run_id"]) == run_id and run_row(w, run_id)["status"] == "completed"
     assert w.group()["state"] == "failed_over"
     assert all(w.power(v, "dr")[0] == "poweredOn" for v in w.vms)
     assert {k: w.guids("dr")[k] for k in after} == after
+
+    # No snapshot in common with the original site (its snapshots destroyed by hand): a reprotect
+    # refuses in validate, saying how to reseed, and changes nothing on either host.
+    for snap in w.guids("source"):
+        w.source_host.run(["zfs", "destroy", f"{w.source}@{snap}"])
+    dr_before = w.guids("dr")
+    rp_id = w.run("reprotect")
+    rp = drive(w, rp_id, "dr")
+    assert rp["status"] == "failed" and "share no snapshot" in (rp["error"] or ""), rp["error"]
+    assert "zfs send" in rp["error"], rp["error"]
+    assert [s["status"] for s in steps(w, rp_id)][1:] == ["pending"] * (len(steps(w, rp_id)) - 1), summary(w, rp_id)
+    assert (w.guids("source"), w.guids("dr")) == ({}, dr_before)
+    assert w.group()["state"] == "failed_over"
 
 
 def test_failover_to_an_older_point_runs_on_a_clone_and_keeps_every_newer_snapshot_then_commit(
@@ -301,7 +318,6 @@ def test_failover_to_an_older_point_runs_on_a_clone_and_keeps_every_newer_snapsh
     assert {k: kept[k] for k in guids_before} == guids_before, (kept, guids_before)
     assert w.zfs_get("dr", "origin", w.replica) in ("-", "")
     assert all(w.power(v, "dr")[0] == "poweredOn" for v in w.vms)
-    drop_caches()
     assert w.hashes(mount_path(w, "dr", w.replica)) == w.point_hashes[older]
 
 
@@ -314,10 +330,10 @@ def test_rollback_discards_only_what_the_dr_vms_wrote_and_forward_replication_re
     assert run["status"] == "awaiting_commit", (run["error"], summary(w, run_id))
     guids_failed_over = w.guids("dr")
 
-    # What the DR VMs write while the failover waits: 2 MiB into one disk.
-    first = w.vms[0]
-    write_into(w.replica_dir / first.flat, os.urandom(2 * MiB // 2), offset=0)
-    write_into(w.replica_dir / first.flat, os.urandom(2 * MiB // 2), offset=MiB // 2)
+    # What the DR VMs write while the failover waits: all of one disk (1 MiB), half of another.
+    wrote = MiB + MiB // 2
+    write_into(w.replica_dir / w.vms[0].flat, os.urandom(MiB))
+    write_into(w.replica_dir / w.vms[1].flat, os.urandom(MiB // 2), offset=MiB // 4)
     assert w.replica_hashes() != w.point_hashes[point]
 
     rb_id = w.run("rollback")
@@ -340,8 +356,11 @@ def test_rollback_discards_only_what_the_dr_vms_wrote_and_forward_replication_re
     assert pre_failover_snapshot(run_id) not in after and max(after, key=lambda s: s) >= point
     assert {k: v for k, v in guids_failed_over.items() if k != pre_failover_snapshot(run_id)} == after
     assert readonly(w, "dr", w.replica)
-    text = json.dumps(rb["report"])
-    assert "discard" in text, rb["report"]
+    # The run says what it discarded: the DR VMs' writes, in whole blocks.
+    discarded = (rb["report"] or {}).get("discarded") or {}
+    assert wrote <= discarded.get("bytes", -1) < wrote + 128 * 1024, rb["report"]
+    printed = report(w, rb_id)
+    assert "rollback" in printed and "rollback_replica" in printed and "discarded" in printed, printed
     group = w.group()
     assert (group["state"], group["direction"]) == ("protected", "forward")
 
@@ -390,7 +409,6 @@ def test_reprotect_after_a_planned_migration_sends_what_the_dr_vms_wrote_and_fai
     assert n <= sent < n + MiB and sent < size / 4, (sent, n, size)
     group = w.group()
     assert (group["state"], group["direction"]) == ("protected", "reverse")
-    drop_caches()
     assert w.source_hashes() == dr_live
     assert readonly(w, "source", w.source)  # the new direction's target
     common = set(w.guids("source")) & set(w.guids("dr"))
@@ -423,7 +441,6 @@ def test_reprotect_after_a_planned_migration_sends_what_the_dr_vms_wrote_and_fai
     final = fb["report"]["final_point"]["snapshot_name"]
     assert w.guids("source")[final] == w.guids("dr")[final]
     assert w.group()["state"] == "failed_over" and w.group()["direction"] == "reverse"
-    drop_caches()
     assert w.source_hashes() == back_home
 
     home_id = w.run("reprotect")
@@ -447,7 +464,8 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
     # The original site wrote after the last replication, then went down.
     extra = os.urandom(512 * 1024)
     lost_vm = w.vms[2]
-    (w.source_dir / lost_vm.name / "after-the-point.bin").write_bytes(extra)
+    (w.source_dir / lost_vm.name / "after-the-point.bin").write_bytes(b"\0" * len(extra))
+    write_into(w.source_dir / lost_vm.name / "after-the-point.bin", extra)
     write_into(w.source_dir / lost_vm.flat, extra[:256 * 1024])
     source_then = w.source_hashes()
     w.source_sim.stop()
@@ -468,7 +486,6 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
     assert got["keep_source_changes"]["status"] == "done"
     group = w.group()
     assert (group["state"], group["direction"]) == ("protected", "reverse")
-    drop_caches()
     assert w.source_hashes() == dr_live  # the original site now holds the DR site's data
     text = json.dumps(rp["report"])
     kept_name = f"{w.source}_zerfaux_kept_{hex8(rp_id)}"
@@ -478,11 +495,19 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
         assert not (w.source_dir / lost_vm.name / "after-the-point.bin").exists()
         return
     # Kept where the report says: the renamed dataset, its last state held; the bytes readable there.
-    assert kept_name in text and kept_name in datasets, (rp["report"], datasets)
+    kept = (rp["report"] or {}).get("kept") or {}
+    assert (kept.get("kept_dataset"), kept.get("kept_snapshot")) == (
+        kept_name, f"{kept_name}@zerfaux_kept_{hex8(rp_id)}"), rp["report"]
+    assert kept_name in datasets, datasets
+    printed = report(w, rp_id)
+    assert "reprotect" in printed and kept_name in printed, printed
+    assert mount_path(w, "source", kept_name) != w.source_dir  # not hidden under (or over) the live dataset
     where = ensure_mounted(w, "source", kept_name)
     assert digest((where / lost_vm.name / "after-the-point.bin").read_bytes()) == digest(extra)
     assert w.hashes(where) == source_then
-    assert int(w.zfs_get("source", "userrefs", f"{kept_name}@zerfaux_kept_{hex8(rp_id)}")) >= 1
+    assert int(w.zfs_get("source", "userrefs", kept["kept_snapshot"])) >= 1
+    refused = w.source_host.run(["zfs", "destroy", kept["kept_snapshot"]], check=False)
+    assert refused.returncode != 0, "the kept snapshot could be destroyed: it is not held"
     # The common snapshot stays with one of the two (keep_changes promotes the clone), its GUID the replica's.
     both = {**w.guids("source", kept_name), **w.guids("source")}
     assert both[point] == w.guids("dr")[point]
@@ -563,3 +588,4 @@ def test_refusals_start_nothing(failover_world: Any) -> None:
     final = snapshot_of_the_world(w)
     assert (final["source"], final["dr"], final["power"]) == (before["source"], before["dr"], before["power"])
     assert w.group()["state"] == "failed_over"
+

@@ -518,3 +518,56 @@ async def test_reprotect_refuses_while_a_vm_runs_again_at_site_a_and_notes_a_sil
     result = await _run(world, _acting("reprotect", first, "failover", run_id="cccc0000-0000-4000-8000-0000000000f6"), db)
     assert result["status"] == "completed"
     assert db.by_name("validate")[0]["detail"]["site_a_states"]["p1"].startswith("unknown")
+
+
+async def _reversed_world() -> tuple[World, FakeDB]:
+    """After a planned migration and a reprotect: the VMs run at DR, replication goes DR -> primary."""
+    world, first = World(), FakeDB()
+    await _run(world, payload("planned_migration"), first)
+    await _run(world, _acting("reprotect", first, "planned_migration"), FakeDB())
+    return world, first
+
+
+async def test_a_failback_and_a_reprotect_bring_the_group_home_incrementally() -> None:
+    world, _ = await _reversed_world()
+    world.storage.write(DR_HOST, REPLICA_DS, 300)
+    back, home = FakeDB(), FakeDB()
+    back_id = "dddd0000-0000-4000-8000-0000000000f7"
+    await _run(world, payload("planned_migration", run_id=back_id, direction="reverse"), back)
+    world.storage.write(PRIMARY_HOST, SOURCE_DS, 40)  # the original VMs run again
+    result = await _run(world, payload("reprotect", run_id="eeee0000-0000-4000-8000-0000000000f8", direction="reverse",
+                                       acts_on_run={"id": back_id, "kind": "planned_migration"},
+                                       acts_on_steps=back.rows()), home)
+    sent = home.by_name("replicate_reverse")[0]["detail"]
+    assert (sent["direction"], sent["source_dataset"], sent["target_dataset"]) == ("forward", SOURCE_DS, REPLICA_DS)
+    assert sent["bytes_transferred"] == 40 and sent["base_snapshot"] == back.by_name("replicate_final")[0]["detail"]["snapshot_name"]
+    assert result["report"]["new_direction"] == "forward" and world.storage.ds[(DR_HOST, REPLICA_DS)].readonly
+
+
+async def test_a_failover_in_reverse_to_the_newest_point_and_its_rollback() -> None:
+    world, _ = await _reversed_world()
+    snaps = world.storage.ds[(PRIMARY_HOST, SOURCE_DS)].snaps
+    name, guid, _ = snaps[-1]
+    fo, rb = FakeDB(), FakeDB()
+    fo_id = "ffff0000-0000-4000-8000-0000000000f9"
+    result = await _run(world, payload("failover", run_id=fo_id, direction="reverse", point=_point(name, guid)), fo)
+    assert result["status"] == "awaiting_commit" and _statuses(fo)["attach_disks"] == ["skipped"] * 3
+    assert all(world.state(SRC, f"vm-src-{p}") == "poweredOn" for p in ("p1", "p2", "p3"))
+    world.storage.write(PRIMARY_HOST, SOURCE_DS, 64)  # what the original VMs wrote meanwhile
+    done = await _run(world, payload("rollback", run_id="abab0000-0000-4000-8000-0000000000fa", direction="reverse",
+                                     acts_on_run={"id": fo_id, "kind": "failover"}, acts_on_steps=fo.rows(),
+                                     point=_point(name, guid)), rb)
+    assert done["report"]["discarded"]["bytes"] == 64 and done["report"]["pre_failover_destroyed"] is True
+    assert _statuses(rb)["detach_disks"] == ["skipped"] * 3  # the original VMs keep their disks
+    assert all(world.state(SRC, f"vm-src-{p}") == "poweredOff" for p in ("p1", "p2", "p3"))
+    source = world.storage.ds[(PRIMARY_HOST, SOURCE_DS)]
+    assert source.names()[-1] == name and source.readonly and world.compute.fvms[(SRC, "vm-src-p1")]["disks"]
+
+
+async def test_a_commit_acts_only_on_a_failover() -> None:
+    world, first = World(), FakeDB()
+    await _run(world, payload("planned_migration"), first)
+    db = FakeDB()
+    with pytest.raises(PermanentError, match="a commit acts on a failover run"):
+        await _run(world, _acting("commit", first, "planned_migration"), db)
+    assert _statuses(db)["replace_replica"] == ["pending"]
