@@ -93,22 +93,23 @@ class BackendUnavailable(RuntimeError):
 def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> HandlerSet:
     if settings.use_stubs:
         from handlers.backends.stub import backends as stubs
-        from handlers.backends.stub import recovery as recovery_stubs
+        from handlers.backends.stub import sites
         from handlers.backends.stub.world import StubWorld
 
         seconds, jitter = settings.stub_seconds, settings.stub_seconds_jitter
         world = StubWorld(settings.stub_world) if settings.stub_world else None
+        replication = stubs.ZFSReplicationStub(seconds, jitter=jitter, world=world)
+        site_storage = sites.SiteStorageStub(seconds, jitter=jitter, world=world)
         # Inventory reads are instant by default (the demo syncs at once); in a shared world
         # they take as long as the rest, so a crash can land in the middle of one too.
         handlers: list[Handler] = [
             VCenterSyncHandler(stubs.VCenterInventoryStub(
                 settings.stub_vms, seconds=seconds if world else 0.0, jitter=jitter, world=world)),
-            ReplicationHandler(stubs.ZFSReplicationStub(seconds, jitter=jitter, world=world),
-                               settings.progress_interval),
+            ReplicationHandler(replication, settings.progress_interval),
             StorageVMotionHandler(stubs.StorageMoverStub(seconds, jitter=jitter, world=world)),
             DRShellHandler(stubs.DRShellBuilderStub(seconds, jitter=jitter, world=world)),
-            RecoveryRunHandler(recovery_stubs.RecoveryStorageStub(seconds, jitter=jitter, world=world),
-                               recovery_stubs.RecoveryComputeStub(seconds, jitter=jitter, world=world)),
+            RecoveryRunHandler(site_storage, sites.SiteComputeStub(seconds, jitter=jitter, world=world),
+                               sites.SiteReplicationStub(replication, site_storage)),
         ]
         return _handler_set(handlers, "stub")
     return _build_real(settings, secrets)
@@ -133,7 +134,7 @@ def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSe
         )
     sessions = vcenter_real.VCenterSessions(secrets, ca_bundle=settings.vcenter_ca_bundle)
     zfs = zfs_real.ZFSReplicationReal(secrets, cipher=settings.ssh_cipher)
-    recovery, recovery_closers = _recovery_real(settings, secrets, sessions)
+    recovery, recovery_closers = _recovery_real(settings, secrets, sessions, zfs)
     handlers: list[Handler] = [
         VCenterSyncHandler(vcenter_real.VCenterInventoryReal(sessions)),
         ReplicationHandler(zfs, settings.progress_interval),
@@ -144,15 +145,17 @@ def _build_real(settings: BackendSettings, secrets: SecretResolver) -> HandlerSe
     return _handler_set(handlers, "real", [*recovery_closers, sessions.close, zfs.close])
 
 
-def _recovery_real(settings: BackendSettings, secrets: SecretResolver, sessions: Any
+def _recovery_real(settings: BackendSettings, secrets: SecretResolver, sessions: Any, replication: Any = None
                    ) -> tuple[list[Handler], list[Callable[[], None]]]:
     """The recovery run's real backends, imported late. A module that is not there at all (a build
     from before they landed) leaves ``recovery.run`` out, logged with its name: such operations then
     fail as an unknown kind naming what this listener runs. One that is there but fails to import
-    stops the start, naming it."""
+    stops the start, naming it. The failover classes carry the test failover's calls too
+    (``FailoverStorageReal`` and ``FailoverComputeReal`` subclass the recovery ones); a run's own
+    replications go through the engine's ``replication`` (the ``zfs`` of ``_build_real``)."""
     classes = []
-    for module, name in (("handlers.backends.zfs.recovery", "RecoveryStorageReal"),
-                         ("handlers.backends.vcenter.recovery", "RecoveryComputeReal")):
+    for module, name in (("handlers.backends.zfs.failover", "FailoverStorageReal"),
+                         ("handlers.backends.vcenter.failover", "FailoverComputeReal")):
         try:
             classes.append(getattr(importlib.import_module(module), name))
         except ModuleNotFoundError as exc:
@@ -166,4 +169,4 @@ def _recovery_real(settings: BackendSettings, secrets: SecretResolver, sessions:
     storage = classes[0](secrets, cipher=settings.ssh_cipher)
     compute = classes[1](sessions)
     closers = [c for c in (getattr(storage, "close", None), getattr(compute, "close", None)) if callable(c)]
-    return [RecoveryRunHandler(storage, compute)], closers
+    return [RecoveryRunHandler(storage, compute, replication)], closers

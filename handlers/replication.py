@@ -37,6 +37,9 @@ class ReplicationRequest:
     recursive: bool = False  # protection_groups.recursive: the dataset and every child (zfs/tree.py)
     target_id: str = ""  # replication_targets.id: streams to one target share its bandwidth limit
     bandwidth_limit_mbps: float | None = None  # the row's value when the job was claimed (None: no limit)
+    # protection_groups.direction: 'reverse' sends the DR replica (source/source here) back to the
+    # primary's dataset (target/target_dataset here); recovery points keep their sides' meaning.
+    direction: str = "forward"
 
 
 @dataclass(frozen=True)
@@ -111,35 +114,79 @@ def build_request(payload: Mapping[str, Row]) -> ReplicationRequest:
             f"protection group {group['name']!r} has no replication target: "
             "set protection_groups.replication_target_id"
         )
-    source_dataset = job.get("source_dataset") or group.get("source_dataset")
-    if not source_dataset:
+    return request_for(group, target, job_id=str(job["id"]), direction=str(group.get("direction") or "forward"),
+                       job=job, last_snapshot=payload.get("last_snapshot"))  # type: ignore[arg-type]
+
+
+def request_for(group: Row, target: Row, *, job_id: str, direction: str, keep_all: bool = False,
+                job: Row | None = None, last_snapshot: str | None = None) -> ReplicationRequest:
+    """The replication of ``group`` to or from its ``target`` row, in ``direction``.
+
+    'forward': the group's ``source_dataset`` (on its source host, or this machine) to the replica
+    ``<target_root>/<replica_name>`` on the target. 'reverse' (after a reprotect): the replica, the
+    DR site's live dataset, back to the group's source host and ``source_dataset``; each side keeps
+    its own retention (the target's grid now applies on the sending side). A job row, when given,
+    names the datasets (its ``source_dataset`` is always the primary's, ``target_dataset`` the
+    replica's, whichever way the data flows). ``keep_all``: no retention on either side, nothing
+    pruned (a recovery run's replication never destroys a snapshot)."""
+    if direction not in ("forward", "reverse"):
+        raise PermanentError(f"protection_groups.direction {direction!r} is unknown: use forward or reverse")
+    job = job or {}
+    primary_dataset = job.get("source_dataset") or group.get("source_dataset")
+    if not primary_dataset:
         raise PermanentError(
             f"protection group {group['name']!r} has no source_dataset: set protection_groups.source_dataset"
         )
-    target_dataset = job.get("target_dataset")
-    if not target_dataset:
+    replica_dataset = job.get("target_dataset") or replica_of(group, target)
+    if not replica_dataset:
         raise PermanentError(
             "replication_jobs.target_dataset is empty and the target has no target_root: "
             "set replication_targets.target_root"
         )
     retention = group.get("retention_snapshots")
     grids = {column: group.get(column) or None for column in ("retention_grid", "source_retention_grid")}
+    primary = SSHEndpoint.source_from_group(group)
+    dr = SSHEndpoint.target_from_row(target)
+    if direction == "forward":
+        source, source_dataset, to, target_dataset = primary, primary_dataset, dr, replica_dataset
+        source_grid, target_grid = grids["source_retention_grid"], grids["retention_grid"]
+    else:
+        if primary is None:
+            raise PermanentError(
+                f"protection group {group['name']!r} has no source_ssh_host: a reverse replication (after a "
+                "reprotect) sends to the original site over SSH; set protection_groups.source_ssh_host "
+                "(and source_ssh_user, source_ssh_key_secret, source_ssh_host_key)"
+            )
+        source, source_dataset, to, target_dataset = dr, replica_dataset, primary, primary_dataset
+        source_grid, target_grid = grids["retention_grid"], grids["source_retention_grid"]
+    if keep_all:
+        retention, source_grid, target_grid = None, None, None
     return ReplicationRequest(
-        job_id=str(job["id"]),
+        job_id=job_id,
         source_dataset=source_dataset,
         target_dataset=target_dataset,
         transport=target.get("transport") or "ssh",
-        target=SSHEndpoint.target_from_row(target),
-        source=SSHEndpoint.source_from_group(group),
+        target=to,
+        source=source,
         retention_snapshots=int(retention) if retention is not None else None,
-        last_snapshot=payload.get("last_snapshot"),  # type: ignore[arg-type]
-        retention_grid=grids["retention_grid"],
-        source_retention_grid=grids["source_retention_grid"],
+        last_snapshot=last_snapshot,
+        retention_grid=target_grid,
+        source_retention_grid=source_grid,
         wire_compression=str(target.get("wire_compression") or "off"),
         recursive=bool(group.get("recursive")),
         target_id=str(target.get("id") or ""),
         bandwidth_limit_mbps=bandwidth_limit(target),
+        direction=direction,
     )
+
+
+def replica_of(group: Row, target: Row) -> str | None:
+    """``<target_root>/<replica_name>`` (as the replication_jobs trigger fills target_dataset)."""
+    root, source = target.get("target_root"), group.get("source_dataset")
+    if not root or not source:
+        return None
+    name = group.get("replica_name") or str(source).rsplit("/", 1)[-1]
+    return f"{root}/{name}"
 
 
 def bandwidth_limit(target: Row) -> float | None:
@@ -196,6 +243,7 @@ class ReplicationHandler:
         finally:
             flusher.cancel()
         result = asdict(outcome)
+        result["direction"] = request.direction  # complete_replication_run names the points' sides by it
         for key in ("notes", "recovery_points", "pruned_source", "pruned_target", "children"):
             result[key] = list(result[key])
         return result

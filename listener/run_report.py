@@ -51,20 +51,94 @@ def _point_line(point: Mapping[str, Any] | None) -> str:
             f"on the target since {_utc(point.get('replicated_at'))}{tested}")
 
 
+# The kinds of issue 14: their text adds the group's state, what a run acts on, the source side,
+# a detail column and the handler's report; a test's and a cleanup's text is as it was.
+FAILOVER_KINDS = ("planned_migration", "failover", "commit", "rollback", "reprotect")
+BRINGS_UP = ("planned_migration", "failover")
+_BOOKKEEPING = {"attempt", "worker", "previous_attempts"}
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "-" if value is None else str(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _summary(detail: Mapping[str, Any] | None, limit: int = 72) -> str:
+    """A step's detail in one cell: its scalar keys (and a list of scalars, joined), in order."""
+    parts = []
+    for key, value in (detail or {}).items():
+        if key in _BOOKKEEPING:
+            continue
+        if _is_scalar(value):
+            parts.append(f"{key}={_scalar(value)}")
+        elif isinstance(value, list) and all(_is_scalar(v) for v in value):
+            parts.append(f"{key}=[{', '.join(_scalar(v) for v in value)}]")
+    text = ", ".join(parts) or "-"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _report_lines(doc: Any) -> list[str]:
+    """The handler's report: its top-level scalars, and one level into what it holds."""
+    if not isinstance(doc, Mapping) or not doc:
+        return ["  none"]
+    lines = []
+    for key in sorted(doc):
+        value = doc[key]
+        if _is_scalar(value):
+            lines.append(f"  {key}: {_scalar(value)}")
+        elif isinstance(value, Mapping):
+            inner = [f"{k}={_scalar(v)}" for k, v in value.items() if _is_scalar(v)]
+            rest = len(value) - len(inner)
+            lines.append(f"  {key}: " + (", ".join(inner) or "{}") + (f" (+{rest} more in --json)" if rest else ""))
+        elif isinstance(value, list):
+            if all(_is_scalar(v) for v in value):
+                lines.append(f"  {key}: " + (", ".join(_scalar(v) for v in value) or "none"))
+            else:
+                lines.append(f"  {key}: {len(value)} item(s) (see --json)")
+    return lines
+
+
 def run_text(report: Mapping[str, Any]) -> list[str]:
     run = report["run"]
     group = report.get("group") or {}
-    lines = [f"Recovery run {run['id']}: {run['kind']} of protection group {group.get('name', '?')}",
+    kind = run["kind"]
+    ours = kind in FAILOVER_KINDS
+    lines = [f"Recovery run {run['id']}: {kind} of protection group {group.get('name', '?')}",
              "",
              f"  Status:          {run['status']}" + (" (cancel requested)" if run.get("cancel_requested") else ""),
              f"  Requested:       {_utc(run.get('created_at'))}" + (
-                 f" by {run['requested_by']}" if run.get("requested_by") else ""),
+                 f" by {run['requested_by']}" if run.get("requested_by") else (
+                     " by the commit policy" if ours and (run.get("options") or {}).get("auto") else "")),
              f"  Started:         {_utc(run.get('started_at'))}",
-             f"  Completed:       {_utc(run.get('completed_at'))}",
-             f"  Recovery point:  {_point_line(report.get('recovery_point'))}",
-             f"  RTO:             {_seconds(report.get('rto_seconds'))} (from the start to the last VM ready)",
-             f"  Data loss:       {_seconds(report.get('data_loss_seconds'))} "
-             "(from the recovery point to the start)"]
+             f"  Completed:       {_utc(run.get('completed_at'))}"]
+    if ours:
+        lines.append(f"  Group now:       {group.get('state', '?')}, direction {group.get('direction', '?')}"
+                     + (f" (was {run['group_state_before']} at the request)" if run.get("group_state_before") else ""))
+        acts = report.get("acts_on_run")
+        if acts:
+            lines.append(f"  Acts on:         {acts['kind']} run {acts['id']} ({acts['status']})")
+    if not ours or kind in BRINGS_UP or report.get("recovery_point"):
+        lines.append(f"  Recovery point:  {_point_line(report.get('recovery_point'))}")
+    if not ours or kind in BRINGS_UP:
+        lines += [f"  RTO:             {_seconds(report.get('rto_seconds'))} (from the start to the last VM ready)",
+                  f"  Data loss:       {_seconds(report.get('data_loss_seconds'))} "
+                  + ("(none: the final snapshot was made with the source VMs off)" if kind == "planned_migration"
+                     else "(from the recovery point to the start)")]
+    if ours:
+        final = report.get("final_snapshot")
+        if final:
+            lines.append(f"  Final snapshot:  {final.get('snapshot_name') or '?'} (GUID {final.get('guid') or '?'})"
+                         + (f", taken {_utc(final.get('created_at'))}" if final.get("created_at") else ""))
+        if report.get("datastore"):
+            lines.append(f"  Datastore:       {report['datastore']}")
+        for by in report.get("acted_on_by") or []:
+            lines.append(f"  Acted on by:     {by['kind']} run {by['id']} ({by['status']}"
+                         + (f", completed {_utc(by.get('completed_at'))})" if by.get("completed_at") else ")"))
     test = report.get("test_run")
     if test:
         lines.append(f"  Test run:        {test['id']} ({test['status']}, RTO {_seconds(test.get('rto_seconds'))})")
@@ -76,7 +150,13 @@ def run_text(report: Mapping[str, Any]) -> list[str]:
 
     lines += ["", "Steps"]
     steps = report.get("steps") or []
-    if steps:
+    if steps and ours:
+        rows = [("SEQ", "STEP", "VM", "STARTED (UTC)", "FINISHED (UTC)", "DURATION", "STATUS", "DETAIL")]
+        rows += [(str(s["seq"]), s["name"], s.get("vm_name") or "-", _time(s.get("started_at")),
+                  _time(s.get("finished_at")), _seconds(s.get("duration_seconds")), s["status"],
+                  _summary(s.get("detail"))) for s in steps]
+        lines += _table(rows)
+    elif steps:
         rows = [("SEQ", "STEP", "VM", "STARTED (UTC)", "FINISHED (UTC)", "DURATION", "STATUS")]
         rows += [(str(s["seq"]), s["name"], s.get("vm_name") or "-", _time(s.get("started_at")),
                   _time(s.get("finished_at")), _seconds(s.get("duration_seconds")), s["status"]) for s in steps]
@@ -85,6 +165,15 @@ def run_text(report: Mapping[str, Any]) -> list[str]:
         lines.append("  no steps recorded yet")
 
     vms = report.get("vms") or []
+    if ours and any(v.get("source_step") or v.get("source_state") for v in vms):
+        lines += ["", "Source site (each VM at site A, before its copy at site B powered on)"]
+        rows = [("VM", "STEP", "STATUS", "STOPPED (UTC)", "HOW", "FENCED", "STATE AT POWER-ON", "SINCE (UTC)")]
+        rows += [(v.get("vm_name") or str(v.get("protected_vm_id")), v.get("source_step") or "-",
+                  v.get("source_status") or "-", _time(v.get("source_stopped_at")), v.get("source_how") or "-",
+                  _scalar(v.get("fenced")), v.get("source_state") or "-", _time(v.get("source_changed_at")))
+                 for v in vms]
+        lines += _table(rows)
+
     if any(v.get("ready_status") or v.get("boot_time") for v in vms):
         lines += ["", "Virtual machines (boot order)"]
         rows = [("VM", "PRIORITY", "BOOTED (UTC)", "READY (UTC)", "WAITED", "HOW")]
@@ -94,6 +183,9 @@ def run_text(report: Mapping[str, Any]) -> list[str]:
                       "not ready (timed out)" if v.get("ready_status") == "warning" else "-"),
                   _seconds(v.get("waited_seconds")), v.get("ready_how") or "-") for v in vms]
         lines += _table(rows)
+
+    if ours:
+        lines += ["", "Report (the handler's summary; all of it with --json)"] + _report_lines(run.get("report"))
 
     warnings = report.get("warnings") or []
     lines += ["", f"Warnings ({len(warnings)})"]

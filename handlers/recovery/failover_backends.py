@@ -123,6 +123,31 @@ class Written:
     note: str = ""  # what a person should know (what the host could not do)
 
 
+@dataclass(frozen=True)
+class CommonSnapshot:
+    name: str  # the snapshot's name (after the @) on the first dataset
+    guid: str  # decimal text
+    created: str  # ISO 8601 UTC, its creation on the first dataset
+
+
+@dataclass(frozen=True)
+class KeptChanges:
+    kept_dataset: str  # <ds>_zerfaux_kept_<8 hex>: the dataset as it was, every snapshot with it
+    kept_snapshot: str  # <kept_dataset>@zerfaux_kept_<8 hex>: its last state, held
+    hold_tag: str  # the tag of the hold on kept_snapshot (zfs release <tag> ... lets it go)
+    clone: str  # ds again: a clone of <kept_dataset>@<common>, newest state the common snapshot
+
+
+KEPT_PREFIX = "zerfaux_kept_"
+SUPERSEDED_PREFIX = "zerfaux_superseded_"
+
+
+def kept_names(dataset: str, run_id: str) -> tuple[str, str]:
+    """(``<ds>_zerfaux_kept_<8 hex>``, ``zerfaux_kept_<8 hex>``): where keep_changes puts a dataset's changes."""
+    short = run_id.replace("-", "")[:8]
+    return f"{dataset}_{KEPT_PREFIX}{short}", f"{KEPT_PREFIX}{short}"
+
+
 class FailoverStorage(Protocol):
     def snapshot(self, target: SSHEndpoint, dataset: str, name: str, stop: threading.Event,
                  run_id: str | None = None) -> SnapshotInfo:
@@ -154,3 +179,62 @@ class FailoverStorage(Protocol):
         reachable under the new name). ``new_name`` existing: ``PermanentError``, nothing renamed;
         ``dataset`` gone and ``new_name`` there: False (renamed by an earlier attempt)."""
         ...
+
+    # ---- reprotect, failback, commit of an older point (either site's host) ----
+
+    def newest_common_snapshot(self, a: SSHEndpoint, a_ds: str, b: SSHEndpoint, b_ds: str,
+                               stop: threading.Event) -> CommonSnapshot | None:
+        """The newest snapshot of ``a_ds`` (on ``a``) whose GUID ``b_ds`` (on ``b``) also has, by
+        GUID only (names may differ); None when they share none. Either dataset missing:
+        ``PermanentError`` naming it and its host. No effect."""
+        ...
+
+    def snapshots_after(self, target: SSHEndpoint, ds: str, snapshot: str, stop: threading.Event) -> tuple[str, ...]:
+        """Names (after the @) of ``ds``'s snapshots newer than ``snapshot``, oldest first.
+        ``snapshot`` missing: ``PermanentError``. No effect."""
+        ...
+
+    def keep_changes(self, target: SSHEndpoint, ds: str, common: str, tag: str, run_id: str,
+                     stop: threading.Event) -> KeptChanges:
+        """Keep what ``ds`` holds beyond ``@common`` where a person can reach it, and leave ``ds``
+        with ``@common`` as its newest state so an incremental from ``common`` is received into it:
+        ``zfs snapshot ds@zerfaux_kept_<8 hex>`` (held with ``tag``), ``zfs rename ds
+        <ds>_zerfaux_kept_<8 hex>`` (every snapshot goes with it), ``zfs clone
+        <renamed>@common ds`` with ds's mountpoint. Nothing is destroyed. Idempotent per run: a
+        call after any part of an earlier one (a kill between the rename and the clone) finishes
+        it. ``PermanentError``, nothing changed, when it cannot (no @common, the kept name taken by
+        another dataset, children, a clone already at ds that is not this run's)."""
+        ...
+
+    def discard_changes(self, target: SSHEndpoint, ds: str, common: str, stop: threading.Event) -> tuple[str, ...]:
+        """``options.discard_source_changes``, the one explicit discard: ``zfs rollback -r
+        ds@common``. Returns the snapshots it destroyed (``ds@name``); already at ``@common``: ()."""
+        ...
+
+    def load_key(self, target: SSHEndpoint, ds: str, key_secret: str, stop: threading.Event) -> bool:
+        """``zfs load-key`` of ``ds``'s encryption root with the value of the secret named
+        ``key_secret`` (fed on stdin, never on a command line). False, nothing done: the key is
+        loaded already, or the dataset is not encrypted (or this ZFS has no encryption). A wrong
+        key: ``PermanentError`` naming the secret."""
+        ...
+
+    def set_readonly(self, target: SSHEndpoint, ds: str, on: bool, stop: threading.Event) -> bool:
+        """``zfs set readonly=on|off ds``; False when it was so already."""
+        ...
+
+    def destroy_snapshot(self, target: SSHEndpoint, snapshot: str, run_id: str, stop: threading.Event) -> bool:
+        """``zfs destroy ds@name`` (no -r), only when the snapshot carries
+        ``zerfaux:recovery_run=<run_id>`` (else ``PermanentError``, nothing destroyed); False when
+        it is gone already. Held or cloned: ``PermanentError``."""
+        ...
+
+    def replace_with_clone(self, target: SSHEndpoint, ds: str, clone: str, tag: str,
+                           stop: threading.Event) -> dict[str, str]:
+        """Commit of a failover to an older point: the clone becomes ``ds``. The clone is ``zfs
+        promote``d (the replica's snapshots up to the clone's origin move to it; the newer ones stay
+        with the old replica), ``ds`` renamed ``<ds>_zerfaux_superseded_<8 hex of tag>`` and the
+        clone renamed to ``ds``, keeping its mountpoint (pinned first when inherited; zfs-fuse
+        unmounts it for the rename, OpenZFS renames it mounted). Nothing destroyed. Idempotent.
+        Returns {dataset, superseded, point (the snapshot the clone was made from)}."""
+        ...
+

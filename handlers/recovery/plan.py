@@ -89,8 +89,8 @@ def build_plan(payload: Mapping[str, Any]) -> RunPlan:
                                 "(zerfaux migrate)")
     kind = str(run.get("kind") or "")
     if kind not in KINDS:
-        raise PermanentError(f"recovery_runs.kind {kind!r} is not available yet: this listener runs 'test' "
-                             "and 'cleanup'")
+        raise PermanentError(f"recovery_runs.kind {kind!r} is not one this listener runs: 'test', 'cleanup', "
+                             "'planned_migration', 'failover', 'commit', 'rollback', 'reprotect'")
     group = _need(payload, "group", "the run's protection group is gone: recovery_runs.protection_group_id")
     target = _need(payload, "target", f"protection group {group.get('name')!r} has no replication target: set "
                                       "protection_groups.replication_target_id")

@@ -8,7 +8,8 @@ select has_table('public', 'recovery_run_steps', 'recovery_run_steps exists');
 select columns_are('public', 'recovery_runs', array[
     'id', 'protection_group_id', 'kind', 'recovery_point_id', 'test_run_id', 'status', 'cancel_requested',
     'options', 'requested_by', 'created_at', 'started_at', 'completed_at', 'rto_seconds', 'data_loss_seconds',
-    'error', 'report'], 'recovery_runs has the columns of the issue');
+    'error', 'report', 'acts_on_run_id', 'group_state_before'],
+    'recovery_runs has the columns of the issues (13, 14)');
 select columns_are('public', 'recovery_run_steps', array[
     'id', 'run_id', 'seq', 'name', 'protected_vm_id', 'status', 'started_at', 'finished_at', 'detail', 'error'],
     'recovery_run_steps has the columns of the issue');
@@ -50,9 +51,10 @@ select throws_like(
       values ('7c000000-0000-4000-c000-000000000001', 'cleanup', '7c000000-0000-4000-e000-000000000001')$$,
     'recovery_runs_cleanup_of_an_active_test: %in status pending%',
     'a cleanup of a test that is not active is refused');
-select throws_ok(
+select throws_like(
     $$insert into public.recovery_runs (protection_group_id, kind) values ('7c000000-0000-4000-c000-000000000001', 'failover')$$,
-    '0A000', null, 'the kinds of the failover issue are not available yet');
+    'recovery_runs_one_run_per_group: %already has a pending test run%',
+    'a failover while a test is pending is refused: one run per group (supabase/tests/failover_runs_test.sql)');
 
 select * from finish();
 rollback;

@@ -140,13 +140,14 @@ def mark_tools_running(vm: Any) -> None:
 
 
 class ToolsHarness:
-    """A thread that marks Tools running on every powered-on VM whose name ends ``-test-<8 hex>``.
+    """A thread that marks Tools running on every powered-on VM ``wants`` (default: named ``…-test-<8 hex>``).
 
     ``marked_at[name]`` is the wall-clock time just before the mark was written: nothing could
     have seen the VM ready earlier, so a later priority's bootTime must come after it."""
 
-    def __init__(self, sim: Simulator, skip: Callable[[str], bool], interval: float = 0.05) -> None:
-        self.sim, self.skip, self.interval = sim, skip, interval
+    def __init__(self, sim: Simulator, skip: Callable[[str], bool], interval: float = 0.05,
+                 wants: Callable[[str], bool] = lambda name: "-test-" in name) -> None:
+        self.sim, self.skip, self.interval, self.wants = sim, skip, interval, wants
         self.marked_at: dict[str, float] = {}
         self.seen_on: dict[str, float] = {}
         self.errors: list[str] = []
@@ -186,7 +187,7 @@ class ToolsHarness:
             out = []
             for obj in content.propertyCollector.RetrieveContents([spec]):
                 props = {p.name: p.val for p in obj.propSet}
-                if props.get("runtime.powerState") == "poweredOn" and "-test-" in str(props.get("name")):
+                if props.get("runtime.powerState") == "poweredOn" and self.wants(str(props.get("name"))):
                     out.append((obj.obj, str(props["name"])))
             return out
         finally:

@@ -249,14 +249,10 @@ def test_an_unmapped_network_is_refused_naming_it_and_its_vms(world: Database) -
 
 
 @pytest.mark.parametrize("kind", ISSUE_14_KINDS)
-def test_the_kinds_of_the_failover_issue_are_not_available_yet(world: Database, kind: str) -> None:
+def test_an_operator_may_not_start_the_kinds_of_the_failover_issue(world: Database, kind: str) -> None:
+    """Their rules and endings are in test_failover_runs_sql.py; here: the role comes first."""
     point(world)
-    refused(world, psycopg.errors.FeatureNotSupported,
-            f"recovery_runs_kind_available: kind {kind} is not available yet", lambda: run(world, kind))
-    roles(world)  # an admin of the group hears the same; an operator is refused by role first
-    refused(world, psycopg.errors.FeatureNotSupported, "recovery_runs_kind_available",
-            lambda: as_person(world, ADMIN, "insert into recovery_runs (protection_group_id, kind) values (%s, %s)",
-                              (GROUP, kind)))
+    roles(world)
     refused(world, psycopg.errors.InsufficientPrivilege, f"recovery_runs_roles: a {kind} run .* needs the admin role",
             lambda: as_person(world, OPERATOR, "insert into recovery_runs (protection_group_id, kind) values (%s, %s)",
                               (GROUP, kind)))
@@ -307,7 +303,8 @@ def test_the_input_is_the_contracts(world: Database) -> None:
     test = run(world)
     payload = claim(world)["payload"]
     assert set(payload) == {"run", "group", "target", "dr_vcenter", "source_vcenter", "recovery_point",
-                            "replica_dataset", "vms", "network_mappings", "steps", "test_run", "test_steps"}
+                            "replica_dataset", "vms", "network_mappings", "steps", "test_run", "test_steps",
+                            "acts_on_run", "acts_on_steps"}
     assert (payload["run"]["id"], payload["run"]["status"], payload["group"]["name"]) == (str(test["id"]), "running", "gold")
     assert payload["target"]["nfs_host"] is None
     assert payload["target"]["nfs_host_effective"] == payload["target"]["ssh_host"] == "zfs-dr-01.example.internal"
@@ -317,6 +314,7 @@ def test_the_input_is_the_contracts(world: Database) -> None:
     assert [v["vm"]["name"] for v in payload["vms"]] == ["db-01", "app-01", "web-01"]
     assert [m["source_network"] for m in payload["network_mappings"]] == ["a", "b"]
     assert (payload["steps"], payload["test_run"], payload["test_steps"]) == ([], None, [])
+    assert (payload["acts_on_run"], payload["acts_on_steps"]) == (None, [])
 
 
 def test_nfs_host_is_checked_and_used_when_set(world: Database) -> None:

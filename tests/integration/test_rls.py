@@ -84,13 +84,14 @@ TARGET_CONFIG = ("name", "ssh_host", "ssh_port", "ssh_user", "ssh_key_secret", "
                  "dr_datastore", "transport", "max_concurrent", "wire_compression", "bandwidth_limit_mbps",
                  "placeholder_datastore", "nfs_host", "nfs_clients")
 BOOT_ORDER = ("boot_priority", "boot_delay_seconds", "tools_timeout_seconds")
+VM_RECOVERY = (*BOOT_ORDER, "shutdown_timeout_seconds")  # set like the boot order (issue 14)
 MAPPING_CONFIG = ("protection_group_id", "source_network", "recovery_network", "test_network")
 GROUP_CONFIG = ("name", "source_vcenter_id", "dr_vcenter_id", "replication_target_id", "source_dataset",
                 "protection_datastore", "rpo_minutes", "retention_snapshots", "source_ssh_host", "source_ssh_port",
                 "source_ssh_user", "source_ssh_key_secret", "source_ssh_host_key", "dr_cluster",
                 "dr_resource_pool", "dr_folder", "dr_network", "dr_vm_suffix", "paused",
                 "replication_interval_minutes", "retention_grid", "source_retention_grid", "encryption_key_secret",
-                "recursive")
+                "recursive", "commit_policy", "commit_timeout_minutes")
 
 # The column grants, once. Rows: tables; columns: roles.
 POLICY: dict[str, dict[str, Access]] = {
@@ -113,8 +114,8 @@ POLICY: dict[str, dict[str, Access]] = {
         "anon": NOTHING, "service_role": ALL,
         "authenticated": Access(select=EVERY,
                                 insert=("protection_group_id", "vm_id", "needs_storage_vmotion", "needs_dr_shell",
-                                        *BOOT_ORDER),
-                                update=("needs_storage_vmotion", "needs_dr_shell", *BOOT_ORDER), delete=True),
+                                        *VM_RECOVERY),
+                                update=("needs_storage_vmotion", "needs_dr_shell", *VM_RECOVERY), delete=True),
     },
     "public.replication_jobs": {
         "anon": NOTHING, "service_role": ALL,
@@ -561,6 +562,19 @@ CHECKS = [
     Check("cancel a run", "update recovery_runs set cancel_requested = true where id = '{run}'", "operator",
           setup="update recovery_runs set status = 'pending', completed_at = null where id = '{run}'"),
     Check("end a run", "update recovery_runs set status = 'failed' where id = '{run}'", "service_role"),
+    # Issue 14: the failover kinds are an admin's; where a group stands is the engine's.
+    Check("fail a group over", "insert into recovery_runs (protection_group_id, kind) values ('{group}', 'failover')",
+          "group_admin"),
+    Check("migrate a group", "insert into recovery_runs (protection_group_id, kind)"
+                             " values ('{group}', 'planned_migration')", "group_admin"),
+    Check("set a group's commit policy", "update protection_groups set commit_policy = 'commit',"
+                                         " commit_timeout_minutes = 30 where id = '{group}'", "admin"),
+    Check("set a group's state", "update protection_groups set state = 'failed_over' where id = '{group}'",
+          "service_role"),
+    Check("flip a group's direction", "update protection_groups set direction = 'reverse' where id = '{group}'",
+          "service_role"),
+    Check("set a shutdown timeout", "update protected_vms set shutdown_timeout_seconds = 60"
+                                    " where protection_group_id = '{group}'", "operator"),
     Check("write a step", "insert into recovery_run_steps (run_id, seq, name) values ('{run}', 2, 'activate')",
           "service_role"),
     Check("delete a run", "delete from recovery_runs where id = '{run}'", "service_role"),

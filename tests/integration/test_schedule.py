@@ -148,7 +148,7 @@ def test_a_never_replicated_group_is_due_at_once(seeded_db: Database) -> None:
 
 
 @pytest.mark.parametrize("change", [
-    "paused = true", "state = 'failing_over'", "rpo_minutes = null", "source_dataset = null",
+    "paused = true", "state = 'recovering'", "state = 'awaiting_commit'", "state = 'failed_over'", "rpo_minutes = null", "source_dataset = null",
     "replication_target_id = null"])
 def test_a_group_not_scheduled_gets_no_job_and_no_next_time(seeded_db: Database, change: str) -> None:
     db = seeded_db

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import NoReturn
 
 from handlers.backends.stub.points import StubReplica
@@ -226,6 +228,11 @@ class DRShellBuilderStub:
         moref = f"vm-{100000 + _digest(vcenter.id, subject) % 900000}"
         if world.create_once("shells", vcenter.id, subject, content=moref):
             world.record("vm.dr_shell", subject, "created", moref=moref, name=spec.name)
+            # Made powered off with its disks, as the failover stubs see a VM (stub/failover.py).
+            world.write("fo-vm", vcenter.id, moref, content=json.dumps({
+                "state": "poweredOff", "tools": True, "obeys": True,
+                "changed_at": datetime.now(timezone.utc).isoformat(),
+                "disks": [d.file for d in spec.disks], "nics": []}))
             _pause(_duration(self._seconds, self._jitter))
             return ShellResult(moref=moref, adopted=False)
         existing = world.read("shells", vcenter.id, subject) or moref

@@ -23,7 +23,18 @@ from handlers.backends.stub.recovery import STUB_DR_NETWORKS, _Stub
 from handlers.backends.zfs.validate import check_dataset, check_snapshot
 from handlers.errors import PermanentError
 from handlers.recovery.backends import RecoveryDisk, RecoveryNic
-from handlers.recovery.failover_backends import AttachResult, NicChange, PowerState, ShutdownResult, SnapshotInfo, Written
+from handlers.recovery.failover_backends import (
+    SUPERSEDED_PREFIX,
+    AttachResult,
+    CommonSnapshot,
+    KeptChanges,
+    NicChange,
+    PowerState,
+    ShutdownResult,
+    SnapshotInfo,
+    Written,
+    kept_names,
+)
 from handlers.types import SSHEndpoint, VCenterEndpoint
 
 
@@ -175,7 +186,9 @@ class FailoverStorageStub(_Stub):
             if hit is not None:
                 return SnapshotInfo(f"{dataset}@{name}", str(hit[1]), created=False)
             guid = fake_guid(dataset, name)
-            ds["snapshots"].append([name, guid, ds["written"]])
+            ds["snapshots"].append([name, guid, ds["written"], _now()])
+            if run_id is not None:
+                ds.setdefault("marks", {})[name] = run_id
             self._put(target, dataset, ds)
         self._world.record("failover.snapshot", f"{dataset}@{name}", "created", guid=guid)
         return SnapshotInfo(f"{dataset}@{name}", guid, created=True)
@@ -236,3 +249,143 @@ class FailoverStorageStub(_Stub):
             self._put(target, dataset, {"gone": True})
         self._world.record("failover.rename", dataset, "renamed", to=new_name)
         return True
+
+    # ---- reprotect (either site's host) ----
+
+    def _snaps_of(self, target: SSHEndpoint, dataset: str, mirror: tuple[SSHEndpoint, str] | None = None
+                  ) -> list[list[Any]]:
+        ds = self._ds(target, dataset)
+        if ds is None and mirror is not None and self._world.read("fo-ds", target.host, dataset) is None:
+            other = self._ds(*mirror)  # a dataset the stub never saw holds what the other side holds
+            if other is not None:
+                self._put(target, dataset, {**other, "written": 0, "mounted": True, "readonly": False})
+                ds = self._ds(target, dataset)
+        if ds is None:
+            raise PermanentError(f"{dataset} does not exist on {target.host}")
+        return list(ds["snapshots"])
+
+    def newest_common_snapshot(self, a: SSHEndpoint, a_ds: str, b: SSHEndpoint, b_ds: str,
+                               stop: threading.Event) -> CommonSnapshot | None:
+        check_dataset(a_ds, "dataset")
+        check_dataset(b_ds, "dataset")
+        self._begin(stop, f"matching {a_ds} and {b_ds}")
+        b_snaps = self._snaps_of(b, b_ds, (a, a_ds))
+        a_snaps = self._snaps_of(a, a_ds, (b, b_ds))
+        guids = {str(s[1]) for s in b_snaps}
+        for snap in reversed(a_snaps):
+            if str(snap[1]) in guids:
+                return CommonSnapshot(str(snap[0]), str(snap[1]), str(snap[3]) if len(snap) > 3 else _now())
+        return None
+
+    def snapshots_after(self, target: SSHEndpoint, ds: str, snapshot: str, stop: threading.Event) -> tuple[str, ...]:
+        check_dataset(ds, "dataset")
+        check_snapshot(snapshot, "snapshot")
+        self._begin(stop, f"listing {ds}")
+        names = [str(s[0]) for s in self._need(target, ds)["snapshots"]]
+        if snapshot not in names:
+            raise PermanentError(f"{ds}@{snapshot} does not exist on {target.host}")
+        return tuple(names[names.index(snapshot) + 1:])
+
+    def keep_changes(self, target: SSHEndpoint, ds: str, common: str, tag: str, run_id: str,
+                     stop: threading.Event) -> KeptChanges:
+        check_dataset(ds, "dataset")
+        check_snapshot(common, "common snapshot")
+        check_snapshot(tag, "hold tag")
+        kept, snap = kept_names(ds, run_id)
+        check_dataset(kept, "kept dataset")
+        result = KeptChanges(kept, f"{kept}@{snap}", tag, ds)
+        self._begin(stop, f"keeping what {ds} holds beyond @{common}")
+        with self._world.locked("fo-ds", target.host, ds):
+            there = self._ds(target, kept)
+            if there is not None and there.get("renamed_from") == ds:
+                return result  # an earlier call kept them
+            if there is not None:
+                raise PermanentError(f"{kept} exists on {target.host} and is not this run's: nothing was changed")
+            cur = self._need(target, ds)
+            names = [str(s[0]) for s in cur["snapshots"]]
+            if common not in names:
+                raise PermanentError(f"{ds}@{common} does not exist on {target.host}: nothing was changed")
+            snaps = [*cur["snapshots"], [snap, fake_guid(kept, snap), cur["written"], _now()]]
+            self._put(target, kept, {**cur, "snapshots": snaps, "renamed_from": ds, "holds": [tag]})
+            upto = snaps[: names.index(common) + 1]
+            self._put(target, ds, {"snapshots": upto, "written": upto[-1][2], "mounted": cur["mounted"],
+                                   "readonly": cur["readonly"], "origin": f"{kept}@{common}"})
+        self._world.record("failover.keep", ds, "kept", to=kept)
+        return result
+
+    def discard_changes(self, target: SSHEndpoint, ds: str, common: str, stop: threading.Event) -> tuple[str, ...]:
+        check_dataset(ds, "dataset")
+        check_snapshot(common, "common snapshot")
+        self._begin(stop, f"rolling {ds} back to @{common}")
+        with self._world.locked("fo-ds", target.host, ds):
+            cur = self._need(target, ds)
+            names = [str(s[0]) for s in cur["snapshots"]]
+            if common not in names:
+                raise PermanentError(f"{ds}@{common} does not exist on {target.host}: nothing was discarded")
+            cut = names.index(common) + 1
+            gone = tuple(f"{ds}@{n}" for n in names[cut:])
+            cur["snapshots"] = cur["snapshots"][:cut]
+            cur["written"] = cur["snapshots"][-1][2]
+            self._put(target, ds, cur)
+        self._world.record("failover.discard", ds, "rolled-back", destroyed=len(gone))
+        return gone
+
+    def load_key(self, target: SSHEndpoint, ds: str, key_secret: str, stop: threading.Event) -> bool:
+        check_dataset(ds, "dataset")
+        self._begin(stop, f"loading the key of {ds}")
+        with self._world.locked("fo-ds", target.host, ds):
+            cur = self._need(target, ds)
+            if not cur.get("encrypted") or cur.get("key_loaded"):
+                return False
+            cur["key_loaded"] = True
+            self._put(target, ds, cur)
+        return True
+
+    def set_readonly(self, target: SSHEndpoint, ds: str, on: bool, stop: threading.Event) -> bool:
+        check_dataset(ds, "dataset")
+        self._begin(stop, f"setting readonly on {ds}")
+        with self._world.locked("fo-ds", target.host, ds):
+            cur = self._need(target, ds)
+            if bool(cur.get("readonly")) == on:
+                return False
+            cur["readonly"] = on
+            self._put(target, ds, cur)
+        return True
+
+    def destroy_snapshot(self, target: SSHEndpoint, snapshot: str, run_id: str, stop: threading.Event) -> bool:
+        ds, _, name = snapshot.partition("@")
+        check_dataset(ds, "dataset")
+        check_snapshot(name, "snapshot")
+        self._begin(stop, f"destroying {snapshot}")
+        with self._world.locked("fo-ds", target.host, ds):
+            cur = self._need(target, ds)
+            hit = next((s for s in cur["snapshots"] if s[0] == name), None)
+            if hit is None:
+                return False
+            marks = cur.get("marks", {})
+            if marks.get(name) not in (None, run_id):
+                raise PermanentError(f"{snapshot} was not made by run {run_id}: Zerfaux does not destroy it")
+            cur["snapshots"] = [s for s in cur["snapshots"] if s[0] != name]
+            self._put(target, ds, cur)
+        self._world.record("failover.snapshot", snapshot, "destroyed")
+        return True
+
+    def replace_with_clone(self, target: SSHEndpoint, ds: str, clone: str, tag: str,
+                           stop: threading.Event) -> dict[str, str]:
+        check_dataset(ds, "dataset")
+        check_dataset(clone, "clone")
+        superseded = f"{ds}_{SUPERSEDED_PREFIX}{tag.replace('-', '')[:8]}"
+        check_dataset(superseded, "superseded dataset")
+        self._begin(stop, f"replacing {ds} with {clone}")
+        with self._world.locked("fo-ds", target.host, ds):
+            old = self._ds(target, superseded)
+            if old is not None and old.get("renamed_from") == ds:
+                return {"dataset": ds, "superseded": superseded, "point": str(old.get("point", ""))}
+            cur, new = self._need(target, ds), self._need(target, clone)
+            point = str(new.get("origin", "")).rpartition("@")[2]
+            self._put(target, superseded, {**cur, "renamed_from": ds, "point": point})
+            self._put(target, ds, {**new, "renamed_from": clone})
+            self._put(target, clone, {"gone": True})
+        self._world.record("failover.replace", ds, "replaced", by=clone)
+        return {"dataset": ds, "superseded": superseded, "point": point}
+

@@ -41,7 +41,8 @@ class StubReplica:
     def received(self, request: ReplicationRequest, snapshot: str, sent_bytes: int | None
                  ) -> tuple[tuple[RecoveryPoint, ...], tuple[str, ...]]:
         """Record ``snapshot`` on the replica, apply retention: (the points left, the names pruned)."""
-        dataset = request.target_dataset
+        # The replica's listing, whichever way the data flows (reverse: the replica is the sender).
+        dataset = request.source_dataset if request.direction == "reverse" else request.target_dataset
         shared = self._world.locked("replica", dataset) if self._world else contextlib.nullcontext()
         with self._lock, shared:
             entries = self._load(dataset)

@@ -23,7 +23,8 @@ from pyVmomi import vim
 
 from handlers.backends.vcenter import failover_devices as devices
 from handlers.backends.vcenter.query import check_stop, properties, wait_for_task
-from handlers.backends.vcenter.session import VCenterSessions, where
+from handlers.backends.vcenter.recovery import RecoveryComputeReal
+from handlers.backends.vcenter.session import where
 from handlers.backends.vcenter.watch import watch
 from handlers.errors import PermanentError
 from handlers.recovery.backends import RecoveryDisk, RecoveryNic
@@ -37,9 +38,9 @@ TOOLS_RUNNING = "guestToolsRunning"
 POWER_EVENTS = ["VmPoweredOffEvent", "VmPoweredOnEvent", "VmSuspendedEvent", "VmResumingEvent"]
 
 
-class FailoverComputeReal:
-    def __init__(self, sessions: VCenterSessions) -> None:
-        self._sessions = sessions
+class FailoverComputeReal(RecoveryComputeReal):
+    """Both vCenters for a failover run: the test failover's calls (``RecoveryComputeReal``: site
+    check, datastores, power on, readiness) and the failover's own, on the same sessions."""
 
     def shutdown_vm(self, vcenter: VCenterEndpoint, moref: str, timeout_seconds: float, force_power_off: bool,
                     stop: threading.Event) -> ShutdownResult:

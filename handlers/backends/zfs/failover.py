@@ -24,6 +24,7 @@ from handlers.backends.zfs.exec import ParamikoRunner, Result, Runner, check, zf
 from handlers.backends.zfs.pipe import ChannelEnd
 from handlers.backends.zfs.recovery import RecoveryStorageReal, _halt
 from handlers.backends.zfs.recovery_names import check_run_id
+from handlers.backends.zfs.reprotect import ReprotectStorage
 from handlers.backends.zfs.stream_count import StreamCounter, StreamError
 from handlers.backends.zfs.validate import check_dataset, check_snapshot
 from handlers.errors import PermanentError, TransientError
@@ -65,7 +66,7 @@ def _guid(runner: Runner, snapshot: str) -> str | None:
     return check(result, runner.label, f"reading the GUID of {snapshot}").out.strip()
 
 
-class FailoverStorageReal(RecoveryStorageReal):
+class FailoverStorageReal(ReprotectStorage, RecoveryStorageReal):
     """Shares the recovery storage's sessions and runner; adds the failover operations only."""
 
     def snapshot(self, target: SSHEndpoint, dataset: str, name: str, stop: threading.Event,

@@ -42,15 +42,19 @@ def settle(sides: Sides, request: ReplicationRequest, sent: Snap, target_tag: st
     gone_src, gone_tgt = retain(s, source, target, sent, target_tag, src_snaps, tgt_snaps, creation, cursor)
     src_left = [x for x in src_snaps if x.name not in set(gone_src)]
     tgt_left = [x for x in tgt_snaps if x.name not in set(gone_tgt)]
-    return Settled(listing(src_left, tgt_left, target_tag, sent, sent_bytes), tuple(gone_src), tuple(gone_tgt))
+    points = listing(src_left, tgt_left, target_tag, sent, sent_bytes, any_tag=request.direction == "reverse")
+    return Settled(points, tuple(gone_src), tuple(gone_tgt))
 
 
 def listing(source: list[Snap], target: list[Snap], target_tag: str, sent: Snap,
-            sent_bytes: int | None) -> tuple[RecoveryPoint, ...]:
-    """Our snapshots of the replica on either side, by GUID, oldest first (no I/O)."""
+            sent_bytes: int | None, any_tag: bool = False) -> tuple[RecoveryPoint, ...]:
+    """Our snapshots of the replica on either side, by GUID, oldest first (no I/O).
+
+    ``any_tag`` (a reverse replication, whose source is the DR replica): every snapshot of ours on
+    the source counts, since the ones it received from the primary carry no ``zerfaux:target``."""
     on_source = {s.guid: s for s in source}
     ours_target = {t.guid: t for t in target if OURS.fullmatch(t.name)}
-    ours_source = {s.guid: s for s in source if OURS.fullmatch(s.name) and s.target == target_tag}
+    ours_source = {s.guid: s for s in source if OURS.fullmatch(s.name) and (any_tag or s.target == target_tag)}
     points = []
     for guid in set(ours_target) | set(ours_source):
         snap = on_source.get(guid) or ours_target[guid]

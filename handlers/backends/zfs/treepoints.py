@@ -51,7 +51,8 @@ def settle_tree(sides: Sides, request: ReplicationRequest, members: list[str], n
     if sent is None:
         return Settled((), tuple(gone[0]), tuple(gone[1]))
     top_tgt = target.snaps.get(s.tgt_ds, []) if target is not None else []
-    points = listing(source.snaps.get(s.src_ds, []), top_tgt, target_tag, sent, sent_bytes)
+    points = listing(source.snaps.get(s.src_ds, []), top_tgt, target_tag, sent, sent_bytes,
+                     any_tag=request.direction == "reverse")
     whole = whole_on_target(source, target, s.tgt_ds)
     points = tuple(replace(p, on_target=p.on_target and whole.get(p.snapshot_name, True)) for p in points)
     return Settled(points, tuple(gone[0]), tuple(gone[1]))

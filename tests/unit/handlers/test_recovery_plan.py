@@ -74,7 +74,7 @@ def test_a_vm_problem_is_collected_for_validate_naming_the_field(change: object,
     (lambda p: p.update(recovery_point=None), "replicate the group first"),
     (lambda p: p.update(dr_vcenter=None), "protection_groups.dr_vcenter_id"),
     (lambda p: p.update(target=None), "protection_groups.replication_target_id"),
-    (lambda p: p["run"].update(kind="failover"), "not available yet"),
+    (lambda p: p["run"].update(kind="restore"), "not one this listener runs"),
     (lambda p: p["target"].update(target_root=None), "target_root"),
 ])
 def test_structural_faults_fail_at_once(change: object, words: str) -> None:
