@@ -295,25 +295,26 @@ def test_part(args: argparse.Namespace, start: Callable[..., Simulator], source_
 
 def migration_part(args: argparse.Namespace, start: Callable[..., Simulator], source_host: Any, target_host: Any,
                    work: str) -> None:
-    """The planned migration benchmark (bench/migration.py)."""
+    """The planned migration benchmark (bench/migration.py), in tests/integration/failover_world.py's world."""
     from bench import migration
+    from tests.integration.failover_world import build_failover_world, plan_of
 
     # Every VM's flat disk holds its share of the final delta.
     disk = max(64 * KiB, -(-args.delta_mib * 1024 // args.vms) * KiB)
-    plan = tuple(VMPlan(f"m{i:03d}", 1 + i * args.priorities // args.vms, "VM Network") for i in range(args.vms))
     os.makedirs(work, exist_ok=True)
     with ExitStack() as stack:
         name, url = scratch_database("zf_bench_migration")
         stack.callback(drop_database, name)
         migrate(url)
         seed(url)
-        print(f"building the migration world: {args.vms} VMs in {args.priorities} priorities, replicated ...",
-              flush=True)
+        print(f"building the migration world: {args.vms} VMs in {args.priorities} priorities, replicated,"
+              " DR shells made ...", flush=True)
         began = time.monotonic()
-        world_gen = build_world(Database(name, url), source_host, target_host, start, Path(work), plan, disk)
+        world_gen = build_failover_world(Database(name, url), source_host, target_host, start, Path(work),
+                                         plan=plan_of(args.vms, args.priorities), disk_bytes=disk)
         w = next(world_gen)
         stack.callback(lambda: next(world_gen, None))
-        print(f"  recovery world built in {time.monotonic() - began:.1f} s", flush=True)
+        print(f"  built in {time.monotonic() - began:.1f} s", flush=True)
         migration.run(w, args)
 
 
