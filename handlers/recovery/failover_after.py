@@ -126,7 +126,7 @@ class AfterSteps:
     async def _detach(self, step: Step) -> Outcome:
         plan, pid = self.plan, step.protected_vm_id
         vm = plan.vm(pid)
-        if plan.direction == "reverse":
+        if plan.direction == "reverse" and not self.older:
             return "skipped", {"why": "the original VMs keep their disks"}, None
         if vm is None or not vm.b_moref or not self.attempted("attach_disks", pid):
             return "skipped", {"why": "the run rolled back never attached its disks"}, None
@@ -139,7 +139,8 @@ class AfterSteps:
         if not self.attempted("export") or export.get("status") == "skipped":
             return "skipped", {"why": "the run rolled back exported nothing"}, None
         dataset = str(self.acted("export").get("dataset") or (plan.clone_dataset if self.older else plan.b.dataset))
-        done = await self.r.call(self.r.storage.unexport, plan.b.storage, dataset)
+        unshare = self.r.storage.unexport if self.older else self.r.storage.unexport_replica
+        done = await self.r.call(unshare, plan.b.storage, dataset)
         return "done", {"dataset": dataset, "unexported_now": bool(done)}, None
 
     async def _remove_datastore(self) -> Outcome:
@@ -213,12 +214,15 @@ class AfterSteps:
                               plan.b.dataset)
         if common is None:
             a_host = plan.a.storage.host if plan.a.storage else "the listener's machine"
+            b_host = plan.b.storage.host if plan.b.storage else "the listener's machine"
             raise PermanentError(
-                f"{plan.a.dataset} on {a_host} and {plan.b.dataset} share no snapshot (none with the same GUID), so "
-                "the replication back cannot be incremental, and Zerfaux never overwrites a dataset with a full "
-                f"stream. To reprotect: on {a_host}, rename the original dataset out of the way (`zfs rename "
-                f"{plan.a.dataset} {plan.a.dataset}_old`: its data stays there) or destroy it if nothing on it is "
-                "needed, then insert the reprotect again: it sends a full copy into the empty place. Nothing was done")
+                f"{plan.a.dataset} on {a_host} and {plan.b.dataset} on {b_host} share no snapshot (none with the "
+                "same GUID), so the replication back cannot be incremental, and Zerfaux never overwrites a dataset "
+                f"with a full stream. Nothing was done. To reprotect: on {a_host}, move the original dataset out of "
+                f"the way (`zfs rename {plan.a.dataset} {plan.a.dataset}_old`: its data stays there; or destroy it "
+                f"if nothing on it is needed), send the live dataset back in full (on {b_host}: `zfs snapshot "
+                f"{plan.b.dataset}@zerfaux_reseed` and `zfs send {plan.b.dataset}@zerfaux_reseed | ssh {a_host} "
+                f"zfs receive -u {plan.a.dataset}`), then insert the reprotect again: it starts from that snapshot")
         found = as_dict(common)
         return {"common": {k: None if found.get(k) is None else str(found[k]) for k in ("name", "guid", "created")}}
 
@@ -258,7 +262,7 @@ class AfterSteps:
         # dataset unchanged since its base.
         changed = await r.call(r.storage.set_readonly, plan.a.storage, plan.a.dataset, True)
         direction = plan.reversed_direction
-        request, outcome = await r.replicate("replicate_reverse", direction)
+        request, outcome = await r.replicate("replicate_reverse", direction, self._common_name())
         return "done", {**r.replication_detail(request, outcome, direction), "readonly": plan.a.dataset,
                         "readonly_changed_now": bool(changed)}, None
 

@@ -180,6 +180,17 @@ class FailoverStorage(Protocol):
         ``dataset`` gone and ``new_name`` there: False (renamed by an earlier attempt)."""
         ...
 
+    def export_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+                       clients: Sequence[str] | None = None) -> str:
+        """``RecoveryStorage.export`` for the replica itself (a failover to the newest point, a
+        planned migration), which ``export`` refuses as not a clone of Zerfaux's: the same share
+        and errors (``ExportNotServed``); the dataset must be mounted. Returns the path."""
+        ...
+
+    def unexport_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:
+        """Stop sharing the replica (a rollback); False when it was not shared."""
+        ...
+
     # ---- reprotect, failback, commit of an older point (either site's host) ----
 
     def newest_common_snapshot(self, a: SSHEndpoint, a_ds: str, b: SSHEndpoint, b_ds: str,

@@ -171,7 +171,8 @@ def build_failover_plan(payload: Mapping[str, Any]) -> FailoverPlan:
     return FailoverPlan(
         run_id=run_id, kind=kind, direction=direction, group_name=name, group=group, target=target, a=a, b=b,
         b_datastore=b_datastore, protection_datastore=protection_ds,
-        nfs_host=str(target.get("nfs_host_effective") or target.get("nfs_host") or target.get("ssh_host")),
+        nfs_host=str(target.get("nfs_host_effective") or target.get("nfs_host") or target.get("ssh_host"))
+        if direction == "forward" else str(group.get("source_ssh_host") or ""),
         nfs_clients=tuple(str(c) for c in target["nfs_clients"]) if target.get("nfs_clients") else None,
         cluster=(group.get("dr_cluster") or None) if direction == "forward" else None,
         options=dict(options or {}), point_snapshot=str(point["snapshot_name"]) if point.get("snapshot_name") else None,

@@ -213,3 +213,24 @@ def test_a_probe_left_by_a_killed_attempt_is_removed_and_a_foreign_one_kept(worl
     left = set(guids(w.target, w.replica))
     assert "zerfaux_probe_deadbeef" not in left and "zerfaux_probe_cafe0000" in left
     assert {s for s in left if s.startswith("zerfaux_probe_")} == {"zerfaux_probe_cafe0000"}
+
+
+def test_the_replica_itself_is_exported_once_writable_and_unexported_again(world: World) -> None:
+    from handlers.backends.zfs.nfs import NFSExportError
+
+    w, stop = world, threading.Event()
+    w.replicate()
+    with pytest.raises(PermanentError, match="not mounted"):  # received -u: a failover makes it writable first
+        w.storage.export_replica(w.ep, w.replica, stop)
+    with pytest.raises(PermanentError, match="not a recovery clone"):  # the test failover's export refuses it
+        w.storage.export(w.ep, w.replica, stop)
+    path = w.storage.promote_writable(w.ep, w.replica, stop)
+    try:
+        assert w.storage.export_replica(w.ep, w.replica, stop, ["10.0.0.0/8"]) == path
+    except NFSExportError as exc:  # this machine may have no NFS server: the property is set all the same
+        assert exc.path == path
+    assert zfs_get(w.target, "sharenfs", w.replica).startswith("10.0.0.0/8")
+    assert w.storage.unexport_replica(w.ep, w.replica, stop) is True
+    assert zfs_get(w.target, "sharenfs", w.replica) == "off"
+    assert w.storage.unexport_replica(w.ep, w.replica, stop) is False
+    assert digests(path) == EXPECTED  # sharing changed no file

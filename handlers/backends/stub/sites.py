@@ -44,6 +44,13 @@ class SiteStorageStub(RecoveryStorageStub, FailoverStorageStub):
         self._world.record("recovery.export", dataset, "exported" if made else "already-exported")
         return "/" + dataset
 
+    def export_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+                       clients: Sequence[str] | None = None) -> str:
+        return self.export(target, dataset, stop, clients)
+
+    def unexport_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:
+        return self.unexport(target, dataset, stop)
+
     def received(self, endpoint: SSHEndpoint, dataset: str, snapshot: str, guid: str, readonly: bool) -> None:
         """What the replication stub did, as the failover stubs see a host: ``dataset@snapshot``."""
         with self._world.locked("fo-ds", endpoint.host, dataset):

@@ -17,10 +17,12 @@ import logging
 import secrets
 import socket
 import threading
+from collections.abc import Sequence
 
 from handlers.backends.zfs import ops
-from handlers.backends.zfs.clones import MARK
+from handlers.backends.zfs.clones import MARK, Dataset, parse_props, props_argv
 from handlers.backends.zfs.exec import ParamikoRunner, Result, Runner, check, zfs_error
+from handlers.backends.zfs.nfs import check_clients
 from handlers.backends.zfs.pipe import ChannelEnd
 from handlers.backends.zfs.recovery import RecoveryStorageReal, _halt
 from handlers.backends.zfs.recovery_names import check_run_id
@@ -262,4 +264,48 @@ class FailoverStorageReal(ReprotectStorage, RecoveryStorageReal):
             _halt(stop, f"renaming {dataset} to {new_name}")
             check(runner.run(["zfs", "rename", dataset, new_name]), runner.label, f"renaming {dataset} to {new_name}")
             log.info("renamed %s to %s on %s", dataset, new_name, runner.label)
+            return True
+
+    # ---- the replica itself over NFS (a failover to the newest point, a planned migration) ----
+
+    def _replica(self, runner: Runner, dataset: str) -> Dataset | None:
+        found = parse_props(runner.run(props_argv(dataset)), runner.label, dataset)
+        item = found.get(dataset) if found else None
+        if item is not None and item.type != "filesystem":
+            raise PermanentError(f"{dataset} on {runner.label} is a {item.type}, not a filesystem: NFS shares "
+                                 "filesystems only")
+        return item
+
+    def export_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+                       clients: Sequence[str] | None = None) -> str:
+        """``export`` of the replica a failover brings up (not a clone: ``export`` refuses anything
+        Zerfaux did not clone); the same share, the same errors. It must be mounted (make it
+        writable first)."""
+        check_dataset(dataset, FIELD)
+        try:
+            allowed = self._clients if clients is None else check_clients(clients)
+        except ValueError as exc:
+            raise PermanentError(f"replication_targets.nfs_clients: {exc}") from None
+        _halt(stop, f"exporting {dataset}")
+        with self._runner(target) as runner:
+            item = self._replica(runner, dataset)
+            if item is None:
+                raise PermanentError(f"{dataset} does not exist on {runner.label}: nothing to export")
+            if not item.mounted or item.mountpoint is None:
+                raise PermanentError(f"{dataset} on {runner.label} is not mounted: make it writable (which mounts "
+                                     "it) before exporting")
+            return self._share(runner, dataset, item.mountpoint, allowed)
+
+    def unexport_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:
+        """Stop sharing the replica; False when it was not shared."""
+        check_dataset(dataset, FIELD)
+        _halt(stop, f"unexporting {dataset}")
+        with self._runner(target) as runner:
+            item = self._replica(runner, dataset)
+            if item is None:
+                return False
+            state = self._export_state(runner, dataset, item.mountpoint or "")
+            if state.sharenfs == "off" and not state.listed:
+                return False
+            self._unshare(runner, dataset)
             return True

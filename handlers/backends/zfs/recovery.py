@@ -273,23 +273,26 @@ class RecoveryStorageReal:
             if not item.mounted or item.mountpoint is None:
                 raise PermanentError(f"{dataset} on {runner.label} is not mounted: clone it again (the clone step "
                                      "mounts it) before exporting")
-            path = item.mountpoint
-            caps = ops.capabilities(runner, dataset.split("/", 1)[0])
-            value = sharenfs_value(allowed, fuse=not caps.written)
+            return self._share(runner, dataset, item.mountpoint, allowed)
+
+    def _share(self, runner: Runner, dataset: str, path: str, allowed: Sequence[str]) -> str:
+        """``sharenfs`` read-write, root not squashed, to ``allowed``; the path once it is served."""
+        caps = ops.capabilities(runner, dataset.split("/", 1)[0])
+        value = sharenfs_value(allowed, fuse=not caps.written)
+        state = self._export_state(runner, dataset, path)
+        said = ""
+        if state.sharenfs != value or not state.listed:
+            argv = ["zfs", "share", dataset] if state.sharenfs == value else \
+                ["zfs", "set", f"sharenfs={value}", dataset]
+            done = runner.run(argv)
+            said = "" if done.ok else (done.err.strip() or done.out.strip())
             state = self._export_state(runner, dataset, path)
-            said = ""
-            if state.sharenfs != value or not state.listed:
-                argv = ["zfs", "share", dataset] if state.sharenfs == value else \
-                    ["zfs", "set", f"sharenfs={value}", dataset]
-                done = runner.run(argv)
-                said = "" if done.ok else (done.err.strip() or done.out.strip())
-                state = self._export_state(runner, dataset, path)
-            if state.sharenfs != value:
-                raise PermanentError(f"could not set sharenfs on {dataset} at {runner.label}: {said or 'no answer'}")
-            if state.listed and state.served is not False:
-                log.info("exported %s (%s) on %s: sharenfs=%s", dataset, path, runner.label, value)
-                return path
-            raise NFSExportError(explain(dataset, path, state, said), path, value, state.listed, state.served)
+        if state.sharenfs != value:
+            raise PermanentError(f"could not set sharenfs on {dataset} at {runner.label}: {said or 'no answer'}")
+        if state.listed and state.served is not False:
+            log.info("exported %s (%s) on %s: sharenfs=%s", dataset, path, runner.label, value)
+            return path
+        raise NFSExportError(explain(dataset, path, state, said), path, value, state.listed, state.served)
 
     def unexport(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:
         check_dataset(dataset, "recovery run clone dataset")

@@ -89,6 +89,15 @@ class FakeFailoverStorage(FakeStorage):
 
     # FailoverStorage
 
+    def export_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event,
+                       clients: Sequence[str] | None = None) -> str:
+        self.get(target, dataset)
+        self.effects["export_replica"] += 1
+        return self.export(target, dataset, stop, clients)
+
+    def unexport_replica(self, target: SSHEndpoint, dataset: str, stop: threading.Event) -> bool:
+        return self.unexport(target, dataset, stop)
+
     def snapshot(self, target: SSHEndpoint, dataset: str, name: str, stop: threading.Event,
                  run_id: str | None = None) -> SnapshotInfo:
         with self.lock:

@@ -76,6 +76,7 @@ async def test_a_planned_migration_stops_site_a_first_and_brings_every_vm_up_at_
     vms = {v["protected_vm_id"]: v for v in result["report"]["vms"]}
     assert vms["p1"]["source_shutdown"] == "guest" and vms["p1"]["moref_b"] == "vm-dr-p1" and vms["p1"]["ready_at"]
     assert world.compute.fvms[(DR, "vm-dr-p1")]["nics"] == ["prod"]
+    assert world.storage.effects["export_replica"] == 1 and world.storage.exports == {REPLICA_DS}
 
 
 async def test_force_power_off_false_with_a_vm_that_will_not_stop_powers_nothing_on_at_b() -> None:
@@ -341,6 +342,7 @@ async def test_rollback_returns_the_replica_and_the_next_forward_replication_is_
     replica = world.storage.ds[(DR_HOST, REPLICA_DS)]
     assert replica.names() == ["zerfaux_s1"] and replica.written == 0 and replica.readonly
     assert result["report"]["discarded"]["bytes"] == 8192 and result["report"]["pre_failover_destroyed"] is True
+    assert world.storage.exports == set()  # the replica is no longer shared
     assert _statuses(db)["destroy_clone"] == ["skipped"] and _statuses(db)["remove_datastore"] == ["skipped"]
     world.storage.write(PRIMARY_HOST, SOURCE_DS, 100)
     request = handlers.replication.request_for(payload("failover")["group"], payload("failover")["target"],
@@ -420,6 +422,69 @@ async def test_reprotect_with_no_common_snapshot_refuses_and_says_what_to_do() -
     await _run(world, payload("failover", point=_point()), first)
     world.storage.ds[(PRIMARY_HOST, SOURCE_DS)].snaps = [("other", "42", 0)]
     db = FakeDB()
-    with pytest.raises(PermanentError, match="share no snapshot.*zfs rename"):
+    with pytest.raises(PermanentError, match="share no snapshot.*zfs rename.*zfs send"):
         await _run(world, _acting("reprotect", first, "failover"), db)
     assert world.replication.requests == [] and _statuses(db)["check_source_changes"] == ["pending"]
+
+
+# ---- stop, cancel, a changed group -----------------------------------------------------------------
+
+
+async def test_a_cancel_before_the_start_ends_it_and_a_cancel_later_does_not_stop_it() -> None:
+    from handlers.errors import OperationCancelled
+    world, db = World(), FakeDB()
+    ctx = FakeCtx(db)
+    ctx.stop.cancel()
+    with pytest.raises(OperationCancelled):
+        await _run(world, payload("planned_migration"), db, ctx)
+    assert db.rows() == [] and world.compute.effects["shutdown"] == 0
+    ctx = FakeCtx(db, cancel_at=3)  # the database refuses such a cancel; if one arrives, it is ignored
+    result = await _run(world, payload("planned_migration"), db, ctx)
+    assert result["status"] == "completed" and world.compute.effects["power_on"] == 3
+
+
+async def test_the_engines_stop_leaves_the_step_running_for_the_next_attempt() -> None:
+    from handlers.errors import OperationStopped
+    world, db = World(), FakeDB()
+    real = world.replication.replicate
+
+    def stopped(request: Any, progress: Any, cancel: Any) -> Any:
+        ctx.stop.stop("lease lost")
+        cancel.wait(1)
+        raise OperationStopped("stopped")
+
+    world.replication.replicate = stopped  # type: ignore[method-assign]
+    ctx = FakeCtx(db)
+    with pytest.raises(OperationStopped):
+        await _run(world, payload("planned_migration"), db, ctx)
+    assert _statuses(db)["replicate"] == ["running"] and _statuses(db)["shutdown_source"] == ["pending"] * 3
+    world.replication.replicate = real  # type: ignore[method-assign]
+    assert (await _run(world, payload("planned_migration"), db))["status"] == "completed"
+
+
+async def test_a_resumed_run_whose_group_changed_refuses_to_go_on() -> None:
+    world, db = World(), FakeDB()
+    with pytest.raises(Killed):
+        await _run(world, payload("planned_migration"), db, FakeCtx(db, kill_at=4))
+    changed = payload("planned_migration", vms=[*world.vms, vm_entry("p4", "cache", priority=1)])
+    with pytest.raises(PermanentError, match="cannot resume safely"):
+        await _run(world, changed, db)
+
+
+async def test_a_failover_in_reverse_to_an_older_point_clones_at_the_primary_and_presents_it_there() -> None:
+    world, first = World(), FakeDB()
+    await _run(world, payload("planned_migration"), first)
+    await _run(world, _acting("reprotect", first, "planned_migration"), FakeDB())
+    final = first.by_name("replicate_final")[0]["detail"]
+    run_id = "bbbb0000-0000-4000-8000-0000000000f5"
+    db = FakeDB()
+    result = await _run(world, payload("failover", run_id=run_id, direction="reverse",
+                                       point=_point(final["snapshot_name"], final["guid"])), db)
+    tag = "zerfaux-failover-bbbb0000"
+    assert result["status"] == "awaiting_commit" and result["report"]["group"]["older_point"] is True
+    assert world.storage.clones == {f"pool/vms/{tag}": (f"{SOURCE_DS}@{final['snapshot_name']}", run_id)}
+    assert tag in world.compute.datastores
+    assert db.by_name("present_datastore")[0]["detail"]["remote_host"] == PRIMARY_HOST
+    assert world.compute.fvms[(SRC, "vm-src-p1")]["disks"] == [f"[{tag}] db/db.vmdk"]
+    assert all(world.state(DR, f"vm-dr-{p}") == "poweredOff" for p in ("p1", "p2", "p3"))  # fenced at site A
+    assert all(world.state(SRC, f"vm-src-{p}") == "poweredOn" for p in ("p1", "p2", "p3"))
