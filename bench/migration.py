@@ -15,14 +15,32 @@ the snapshot they shared when the world was built (``zfs rollback -r``), the rep
 marked not running; the source VMs powered on; the group 'protected', 'forward'.
 
 The final delta: ``--delta-mib`` random bytes (the same bytes every round, either side) written
-over the start of the VMs' flat disks once the first replication has finished, while the VMs
-are shut down (as guests flush while they stop), so the final replication carries it. A Zerfaux
-round whose writer had not finished when ``replicate_final`` started does not count (it says so).
+over the start of the VMs' flat disks from the moment the first replication's snapshot exists,
+while that replication and the shutdowns go on (as guests write until they stop), so the final
+replication carries it (the final streams' sizes are printed). The script waits for the writer
+before its final snapshot, the wait counted; a Zerfaux round whose writer had not finished when
+``replicate_final`` started does not count (it says so).
+
+The plain script (``script_round``): no Zerfaux code, the runner's steps in the runner's order with
+its parallelism (a priority's shutdowns together, 16 VM reconfigurations at once, a priority's
+power-ons together), one pyVmomi session per vCenter and one ssh master connection per storage
+host (``ControlMaster``, aes128-gcm, as Zerfaux keeps its connections): bulk reads of both sites'
+VMs (``RetrieveContents``), ``zfs snapshot`` + ``ssh src zfs send -i | ssh dst zfs receive -u``,
+``ShutdownGuest`` and a ``WaitForUpdatesEx`` on ``runtime.powerState`` per VM, the final snapshot
+sent the same way and its GUID read on both ends, the pre-failover snapshot, ``readonly=off`` +
+``zfs mount``, ``sharenfs=on``, ``CreateNasDatastore`` where a host lacks the datastore, each
+shell's devices read (its disk is there) and one ``ReconfigVM_Task`` adding its NIC on the
+recovery network, then per priority ``PowerOnVM_Task`` and a ``WaitForUpdatesEx`` on
+``guest.toolsRunningStatus``. Timed from the first call to the last VM ready, as Zerfaux's
+``rto_seconds`` runs from the run's start to its last VM ready. What it leaves out that Zerfaux
+does: reading each VM's power events (``QueryEvents``) for the report and the fencing check, and
+re-reading site A's power states before each priority is powered on at B.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import shlex
 import shutil
@@ -177,30 +195,37 @@ def reset(m: MigrationWorld) -> None:
     target.run(["zfs", "set", "readonly=on", m.replica])
     dr, src = m.fw.dr_sim.si(), w.source_sim.si()
     nics = vim.vm.device.VirtualDeviceSpec.Operation.remove
-    states = {vm._moId: p for vm, p in collect(dr, vim.VirtualMachine, ["runtime.powerState", "config.hardware.device"])}
 
     def shell(site: Site) -> None:
         vm = vim.VirtualMachine(site.shell_moref, dr._stub)
-        props = states[site.shell_moref]
-        if props.get("runtime.powerState") != "poweredOff":
+        if vm.runtime.powerState != "poweredOff":  # read again: a retry follows a call that may have worked
             WaitForTask(vm.PowerOffVM_Task())
-        cards = [d for d in props.get("config.hardware.device") or () if isinstance(d, _dev.VirtualEthernetCard)]
+        cards = [d for d in vm.config.hardware.device if isinstance(d, _dev.VirtualEthernetCard)]
         WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(
             deviceChange=[_dev.VirtualDeviceSpec(operation=nics, device=d) for d in cards],
             extraConfig=[vim.option.OptionValue(key="SET.guest.toolsRunningStatus", value="guestToolsNotRunning"),
                          vim.option.OptionValue(key="SET.summary.quickStats.guestHeartbeatStatus", value="gray")])))
 
-    source_states = {vm._moId: p.get("runtime.powerState") for vm, p in collect(src, vim.VirtualMachine,
-                                                                                  ["runtime.powerState"])}
 
     def source(site: Site) -> None:
-        if source_states.get(site.source_moref) != "poweredOn":
-            WaitForTask(vim.VirtualMachine(site.source_moref, src._stub).PowerOnVM_Task())
+        vm = vim.VirtualMachine(site.source_moref, src._stub)
+        if vm.runtime.powerState != "poweredOn":
+            WaitForTask(vm.PowerOnVM_Task())
 
-    parallel(shell, m.sites, 8)
-    parallel(source, m.sites, 8)
+    for site in m.sites:  # one by one: vcsim 0.24 drops connections under concurrent reconfigurations at times
+        retried(lambda: shell(site))
+        retried(lambda: source(site))
     w.db.sql("update protection_groups set state = 'protected', direction = 'forward', state_changed_at = now()"
              " where id = %s", (GROUP,))
+
+
+def retried(fn: Callable[[], Any]) -> Any:
+    """Once more after a dropped connection (vcsim's answer to a request it panicked on)."""
+    try:
+        return fn()
+    except (http.client.RemoteDisconnected, ConnectionError):
+        time.sleep(0.5)
+        return fn()
 
 
 def check_migrated(m: MigrationWorld) -> list[str]:
