@@ -100,6 +100,7 @@ def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> Handle
         world = StubWorld(settings.stub_world) if settings.stub_world else None
         replication = stubs.ZFSReplicationStub(seconds, jitter=jitter, world=world)
         site_storage = sites.SiteStorageStub(seconds, jitter=jitter, world=world)
+        shells = stubs.DRShellBuilderStub(seconds, jitter=jitter, world=world)
         # Inventory reads are instant by default (the demo syncs at once); in a shared world
         # they take as long as the rest, so a crash can land in the middle of one too.
         handlers: list[Handler] = [
@@ -107,8 +108,9 @@ def build_handlers(settings: BackendSettings, secrets: SecretResolver) -> Handle
                 settings.stub_vms, seconds=seconds if world else 0.0, jitter=jitter, world=world)),
             ReplicationHandler(replication, settings.progress_interval),
             StorageVMotionHandler(stubs.StorageMoverStub(seconds, jitter=jitter, world=world)),
-            DRShellHandler(stubs.DRShellBuilderStub(seconds, jitter=jitter, world=world)),
-            RecoveryRunHandler(site_storage, sites.SiteComputeStub(seconds, jitter=jitter, world=world),
+            DRShellHandler(shells),
+            RecoveryRunHandler(site_storage, sites.SiteComputeStub(seconds, jitter=jitter, world=world,
+                                                                   shells=None if world else shells.made),
                                sites.SiteReplicationStub(replication, site_storage)),
         ]
         return _handler_set(handlers, "stub")

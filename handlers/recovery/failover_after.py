@@ -9,12 +9,13 @@ it records what it measured before the first, so a resumed attempt reports the s
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from handlers.errors import PermanentError
+from handlers.errors import OperationStopped, PermanentError
 from handlers.recovery.book import ATTEMPTED, Outcome
 from handlers.recovery.cleanup import placement_of
 from handlers.recovery.failover_backends import pre_failover_snapshot
@@ -96,6 +97,7 @@ class AfterSteps:
         detail: dict[str, Any] = {"acts_on_run_id": self.acted_id, "acts_on_kind": acts.get("kind"),
                                   "direction": plan.direction}
         if plan.kind == "reprotect":
+            detail.update(await self._site_a_off())
             detail.update(await self._common())
         else:
             detail.update(older=self.older, point=self.point())
@@ -206,6 +208,29 @@ class AfterSteps:
         return "done", {"dataset": plan.b.dataset, "readonly": True, "changed_now": bool(changed)}, None
 
     # ---- reprotect ---------------------------------------------------------------------------------
+
+    async def _site_a_off(self) -> dict[str, Any]:
+        """Site A's VMs must be off before its dataset is replaced by what comes back from B: one
+        seen running refuses the reprotect; a vCenter that does not answer is noted, not fatal
+        (site A's storage may be back before its vCenter)."""
+        plan, r = self.plan, self.r
+        vms = [v for v in plan.vms if v.a_moref]
+        if plan.a.vcenter is None or not vms:
+            return {"site_a_states": {}}
+        got = await asyncio.gather(*(r.call(r.compute.power_state, plan.a.vcenter, v.a_moref) for v in vms),
+                                   return_exceptions=True)
+        for error in got:
+            if isinstance(error, OperationStopped):
+                raise error
+        on = [f"{v.name!r} ({v.a_moref}: {s.state})" for v, s in zip(vms, got)
+              if not isinstance(s, BaseException) and s.state != "poweredOff"]
+        if on:
+            raise PermanentError(
+                f"these VMs are running at site A ({plan.a.vcenter.name}) while their copies run at B: "
+                f"{', '.join(on)}. A reprotect replaces site A's dataset with what B holds: power them off at "
+                "site A (what they wrote is kept by the reprotect), then insert it again. Nothing was done")
+        return {"site_a_states": {v.protected_vm_id: (f"unknown: {s}"[:300] if isinstance(s, BaseException)
+                                                      else s.state) for v, s in zip(vms, got)}}
 
     async def _common(self) -> dict[str, Any]:
         """The newest snapshot of site A's dataset (the new target) that B's (the new source) also has."""

@@ -1,7 +1,8 @@
-"""Execute a planned migration or a failover (issue 14); commit, rollback and reprotect are in
-``failover_after``. The book, the executor and the resume rules are the test's (``book``): the plan
-first, each step 'running' before its effect and its outcome after, an attempt resuming at the
-first unfinished step with what it needs taken from the recorded ``detail``.
+"""Execute a planned migration or a failover (issue 14); their boot order is ``failover_boot``, their
+report ``failover_report``; commit, rollback and reprotect are ``failover_after``. The book, the
+executor and the resume rules are the test's (``book``): the plan first, each step 'running'
+before its effect and its outcome after, an attempt resuming at the first unfinished step with
+what it needs taken from the recorded ``detail``.
 
 No VM in two places: a planned migration shuts site A's VMs down (highest boot priority first)
 before the final replication, and each ``power_on`` at B first reads its VM at A: anything but
@@ -31,9 +32,11 @@ from handlers.recovery.backends import ExportNotServed, Placement
 from handlers.recovery.book import Book, Executor, Outcome
 from handlers.recovery.cleanup import placement_of
 from handlers.recovery.failover_backends import PowerState, pre_failover_snapshot
+from handlers.recovery.failover_boot import Boot
 from handlers.recovery.failover_plan import FORWARD_KINDS, FailoverPlan, FailoverVM, remap_disks
+from handlers.recovery.failover_report import forward_report
 from handlers.recovery.plan import Step
-from handlers.recovery.runner import MAX_THREADS, _seconds_since, now_iso
+from handlers.recovery.runner import MAX_THREADS, now_iso
 from handlers.replication import ReplicationOutcome, ReplicationRequest, request_for
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,15 @@ class FailoverRunner:
                                        thread_name_prefix=f"failover-{plan.run_id[:8]}")
         self.stop = StopSignal()  # set only by the engine's 'stop' (relayed)
         self.ex = Executor(self.book, self.stop, self.pool)
-        self._source_checks: dict[int, asyncio.Task[dict[str, PowerState | BaseException]]] = {}
+        self._fences: ThreadPoolExecutor | None = None
+
+    def _fence_pool(self) -> ThreadPoolExecutor:
+        """Fencing calls' own threads: one given up on may block for long, and must not hold a
+        thread the rest of the run needs."""
+        if self._fences is None:
+            self._fences = ThreadPoolExecutor(min(MAX_THREADS, max(1, len(self.plan.vms))),
+                                              thread_name_prefix=f"fence-{self.plan.run_id[:8]}")
+        return self._fences
 
     async def run(self) -> dict[str, Any]:
         if not self.book.rows and self.ctx.stop.cancelled:
@@ -71,6 +82,8 @@ class FailoverRunner:
                     report = await AfterSteps(self).run()
         finally:
             self.pool.shutdown(wait=False)
+            if self._fences is not None:
+                self._fences.shutdown(wait=False)
         status = "awaiting_commit" if self.plan.kind == "failover" else "completed"
         return {"status": status, "report": report}
 
@@ -166,21 +179,14 @@ class FailoverRunner:
         attaches = [s for s in plan.steps if s.name == "attach_disks"]
         await ex.batch(attaches, lambda s: self._attach(s, older), VM_LIMIT)
         await ex.batch([s for s in plan.steps if s.name == "set_networks"], self._set_networks, VM_LIMIT)
-        priorities = sorted({s.priority for s in plan.steps if s.name == "power_on" and s.priority is not None})
-        for i, priority in enumerate(priorities):
-            ons = [s for s in plan.steps if s.name == "power_on" and s.priority == priority]
-            waits = [s for s in plan.steps if s.name == "wait_ready" and s.priority == priority]
-            await ex.batch(ons, self._power_on, len(ons))
-            await ex.batch(waits, self._wait_ready, len(waits))
-            if i + 1 < len(priorities):
-                await self._boot_delay(priority, waits, priorities[i + 1])
+        await Boot(self).run()
         await ex.one(plan.step("finish"), self._finish)
         return self.report()
 
-    def _b_dataset(self, older: bool) -> str:
+    def b_dataset(self, older: bool) -> str:
         return self.plan.clone_dataset if older else self.plan.b.dataset
 
-    def _b_datastore(self, older: bool) -> str:
+    def b_datastore(self, older: bool) -> str:
         return self.plan.tag if older else self.plan.b_datastore
 
     async def _validate(self) -> Outcome:
@@ -237,7 +243,7 @@ class FailoverRunner:
         return "done", self.replication_detail(request, outcome, self.plan.direction), None
 
     async def _shutdown(self, step: Step) -> Outcome:
-        plan, vm = self.plan, self._vm(step)
+        plan, vm = self.plan, self.vm(step)
         if not vm.a_moref:
             raise PermanentError(f"VM {vm.name!r} has no VM at site A to shut down: sync the vCenters")
         force = bool(plan.option("force_power_off", True))
@@ -270,7 +276,7 @@ class FailoverRunner:
                         "guid_a": str(guid_a), "guid_b": str(guid_b), "created_at": created}, None
 
     async def _fence(self, step: Step) -> Outcome:
-        plan, vm = self.plan, self._vm(step)
+        plan, vm = self.plan, self.vm(step)
         if plan.option("skip_source", False):
             return "skipped", {"fenced": False, "why": "options.skip_source is true: site A was not touched"}, None
         if not vm.a_moref or plan.a.vcenter is None:
@@ -279,7 +285,7 @@ class FailoverRunner:
         timeout = float(plan.option("fence_timeout_seconds", 60))
         # A hard power off at once: the site is not trusted to shut down cleanly, and the wait is
         # bounded here; the call may go on in its thread after we stop waiting.
-        call = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(
+        call = asyncio.get_running_loop().run_in_executor(self._fence_pool(), functools.partial(
             self.compute.shutdown_vm, plan.a.vcenter, vm.a_moref, 0.0, True, self.stop))
         base = {"moref": vm.a_moref, "vcenter": plan.a.vcenter.name, "timeout_seconds": timeout}
         try:
@@ -334,7 +340,7 @@ class FailoverRunner:
         plan = self.plan
         if plan.direction == "reverse" and not older:
             return "skipped", {"why": f"site B's datastore {plan.b_datastore!r} presents the dataset already"}, None
-        dataset = self._b_dataset(older)
+        dataset = self.b_dataset(older)
         clients = list(plan.nfs_clients or placement.hosts)
         detail: dict[str, Any] = {"dataset": dataset, "clients": clients}
         try:
@@ -346,7 +352,7 @@ class FailoverRunner:
 
     async def _present(self, placement: Placement, export: Mapping[str, Any], older: bool) -> Outcome:
         plan = self.plan
-        name = self._b_datastore(older)
+        name = self.b_datastore(older)
         if plan.direction == "reverse" and not older:
             return "skipped", {"datastore": name, "why": "the original VMs' datastore is there already"}, None
         path = str(export.get("path") or self.detail("make_writable").get("mountpoint")
@@ -355,7 +361,7 @@ class FailoverRunner:
         return "done", {"datastore": name, "remote_host": plan.nfs_host, "remote_path": path,
                         "hosts": list(placement.hosts), "mounted_now": bool(made)}, None
 
-    def _vm(self, step: Step) -> FailoverVM:
+    def vm(self, step: Step) -> FailoverVM:
         vm = self.plan.vm(step.protected_vm_id)
         if vm is None:
             raise PermanentError(f"protected VM {step.protected_vm_id} left the group while the run was in progress: "
@@ -363,10 +369,10 @@ class FailoverRunner:
         return vm
 
     async def _attach(self, step: Step, older: bool) -> Outcome:
-        plan, vm = self.plan, self._vm(step)
+        plan, vm = self.plan, self.vm(step)
         if plan.direction == "reverse" and not older:
             return "skipped", {"moref": vm.b_moref, "why": "the original VM kept its disks"}, None
-        datastore = self._b_datastore(older)
+        datastore = self.b_datastore(older)
         disks = remap_disks(vm, plan.protection_datastore, datastore) if older else vm.disks
         detached: tuple[str, ...] = ()
         if older:  # the shell's disks are the DR datastore's: the clone's replace them
@@ -377,125 +383,16 @@ class FailoverRunner:
                         "already": list(done.already), "detached": list(detached)}, None
 
     async def _set_networks(self, step: Step) -> Outcome:
-        plan, vm = self.plan, self._vm(step)
+        plan, vm = self.plan, self.vm(step)
         if not vm.nics:
             return "skipped", {"moref": vm.b_moref, "why": "the VM has no NIC"}, None
         changes = await self.call(self.compute.set_networks, plan.b.vcenter, vm.b_moref, vm.nics)
         return "done", {"moref": vm.b_moref, "networks": [c.network for c in changes],
                         "changed": sum(1 for c in changes if c.changed)}, None
 
-    async def _source_states(self, priority: int) -> dict[str, PowerState | BaseException]:
-        """Site A's VMs of one priority, read together before any of them is powered on at B."""
-        plan = self.plan
-        vms = [v for v in plan.vms if v.priority == priority]
-        got = await asyncio.gather(*(self.call(self.compute.power_state, plan.a.vcenter, v.a_moref) for v in vms),
-                                   return_exceptions=True)
-        return {v.protected_vm_id: s for v, s in zip(vms, got)}
-
-    async def _power_on(self, step: Step) -> Outcome:
-        plan, vm = self.plan, self._vm(step)
-        detail: dict[str, Any] = {"moref": vm.b_moref}
-        if plan.kind == "planned_migration":
-            if step.priority not in self._source_checks:
-                self._source_checks[int(step.priority or 0)] = asyncio.ensure_future(
-                    self._source_states(int(step.priority or 0)))
-            states = await self._source_checks[int(step.priority or 0)]
-            mine = states[vm.protected_vm_id]
-            if isinstance(mine, BaseException):
-                raise mine
-            on = [(v, states[v.protected_vm_id]) for v in plan.vms if v.priority == step.priority]
-            unknown = [v.name for v, s in on if isinstance(s, BaseException)]
-            if unknown:  # the others' steps raise their own errors; this VM waits for an answer for all
-                raise PermanentError(f"not powered on: the power state at site A of {', '.join(unknown)} (same boot "
-                                     "priority) could not be read, and a priority starts together or not at all")
-            running = [f"{v.name!r} ({v.a_moref}) is {s.state} at site A since {s.changed_at}"  # type: ignore[union-attr]
-                       for v, s in on if s.state != "poweredOff"]  # type: ignore[union-attr]
-            if running:
-                where = plan.a.vcenter.name if plan.a.vcenter else "site A"
-                raise PermanentError(
-                    f"VM {'; VM '.join(running)} ({where}): nothing of boot priority {step.priority} is powered on "
-                    "at B, so no VM runs in two places. The run stops here: find out who started it, power it off "
-                    "at site A, then insert a rollback run (it undoes this run) and a new planned migration")
-            detail.update(source_state=mine.state, source_changed_at=mine.changed_at)
-        else:
-            fence = self.detail("fence_source", vm.protected_vm_id)
-            detail.update(fenced=bool(fence.get("fenced")), fence_why=fence.get("why"))
-        boot_time = await self.call(self.compute.power_on, plan.b.vcenter, vm.b_moref)
-        return "done", {**detail, "boot_time": boot_time}, None
-
-    async def _wait_ready(self, step: Step) -> Outcome:
-        plan, vm = self.plan, self._vm(step)
-        boot_time = self.detail("power_on", vm.protected_vm_id).get("boot_time")
-        timeout = float(vm.tools_timeout_seconds)
-        if timeout > 0 and self.book.status(step.seq) == "running":
-            timeout = max(1.0, timeout - _seconds_since(boot_time))  # a resumed wait keeps its deadline
-        ready = await self.call(self.compute.wait_ready, plan.b.vcenter, vm.b_moref, timeout)
-        detail = {"moref": vm.b_moref, "how": ready.how, "waited_seconds": round(ready.waited_seconds, 3),
-                  "boot_time": boot_time, "ready_at": now_iso(), "ready": ready.ready}
-        if ready.ready:
-            return "done", detail, None
-        if vm.tools_timeout_seconds == 0:
-            return "done", {**detail, "how": "not waited (tools_timeout_seconds = 0)"}, None
-        return "warning", detail, (f"VMware Tools did not report running within {vm.tools_timeout_seconds} s "
-                                   "(protected_vms.tools_timeout_seconds); the next priority went on")
-
-    async def _boot_delay(self, priority: int, waits: list[Step], next_priority: int) -> None:
-        delay = max((v.boot_delay_seconds for v in self.plan.vms if v.priority == priority), default=0)
-        first_next = next(s for s in self.plan.steps if s.name == "power_on" and s.priority == next_priority)
-        if delay <= 0 or self.book.status(first_next.seq) != "pending":
-            return
-        ready_at = max((str(self.book.detail(s.seq).get("ready_at") or "") for s in waits), default="")
-        await self.ex.sleep(max(0.0, delay - _seconds_since(ready_at)))
-
     async def _finish(self) -> Outcome:
         report = self.report()
         return "done", {k: report[k] for k in ("vms", "group") if k in report}, None
 
-    # ---- the report ------------------------------------------------------------------------------
-
     def report(self) -> dict[str, Any]:
-        plan = self.plan
-        out: dict[str, Any] = {"run_id": plan.run_id, "kind": plan.kind, "direction": plan.direction,
-                               "site_a": plan.a.role, "site_b": plan.b.role}
-        if plan.kind not in FORWARD_KINDS:
-            return out
-        vms = []
-        for vm in plan.vms:
-            entry: dict[str, Any] = {"protected_vm_id": vm.protected_vm_id, "vm": vm.name, "boot_priority": vm.priority,
-                                     "moref_a": vm.a_moref, "moref_b": vm.b_moref}
-            down = self.detail("shutdown_source" if plan.kind == "planned_migration" else "fence_source",
-                               vm.protected_vm_id)
-            if plan.kind == "planned_migration":
-                entry.update(source_shutdown=down.get("how"), source_off_at=down.get("powered_off_at"))
-            else:
-                entry.update(fenced=bool(down.get("fenced")), fence_why=down.get("why"),
-                             source_off_at=down.get("powered_off_at"))
-            on, ready = self.detail("power_on", vm.protected_vm_id), self.detail("wait_ready", vm.protected_vm_id)
-            entry.update(boot_time=on.get("boot_time"), ready_at=ready.get("ready_at"), ready_how=ready.get("how"))
-            if plan.kind == "planned_migration":
-                entry.update(source_state=on.get("source_state"), source_changed_at=on.get("source_changed_at"))
-            vms.append(entry)
-        validated = self.detail("validate")
-        older = bool(validated.get("older"))
-        group: dict[str, Any] = {"datastore": self._b_datastore(older), "dataset": self._b_dataset(older)}
-        if plan.kind == "planned_migration":
-            final = self.detail("replicate_final")
-            if final.get("snapshot_name"):
-                group["final_snapshot"] = {k: final.get(k) for k in ("snapshot_name", "guid_a", "guid_b", "created_at",
-                                                                     "bytes_transferred")}
-                out["final_point"] = {"snapshot_name": final["snapshot_name"], "guid": final.get("guid"),
-                                      "created_at": final.get("created_at")}
-        else:
-            group.update(recovery_point=plan.point_snapshot, older_point=older,
-                         newer_snapshots=validated.get("newer_snapshots", []))
-            if older:
-                group["clone"] = self.detail("clone_point").get("dataset")
-        pre = self.detail("pre_failover_snapshot")
-        if pre.get("snapshot"):
-            group["pre_failover_snapshot"] = pre["snapshot"]
-        writable = self.detail("make_writable")
-        if writable.get("dataset"):
-            group["made_writable"] = writable["dataset"]
-        warnings = [f"{r['name']}: {r.get('error')}" for r in self.book.rows.values()
-                    if r.get("status") == "warning" and r.get("error")]
-        return {**out, "vms": vms, "group": group, "warnings": warnings}
+        return forward_report(self)

@@ -82,11 +82,13 @@ begin
         end loop;
     end if;
 
-    -- recovery_runs_one_run_per_group: one run of the group at a time, a test's cleanup aside.
+    -- recovery_runs_one_run_per_group: one run of the group at a time. A cleanup may run beside
+    -- a test (its own) and a test beside a cleanup (of an earlier one); the five kinds of issue
+    -- 14 wait for a cleanup too (a trigger's rule only: the index leaves cleanups out).
     if new.kind <> 'cleanup' then
         select * into v_other from public.recovery_runs r
          where r.protection_group_id = new.protection_group_id
-           and ((r.kind <> 'cleanup' and r.status in ('pending', 'running'))
+           and ((r.status in ('pending', 'running') and (r.kind <> 'cleanup' or v_recovering))
                 or (r.kind = 'test' and r.status = 'active'))
          order by r.created_at desc
          limit 1;

@@ -745,3 +745,18 @@ def test_run_report_of_a_migration_and_of_what_acted_on_it(world: Database) -> N
     theirs = world.value("select zerfaux.run_report(%s)", (rp["id"],))
     assert (theirs["acts_on_run"]["id"], theirs["acts_on_run"]["kind"], theirs["final_snapshot"]) == (
         str(pm["id"]), "planned_migration", None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_these_kinds_wait_for_a_running_cleanup_but_a_test_does_not(world: Database, kind: str) -> None:
+    point(world)
+    test = run(world)
+    world.sql("update recovery_runs set status = 'failed' where id = %s", (test["id"],))
+    cleanup = run(world, "cleanup", test_run_id=test["id"])
+    set_state(world, {"commit": "awaiting_commit", "rollback": "awaiting_commit", "reprotect": "failed_over"}
+              .get(kind, "protected"))
+    refused(world, psycopg.errors.UniqueViolation,
+            f"recovery_runs_one_run_per_group: .* already has a pending cleanup run \\({cleanup['id']}\\)",
+            lambda: run(world, kind))
+    set_state(world, "protected")
+    assert run(world)["status"] == "pending"  # a new test beside the earlier test's cleanup, as before

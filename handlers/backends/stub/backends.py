@@ -221,6 +221,11 @@ class DRShellBuilderStub:
             moref = self._shells.setdefault(key, f"vm-{next(self._ids)}")
         return ShellResult(moref=moref, adopted=False)
 
+    def made(self, vcenter: VCenterEndpoint) -> set[str]:
+        """The morefs of the shells this process made at ``vcenter`` (no shared world)."""
+        with self._lock:
+            return {m for (vc, _), m in self._shells.items() if vc == vcenter.id}
+
     def _ensure_in_world(self, world: StubWorld, vcenter: VCenterEndpoint, spec: ShellSpec) -> ShellResult:
         subject = spec.protected_vm_id
         # CreateVM_Task registers the VM (carrying the protected VM's mark) at once and finishes

@@ -12,12 +12,14 @@ fencing checks too.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from typing import Any
 
 from handlers.backends.stub.failover import FailoverComputeStub, FailoverStorageStub
 from handlers.backends.stub.points import fake_guid
 from handlers.backends.stub.recovery import RecoveryComputeStub, RecoveryStorageStub
+from handlers.backends.stub.world import StubWorld
 from handlers.errors import PermanentError
 from handlers.recovery.failover_backends import ShutdownResult
 from handlers.replication import ProgressSink, ReplicationOutcome, ReplicationRequest, ZFSReplication
@@ -61,6 +63,19 @@ class SiteStorageStub(RecoveryStorageStub, FailoverStorageStub):
 
 
 class SiteComputeStub(RecoveryComputeStub, FailoverComputeStub):
+    def __init__(self, seconds: float = 0.0, jitter: float = 0.0, world: StubWorld | None = None,
+                 shells: Callable[[VCenterEndpoint], set[str]] | None = None) -> None:
+        """``shells``: without a shared world, the DR shell stub's shells (made powered off there)."""
+        super().__init__(seconds, jitter, world)
+        self._shells = shells
+
+    def _vm(self, vcenter: VCenterEndpoint, moref: str) -> dict[str, Any]:
+        vm = super()._vm(vcenter, moref)
+        if self._shells is not None and self._world.read("fo-vm", vcenter.id, moref) is None \
+                and moref in self._shells(vcenter):
+            vm["state"] = "poweredOff"
+        return vm
+
     def power_on(self, vcenter: VCenterEndpoint, moref: str, stop: threading.Event) -> str:
         boot = super().power_on(vcenter, moref, stop)
         with self._world.locked("fo-vm", vcenter.id, moref):
