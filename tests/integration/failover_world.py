@@ -54,6 +54,7 @@ from tests.integration.test_dr_end_to_end import write_disk
 from tests.support.engine import drain, engine_settings
 from tests.support.pg import Database, create_database, drop_database
 from tests.support.platforms import guids
+from tests.support.require import missing
 from tests.support.vcsim import DR_DS, PLACEHOLDER_DS, SOURCE_DS, Simulator, start_simulator
 from tests.support.zfs import mountpoint
 from tests.support.zfshost import ZFSHost
@@ -351,7 +352,9 @@ def build_failover_world(db: Database, source_host: ZFSHost, target_host: ZFSHos
                " select %s, s, r, null from unnest(%s::text[], %s::text[]) as m(s, r)",
                (GROUP, [*RECOVERY, *RECOVERY.values()], [*RECOVERY.values(), *RECOVERY]))
 
-        for _ in range(points):
+        for i in range(points):
+            for v in vms[:i]:  # each point differs from the one before: the first i disks changed
+                world.write_source(v, os.urandom(64 * 1024), offset=i * 64 * 1024 % disk_bytes)
             job = world.replicate()
             assert job["status"] == "completed", job["error"]
             world.points.append(job["snapshot_name"])
@@ -423,7 +426,7 @@ def failover_world(pg_template: str, zfs_source: ZFSHost, zfs_target: ZFSHost, v
     from listener.migrate import seed
 
     if not zfs_source.local:
-        pytest.skip("the source datastore is a directory on this machine: needs a local zfs")
+        missing("zfs-fuse", "the source datastore is a directory on this machine: needs a local zfs")
     built: list[tuple[Database, Iterator[FailoverWorld]]] = []
 
     def start(name: str, **kwargs: Any) -> Simulator:

@@ -41,7 +41,7 @@ def check_clone_name(dataset: object, run_id: str, replica: str) -> str:
     """``<target_root>/zerfaux-test-<8 hex of the run>``, beside the replica, never inside it."""
     name = check_dataset(dataset, "recovery run clone dataset")
     tag = run_tag(run_id)
-    if "/" not in name or name.rsplit("/", 1)[1] != tag:
+    if "/" not in name or name.rsplit("/", 1)[1] not in (tag, "zerfaux-failover-" + tag[-8:]):  # a failover's clone too
         raise PermanentError(f"recovery run clone dataset {name!r} must be <target_root>/{tag} for run {run_id}")
     if name == replica or name.startswith(replica + "/") or replica.startswith(name + "/"):
         raise PermanentError(f"recovery run clone dataset {name!r} overlaps the replica {replica}: put it beside "
