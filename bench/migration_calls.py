@@ -28,7 +28,8 @@ from pyVim.task import WaitForTask  # noqa: E402
 from pyVmomi import SoapAdapter, vim  # noqa: E402
 
 from bench.common import drop_database, scratch_database  # noqa: E402
-from bench.migration import collect, wait_property  # noqa: E402
+from bench.migration_script import wait_property  # noqa: E402
+from bench.migration_world import collect  # noqa: E402
 from handlers.backends.vcenter.failover import FailoverComputeReal  # noqa: E402
 from handlers.backends.vcenter.session import VCenterSessions  # noqa: E402
 from handlers.recovery.backends import RecoveryNic  # noqa: E402
