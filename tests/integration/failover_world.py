@@ -48,7 +48,7 @@ from pyVmomi import vim
 
 from tests.integration.conftest import DR, GROUP, PRIMARY, TARGET
 from tests.integration.recovery_world import (
-    APP_NETWORK, ToolsHarness, VMPlan, add_port_group, create_source_vm, mark_tools_running, sha256,
+    APP_NETWORK, ToolsHarness, VMPlan, add_port_group, create_source_vm, mark_tools_running,
 )
 from tests.integration.test_dr_end_to_end import write_disk
 from tests.support.engine import drain, engine_settings
@@ -178,12 +178,9 @@ class FailoverWorld:
         return [str(getattr(c.backing, "deviceName", None)) for c in cards]
 
     def hashes(self, directory: Path) -> dict[str, str]:
-        """file (``<vm>/<file>``) → SHA-256 of every VM's disk files under ``directory``.
-
-        The page cache is dropped first: zfs-fuse does not invalidate FUSE's cached pages when a
-        receive changes a mounted dataset, so a file read before would hash as it was."""
-        drop_caches()
-        return {f: sha256(directory / f) for v in self.vms for f in v.files}
+        """file (``<vm>/<file>``) → SHA-256 of every VM's disk files under ``directory``, read afresh
+        (``fresh_sha256``: a receive under a mounted zfs-fuse dataset leaves FUSE's cached pages stale)."""
+        return {f: fresh_sha256(directory / f) for v in self.vms for f in v.files}
 
     def source_hashes(self) -> dict[str, str]:
         return self.hashes(self.source_dir)
@@ -252,10 +249,17 @@ def _jsonb(value: Any) -> Any:
     return Jsonb(value) if isinstance(value, dict | list) else value
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as fh:
-        fh.write("3\n")
+def fresh_sha256(path: Path) -> str:
+    """SHA-256 of ``path`` with its cached pages dropped first (``POSIX_FADV_DONTNEED``, this file
+    only): zfs-fuse does not invalidate FUSE's page cache when a receive or a rollback changes a
+    mounted dataset, so a file read before would hash as it was. Never the machine-wide
+    ``drop_caches`` or ``sync``: they reach every helper's zfs-fuse mounts at once."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        for block in iter(lambda: fh.read(MiB), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_into(path: Path, data: bytes, offset: int = 0) -> None:
@@ -263,7 +267,8 @@ def write_into(path: Path, data: bytes, offset: int = 0) -> None:
     with path.open("r+b") as fh:
         fh.seek(offset)
         fh.write(data)
-    os.sync()
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def present_nas(sim: Simulator, name: str, remote_host: str, remote_path: str) -> None:

@@ -30,7 +30,7 @@ import pytest
 from handlers.recovery.failover_backends import pre_failover_snapshot
 from tests.integration.conftest import GROUP
 from tests.integration.failover_world import (  # noqa: F401 - failover_world is a fixture
-    RECOVERY, FailoverVM, FailoverWorld, digest, drop_caches, failover_world, write_into,
+    RECOVERY, FailoverVM, FailoverWorld, digest, failover_world, write_into,
 )
 from tests.integration.recovery_world import serves_nfs
 from tests.support.engine import spawn
@@ -318,7 +318,6 @@ def test_failover_to_an_older_point_runs_on_a_clone_and_keeps_every_newer_snapsh
     assert {k: kept[k] for k in guids_before} == guids_before, (kept, guids_before)
     assert w.zfs_get("dr", "origin", w.replica) in ("-", "")
     assert all(w.power(v, "dr")[0] == "poweredOn" for v in w.vms)
-    drop_caches()
     assert w.hashes(mount_path(w, "dr", w.replica)) == w.point_hashes[older]
 
 
@@ -410,7 +409,6 @@ def test_reprotect_after_a_planned_migration_sends_what_the_dr_vms_wrote_and_fai
     assert n <= sent < n + MiB and sent < size / 4, (sent, n, size)
     group = w.group()
     assert (group["state"], group["direction"]) == ("protected", "reverse")
-    drop_caches()
     assert w.source_hashes() == dr_live
     assert readonly(w, "source", w.source)  # the new direction's target
     common = set(w.guids("source")) & set(w.guids("dr"))
@@ -443,7 +441,6 @@ def test_reprotect_after_a_planned_migration_sends_what_the_dr_vms_wrote_and_fai
     final = fb["report"]["final_point"]["snapshot_name"]
     assert w.guids("source")[final] == w.guids("dr")[final]
     assert w.group()["state"] == "failed_over" and w.group()["direction"] == "reverse"
-    drop_caches()
     assert w.source_hashes() == back_home
 
     home_id = w.run("reprotect")
@@ -467,7 +464,8 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
     # The original site wrote after the last replication, then went down.
     extra = os.urandom(512 * 1024)
     lost_vm = w.vms[2]
-    (w.source_dir / lost_vm.name / "after-the-point.bin").write_bytes(extra)
+    (w.source_dir / lost_vm.name / "after-the-point.bin").write_bytes(b"\0" * len(extra))
+    write_into(w.source_dir / lost_vm.name / "after-the-point.bin", extra)
     write_into(w.source_dir / lost_vm.flat, extra[:256 * 1024])
     source_then = w.source_hashes()
     w.source_sim.stop()
@@ -488,7 +486,6 @@ def test_reprotect_after_an_unplanned_failover_keeps_the_original_sites_changes_
     assert got["keep_source_changes"]["status"] == "done"
     group = w.group()
     assert (group["state"], group["direction"]) == ("protected", "reverse")
-    drop_caches()
     assert w.source_hashes() == dr_live  # the original site now holds the DR site's data
     text = json.dumps(rp["report"])
     kept_name = f"{w.source}_zerfaux_kept_{hex8(rp_id)}"
