@@ -18,6 +18,7 @@ power events (``QueryEvents``: when it went off, for the report and the fencing 
 
 from __future__ import annotations
 
+import http.client
 import shlex
 import subprocess
 import threading
@@ -29,7 +30,9 @@ from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from bench.migration_world import MigrationWorld, Site, check_migrated, collect, connect, parallel, write_delta
+from bench.migration_world import (
+    MigrationWorld, Site, check_migrated, collect, connect, parallel, retried, write_delta,
+)
 from tests.support.vcsim import DR_DS
 
 STEP_LIMIT = 16  # attach_disks and set_networks at once: the runner's VM_LIMIT (handlers/recovery/failover_runner.py)
@@ -208,8 +211,15 @@ def script_round(m: MigrationWorld, delay_ms: int, tag: str) -> tuple[float, dic
 
             def up(site: Site) -> None:
                 vm = shells[site.shell_moref]
-                WaitForTask(vm.PowerOnVM_Task())
-                wait_property(dr, vm, "guest.toolsRunningStatus", "guestToolsRunning")
+                try:
+                    WaitForTask(vm.PowerOnVM_Task())
+                except (http.client.RemoteDisconnected, ConnectionError):
+                    # vcsim 0.24 drops a connection now and then under concurrent power-ons; Zerfaux
+                    # retries such a (transient) failure, so the script does too, once.
+                    time.sleep(0.5)
+                    if vm.runtime.powerState != "poweredOn":
+                        WaitForTask(vm.PowerOnVM_Task())
+                retried(lambda: wait_property(dr, vm, "guest.toolsRunningStatus", "guestToolsRunning"))
 
             for priority in sorted(by_priority):
                 # No VM in two places: the priority's VMs are off at site A, read again before any is on at B.
