@@ -166,7 +166,9 @@ class AfterSteps:
             return "skipped", {"why": "the run rolled back never wrote to the replica"}, None
         ds, point = plan.b.dataset, self.point()
         pre = str(self.acted("pre_failover_snapshot").get("name") or pre_failover_snapshot(self.acted_id))
-        mine = self.r.book.detail(step.seq)
+        # Only this step's own keys from what an earlier attempt recorded: the detail also holds the
+        # database's attempt, worker and previous_attempts, which a write of them would take back.
+        mine = {k: v for k, v in self.r.book.detail(step.seq).items() if k in ("discarded", "destroying")}
         detail: dict[str, Any] = {"dataset": ds, "pre_failover_snapshot": f"{ds}@{pre}", "point": point, **mine}
         if await r.call(r.storage.snapshot_guid, plan.b.storage, f"{ds}@{pre}") is None:
             if not mine.get("destroying"):
