@@ -16,7 +16,7 @@ from handlers.errors import PermanentError
 from handlers.recovery.book import Outcome
 from handlers.recovery.failover_backends import PowerState
 from handlers.recovery.plan import Step
-from handlers.recovery.runner import _seconds_since, now_iso
+from handlers.recovery.runner import _seconds_since, readiness_outcome
 
 if TYPE_CHECKING:
     from handlers.recovery.failover_runner import FailoverRunner
@@ -85,14 +85,7 @@ class Boot:
         if timeout > 0 and self.r.book.status(step.seq) == "running":
             timeout = max(1.0, timeout - _seconds_since(boot_time))  # a resumed wait keeps its deadline
         ready = await self.r.call(self.r.compute.wait_ready, plan.b.vcenter, vm.b_moref, timeout)
-        detail = {"moref": vm.b_moref, "how": ready.how, "waited_seconds": round(ready.waited_seconds, 3),
-                  "boot_time": boot_time, "ready_at": now_iso(), "ready": ready.ready}
-        if ready.ready:
-            return "done", detail, None
-        if vm.tools_timeout_seconds == 0:
-            return "done", {**detail, "how": "not waited (tools_timeout_seconds = 0)"}, None
-        return "warning", detail, (f"VMware Tools did not report running within {vm.tools_timeout_seconds} s "
-                                   "(protected_vms.tools_timeout_seconds); the next priority went on")
+        return readiness_outcome(ready, str(vm.b_moref), boot_time, vm.tools_timeout_seconds)
 
     async def boot_delay(self, priority: int, waits: list[Step], next_priority: int) -> None:
         delay = max((v.boot_delay_seconds for v in self.plan.vms if v.priority == priority), default=0)

@@ -36,7 +36,7 @@ from handlers.recovery.failover_boot import Boot
 from handlers.recovery.failover_plan import FORWARD_KINDS, FailoverPlan, FailoverVM, remap_disks
 from handlers.recovery.failover_report import forward_report
 from handlers.recovery.plan import Step
-from handlers.recovery.runner import MAX_THREADS, now_iso
+from handlers.recovery.runner import MAX_THREADS, check_stored_plan, now_iso
 from handlers.replication import ReplicationOutcome, ReplicationRequest, request_for
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,8 @@ class FailoverRunner:
             task.cancel()
 
     def _check_stored_plan(self) -> None:
-        for step in self.plan.steps:
-            row = self.book.rows.get(step.seq)
-            if row is None:
-                continue
-            if (row["name"], row["protected_vm_id"]) != (step.name, step.protected_vm_id):
-                raise PermanentError(
-                    f"step {step.seq} was recorded as {row['name']!r} ({row['protected_vm_id']}) and is now "
-                    f"{step.name!r} ({step.protected_vm_id}): the group's protected VMs or boot priorities changed "
-                    f"while this {self.plan.kind} was in progress, so it cannot resume safely; put them back as "
-                    "they were, or insert a rollback run to undo what it did")
+        check_stored_plan(self.plan.steps, self.book.rows, f"this {self.plan.kind}",
+                          "put them back as they were, or insert a rollback run to undo what it did")
 
     # ---- helpers shared with failover_after -----------------------------------------------------
 

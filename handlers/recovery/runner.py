@@ -27,7 +27,7 @@ from typing import Any
 
 from handlers.context import OperationContext, StopSignal
 from handlers.errors import OperationCancelled, OperationStopped, PermanentError
-from handlers.recovery.backends import ExportNotServed, Placement, RecoveryCompute, RecoveryStorage
+from handlers.recovery.backends import ExportNotServed, Placement, Readiness, RecoveryCompute, RecoveryStorage
 from handlers.recovery.book import Book, Executor, Outcome
 from handlers.recovery.cleanup import Cleanup, placement_of
 from handlers.recovery.plan import RunPlan, Step, cleanup_steps
@@ -40,6 +40,31 @@ MAX_THREADS = 64
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def check_stored_plan(steps: Sequence[Step], rows: Mapping[int, Mapping[str, Any]], what: str, fix: str) -> None:
+    """A resumed attempt's plan must be the one the first attempt recorded, step for step."""
+    for step in steps:
+        row = rows.get(step.seq)
+        if row is None:
+            continue
+        if (row["name"], row["protected_vm_id"]) != (step.name, step.protected_vm_id):
+            raise PermanentError(
+                f"step {step.seq} was recorded as {row['name']!r} ({row['protected_vm_id']}) and is now "
+                f"{step.name!r} ({step.protected_vm_id}): the group's protected VMs or boot priorities changed "
+                f"while {what} was in progress, so it cannot resume safely; {fix}")
+
+
+def readiness_outcome(ready: Readiness, moref: str, boot_time: Any, tools_timeout_seconds: int) -> Outcome:
+    """A wait_ready step's outcome: done when Tools answered (or no wait was asked), else a warning."""
+    detail = {"moref": moref, "how": ready.how, "waited_seconds": round(ready.waited_seconds, 3),
+              "boot_time": boot_time, "ready_at": now_iso(), "ready": ready.ready}
+    if ready.ready:
+        return "done", detail, None
+    if tools_timeout_seconds == 0:
+        return "done", {**detail, "how": "not waited (tools_timeout_seconds = 0)"}, None
+    return "warning", detail, (f"VMware Tools did not report running within {tools_timeout_seconds} s "
+                               "(protected_vms.tools_timeout_seconds); the next priority went on")
 
 
 class Runner:
@@ -87,15 +112,7 @@ class Runner:
         raise OperationCancelled("cancelled: the test's steps stopped and its cleanup removed what it made")
 
     def _check_stored_plan(self) -> None:
-        for step in self.plan.steps:
-            row = self.book.rows.get(step.seq)
-            if row is None:
-                continue
-            if (row["name"], row["protected_vm_id"]) != (step.name, step.protected_vm_id):
-                raise PermanentError(
-                    f"step {step.seq} was recorded as {row['name']!r} ({row['protected_vm_id']}) and is now "
-                    f"{step.name!r} ({step.protected_vm_id}): the group's protected VMs or boot priorities changed "
-                    "while this run was in progress, so it cannot resume safely; insert a cleanup run for it")
+        check_stored_plan(self.plan.steps, self.book.rows, "this run", "insert a cleanup run for it")
 
     async def _test_steps(self, ex: Executor) -> None:
         plan, by_name = self.plan, {s.name: s for s in self.plan.steps if s.protected_vm_id is None}
@@ -215,14 +232,7 @@ class Runner:
         if timeout > 0 and self.book.status(step.seq) == "running":
             timeout = max(1.0, timeout - _seconds_since(boot_time))  # a resumed wait keeps its deadline
         ready = await ex.call(self.compute.wait_ready, self.plan.vcenter, moref, timeout, self.ctx.stop)
-        detail = {"moref": moref, "how": ready.how, "waited_seconds": round(ready.waited_seconds, 3),
-                  "boot_time": boot_time, "ready_at": now_iso(), "ready": ready.ready}
-        if ready.ready:
-            return "done", detail, None
-        if vm.tools_timeout_seconds == 0:
-            return "done", {**detail, "how": "not waited (tools_timeout_seconds = 0)"}, None
-        return "warning", detail, (f"VMware Tools did not report running within {vm.tools_timeout_seconds} s "
-                                   "(protected_vms.tools_timeout_seconds); the next priority went on")
+        return readiness_outcome(ready, moref, boot_time, vm.tools_timeout_seconds)
 
     async def _boot_delay(self, ex: Executor, priority: int, waits: list[Step], next_priority: int) -> None:
         delay = max((v.boot_delay_seconds for v in self.plan.vms if v.priority == priority), default=0)
