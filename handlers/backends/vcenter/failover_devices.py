@@ -164,11 +164,8 @@ MEMO_SECONDS = 60.0
 
 
 def _memo(si: Any, key: Any, make: Any) -> Any:
-    get = getattr(si, "memo_get", None)
-    if get is None:  # a plain ServiceInstance (tests): no cache
-        return make()
-    hit = get(key, MEMO_SECONDS)
-    return hit if hit is not None else si.memo_put(key, make())
+    memo = getattr(si, "memo", None)
+    return make() if memo is None else memo(key, MEMO_SECONDS, make)  # a plain ServiceInstance: no cache
 
 
 def _datacenter(si: Any, vcenter: Any, vm: Any, props: Props) -> Props:

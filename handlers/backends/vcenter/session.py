@@ -119,7 +119,7 @@ class CachedServiceInstance(vim.ServiceInstance):  # type: ignore[misc,name-defi
     pyVmomi's ``si.content`` is a ``RetrieveServiceContent`` round trip each time it is read; the
     ServiceContent (the managers' references, the root folder) does not change during a session,
     and a new login (``VCenterSessions.run`` after ``NotAuthenticated``) makes a new instance.
-    ``memo`` is a per-session store for short-lived lookups (``memo_get`` / ``memo_put``).
+    ``memo`` keeps short-lived lookups for the session.
     """
 
     @property
@@ -130,20 +130,29 @@ class CachedServiceInstance(vim.ServiceInstance):  # type: ignore[misc,name-defi
             object.__setattr__(self, "_zf_content", cached)
         return cached
 
-    def memo_get(self, key: Any, max_age: float) -> Any:
-        memo = self.__dict__.get("_zf_memo") or {}
-        hit = memo.get(key)
-        if hit is None or time.monotonic() - hit[0] > max_age:
-            return None
-        return hit[1]
+    def memo(self, key: Any, max_age: float, make: Callable[[], T]) -> T:
+        """``make()``'s answer for ``key``, kept ``max_age`` seconds. Threads asking for the same key
+        at once wait for one ``make()`` rather than each making its own; an error is not kept."""
+        with _MEMO_GUARD:
+            memo = self.__dict__.get("_zf_memo")
+            if memo is None:
+                memo = {}
+                object.__setattr__(self, "_zf_memo", memo)
+            locks = self.__dict__.get("_zf_locks")
+            if locks is None:
+                locks = {}
+                object.__setattr__(self, "_zf_locks", locks)
+            lock = locks.setdefault(key, threading.Lock())
+        with lock:
+            hit = memo.get(key)
+            if hit is not None and time.monotonic() - hit[0] <= max_age:
+                return hit[1]  # type: ignore[no-any-return]
+            value = make()
+            memo[key] = (time.monotonic(), value)
+            return value
 
-    def memo_put(self, key: Any, value: Any) -> Any:
-        memo = self.__dict__.get("_zf_memo")
-        if memo is None:
-            memo = {}
-            object.__setattr__(self, "_zf_memo", memo)
-        memo[key] = (time.monotonic(), value)
-        return value
+
+_MEMO_GUARD = threading.Lock()
 
 
 @dataclass
