@@ -135,6 +135,12 @@ def main() -> None:
                      operation=vim.vm.device.VirtualDeviceSpec.Operation.add,
                      device=vim.vm.device.VirtualVmxnet3(key=-300, backing=vim.vm.device.VirtualEthernetCard
                                                          .NetworkBackingInfo(deviceName=nics[0].network)))]))))
+        with counted() as z:
+            compute.set_networks(b, vm.shell, nics, stop)
+        print(f"{'set_networks':16s} zerfaux {len(z):3d} for the next VM's lookups (datacenter, network: kept "
+              f"on the session for a while), plus its reconfigure")
+        pair("power_states", lambda: compute.power_states(a, [vm.moref, other.moref], stop),
+             lambda: collect(src, vim.VirtualMachine, ["runtime.powerState"]))
         pair("power_on", lambda: compute.power_on(b, vm.shell, stop),
              lambda: WaitForTask(vim.VirtualMachine(other.shell, dr._stub).PowerOnVM_Task()))
         for shell in (vm.shell, other.shell):

@@ -83,6 +83,11 @@ class FailoverCompute(Protocol):
         when). No effect."""
         ...
 
+    def power_states(self, vcenter: VCenterEndpoint, morefs: Sequence[str], stop: threading.Event) -> dict[str, str]:
+        """``{moref: runtime.powerState}`` of many VMs in one read (no change times: ``power_state``
+        has those). A moref with no VM at the vCenter is absent from the answer. No effect."""
+        ...
+
     def attach_disks(self, vcenter: VCenterEndpoint, shell_moref: str, disks: Sequence[RecoveryDisk],
                      stop: threading.Event) -> AttachResult:
         """Attach existing VMDKs (``[datastore] dir/disk.vmdk`` on the presented replica datastore) to a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from handlers.errors import PermanentError
+from handlers.errors import OperationCancelled, OperationStopped, PermanentError
 from handlers.recovery.book import Outcome
 from handlers.recovery.failover_backends import PowerState
 from handlers.recovery.plan import Step
@@ -20,6 +20,10 @@ from handlers.recovery.runner import _seconds_since, readiness_outcome
 
 if TYPE_CHECKING:
     from handlers.recovery.failover_runner import FailoverRunner
+
+
+def where(plan: Any) -> str:
+    return plan.a.vcenter.name if plan.a.vcenter else "site A"
 
 
 class Boot:
@@ -40,12 +44,36 @@ class Boot:
                 await self.boot_delay(priority, waits, priorities[i + 1])
 
     async def source_states(self, priority: int) -> dict[str, PowerState | BaseException]:
-        """Site A's VMs of one priority, read together before any of them is powered on at B."""
+        """Site A's VMs of one priority, read together (one bulk read of ``runtime.powerState``)
+        before any of them is powered on at B. A VM seen off takes its change time from vCenter's
+        power-off event recorded by its ``shutdown_source`` step; one seen running (the run stops) is
+        read once more on its own, for vCenter's time of its last power change."""
         plan = self.plan
         vms = [v for v in plan.vms if v.priority == priority]
-        got = await asyncio.gather(*(self.r.call(self.r.compute.power_state, plan.a.vcenter, v.a_moref) for v in vms),
-                                   return_exceptions=True)
-        return {v.protected_vm_id: s for v, s in zip(vms, got)}
+        try:
+            states = await self.r.call(self.r.compute.power_states, plan.a.vcenter, [str(v.a_moref) for v in vms])
+        except (OperationStopped, OperationCancelled):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every VM of the priority fails with it
+            return {v.protected_vm_id: exc for v in vms}
+        got: dict[str, PowerState | BaseException] = {}
+        for v in vms:
+            state = states.get(str(v.a_moref))
+            if state is None:
+                got[v.protected_vm_id] = PermanentError(
+                    f"VM {v.name!r} ({v.a_moref}) does not exist at site A ({where(plan)}): sync the vCenter; "
+                    "nothing of its boot priority is powered on at B")
+            elif state == "poweredOff":
+                off_at = self.r.detail("shutdown_source", v.protected_vm_id).get("powered_off_at")
+                got[v.protected_vm_id] = PowerState(state, off_at)
+        running = [v for v in vms if states.get(str(v.a_moref)) not in (None, "poweredOff")]
+        again = await asyncio.gather(*(self.r.call(self.r.compute.power_state, plan.a.vcenter, v.a_moref)
+                                       for v in running), return_exceptions=True)
+        for v, s in zip(running, again):
+            # Off by now or not readable: still not off when it was read with the others, so it counts as on.
+            seen = states[str(v.a_moref)]
+            got[v.protected_vm_id] = PowerState(seen, None if isinstance(s, BaseException) else s.changed_at)
+        return got
 
     async def power_on(self, step: Step) -> Outcome:
         plan, vm = self.plan, self.r.vm(step)

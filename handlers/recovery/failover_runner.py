@@ -31,7 +31,7 @@ from handlers.errors import OperationCancelled, OperationStopped, PermanentError
 from handlers.recovery.backends import ExportNotServed, Placement
 from handlers.recovery.book import Book, Executor, Outcome
 from handlers.recovery.cleanup import placement_of
-from handlers.recovery.failover_backends import PowerState, pre_failover_snapshot
+from handlers.recovery.failover_backends import pre_failover_snapshot
 from handlers.recovery.failover_boot import Boot
 from handlers.recovery.failover_plan import FORWARD_KINDS, FailoverPlan, FailoverVM, remap_disks
 from handlers.recovery.failover_report import forward_report
@@ -197,22 +197,28 @@ class FailoverRunner:
                 f"{', '.join(map(repr, site.networks_missing))}: create it there, or change "
                 "network_mappings.recovery_network")
         b_states = await self._states(plan.b.vcenter, [v.b_moref for v in plan.vms])
-        on = [f"{v.name} ({v.b_moref}: {b_states[str(v.b_moref)].state})" for v in plan.vms
-              if b_states[str(v.b_moref)].state != "poweredOff"]
+        on = [f"{v.name} ({v.b_moref}: {b_states[str(v.b_moref)]})" for v in plan.vms
+              if b_states[str(v.b_moref)] != "poweredOff"]
         if on:
             raise PermanentError(
                 f"these VMs at site B ({plan.b.vcenter.name}) are not powered off: {', '.join(on)}; a {plan.kind} "
                 "powers them on with the replicated disks, so power them off there first (nothing was done)")
         if plan.kind == "planned_migration":
             a_states = await self._states(plan.a.vcenter, [v.a_moref for v in plan.vms])
-            detail["source_states"] = {v.protected_vm_id: a_states[str(v.a_moref)].state for v in plan.vms}
+            detail["source_states"] = {v.protected_vm_id: a_states[str(v.a_moref)] for v in plan.vms}
         detail.update(placement={**asdict(site.placement), "hosts": list(site.placement.hosts)},
                       networks=networks)
         return "done", detail, None
 
-    async def _states(self, vcenter: Any, morefs: Sequence[str | None]) -> dict[str, PowerState]:
-        got = await asyncio.gather(*(self.call(self.compute.power_state, vcenter, m) for m in morefs))
-        return {str(m): s for m, s in zip(morefs, got)}
+    async def _states(self, vcenter: Any, morefs: Sequence[str | None]) -> dict[str, str]:
+        """The VMs' power states in one bulk read; a VM the vCenter does not have fails the step."""
+        wanted = [str(m) for m in morefs]
+        got = await self.call(self.compute.power_states, vcenter, wanted)
+        missing = [m for m in wanted if m not in got]
+        if missing:
+            raise PermanentError(f"VM {', '.join(missing)} does not exist at vCenter {vcenter.name!r}: sync the "
+                                 "vCenter (vcenters.sync_requested_at) and fix the protected VM's moref")
+        return {m: got[m] for m in wanted}
 
     async def _check_point(self) -> dict[str, Any]:
         plan = self.plan

@@ -19,6 +19,7 @@ import pytest
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
+from handlers.backends.vcenter import query
 from handlers.backends.vcenter.failover import FailoverComputeReal
 from handlers.backends.vcenter.real import RecoveryComputeReal, VCenterSessions
 from handlers.errors import PermanentError
@@ -109,6 +110,22 @@ def test_guest_shutdown_when_tools_run_then_already_off(sim: Simulator, fo: Fail
     assert again.powered_off_at == done.powered_off_at
     state = fo.power_state(ep, moref, stop)  # what a fencing check reads: vCenter's state and time
     assert (state.state, state.changed_at) == ("poweredOff", done.powered_off_at)
+
+
+def test_power_states_reads_many_vms_at_once_and_leaves_out_a_missing_one(
+        sim: Simulator, fo: FailoverCompute, monkeypatch: pytest.MonkeyPatch) -> None:
+    ep, stop = sim.endpoint(), threading.Event()
+    on, off = make_vm(sim, name()), make_vm(sim, name(), power_on=False)
+    gone = make_vm(sim, name(), power_on=False)
+    WaitForTask(sim.vm(gone).Destroy_Task())
+    calls: list[int] = []
+    real = query._retrieve
+    monkeypatch.setattr(query, "_retrieve", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    states = fo.power_states(ep, [on, off, gone], stop)
+    assert states == {on: sim.vm(on).runtime.powerState, off: sim.vm(off).runtime.powerState}
+    assert states == {on: "poweredOn", off: "poweredOff"}
+    assert len(calls) <= 2  # one read (one more when vcsim names the missing VM), not one per VM
+    assert fo.power_states(ep, [], stop) == {}
 
 
 def test_without_tools_and_force_false_the_vm_is_left_running_and_named(

@@ -85,6 +85,10 @@ class FailoverComputeStub(_Stub):
         vm = self._vm(vcenter, moref)
         return PowerState(vm["state"], vm["changed_at"])
 
+    def power_states(self, vcenter: VCenterEndpoint, morefs: Sequence[str], stop: threading.Event) -> dict[str, str]:
+        self._begin(stop, f"reading {len(morefs)} VMs' power states")
+        return {str(m): str(self._vm(vcenter, m)["state"]) for m in morefs}
+
     def attach_disks(self, vcenter: VCenterEndpoint, shell_moref: str, disks: Sequence[RecoveryDisk],
                      stop: threading.Event) -> AttachResult:
         self._begin(stop, f"attaching disks to {shell_moref}")

@@ -19,10 +19,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from handlers.backends.vcenter import failover_devices as devices
-from handlers.backends.vcenter.query import check_stop, properties, wait_for_task
+from handlers.backends.vcenter.query import check_stop, properties, retrieve_many, wait_for_task
 from handlers.backends.vcenter.recovery import RecoveryComputeReal
 from handlers.backends.vcenter.session import where
 from handlers.backends.vcenter.watch import watch
@@ -50,6 +50,10 @@ class FailoverComputeReal(RecoveryComputeReal):
     def power_state(self, vcenter: VCenterEndpoint, moref: str, stop: threading.Event) -> PowerState:
         check_stop(stop, f"before reading VM {moref}'s power state")
         return self._sessions.run(vcenter, lambda si: _power_state(si, moref))
+
+    def power_states(self, vcenter: VCenterEndpoint, morefs: Sequence[str], stop: threading.Event) -> dict[str, str]:
+        check_stop(stop, f"before reading {len(morefs)} VMs' power states")
+        return self._sessions.run(vcenter, lambda si: _power_states(si, morefs))
 
     def attach_disks(self, vcenter: VCenterEndpoint, shell_moref: str, disks: Sequence[RecoveryDisk],
                      stop: threading.Event) -> AttachResult:
@@ -91,6 +95,22 @@ def _power_state(si: Any, moref: str) -> PowerState:
     if changed is None and state == ON:
         changed = _iso(props.get("summary.runtime.bootTime"))
     return PowerState(state=state, changed_at=changed)
+
+
+def _power_states(si: Any, morefs: Sequence[str]) -> dict[str, str]:
+    """One ``RetrievePropertiesEx`` of ``runtime.powerState`` for all the VMs; one that is gone is
+    left out (and the rest read again), as a single read of it would find nothing."""
+    refs = list(dict.fromkeys(str(m) for m in morefs))
+    while refs:
+        try:
+            rows = retrieve_many(si, [_vm(si, m) for m in refs], vim.VirtualMachine, ["runtime.powerState"])
+            return {str(o._moId): str(p.get("runtime.powerState")) for o, p in rows if "runtime.powerState" in p}
+        except vmodl.fault.ManagedObjectNotFound as exc:
+            gone = getattr(getattr(exc, "obj", None), "_moId", None)
+            if gone is None or gone not in refs:
+                raise
+            refs.remove(gone)
+    return {}
 
 
 def _wait_off(si: Any, vm: Any, timeout_seconds: float, stop: threading.Event, started: float) -> bool:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _dev = vim.vm.device
 _Op = vim.vm.device.VirtualDeviceSpec.Operation
 _PATHS = ["name", "config.extraConfig", "config.hardware.device", "runtime.host", "runtime.powerState"]
+_NET_PATHS = [*_PATHS, "parent"]
 _DS_PATH = re.compile(r"^\[([^\]]+)\]\s*(.+)$")
 _SCSI = ("pvscsi", "lsilogic", "lsilogic-sas", "buslogic")
 
@@ -40,9 +41,10 @@ def _norm(file: str) -> str:
     return f"[{hit.group(1)}] {hit.group(2).strip()}" if hit else file.strip()
 
 
-def _read(si: Any, vcenter: Any, moref: str, doing: str, marked: bool = True) -> tuple[Any, Props, str]:
+def _read(si: Any, vcenter: Any, moref: str, doing: str, marked: bool = True,
+          paths: Sequence[str] = _PATHS) -> tuple[Any, Props, str]:
     vm = vim.VirtualMachine(moref, si._stub)
-    props = properties(si, vm, _PATHS)
+    props = properties(si, vm, paths)
     if not props:
         raise PermanentError(f"VM {moref} does not exist at {where(vcenter)}: sync the vCenter and build its DR shell")
     label = f"VM {props.get('name')!r} ({moref}) at {where(vcenter)}"
@@ -155,17 +157,35 @@ def detach(si: Any, vcenter: Any, moref: str, stop: threading.Event) -> tuple[st
 # ---- networks --------------------------------------------------------------------------------------
 
 
+# Datacenters and networks change rarely and a failover asks the same for every VM: each answer is
+# kept on the session for a short while. A stale network reference fails the reconfigure with
+# vCenter's own fault, so a cached answer can cost an attempt, never a wrong NIC.
+MEMO_SECONDS = 60.0
+
+
+def _memo(si: Any, key: Any, make: Any) -> Any:
+    memo = getattr(si, "memo", None)
+    return make() if memo is None else memo(key, MEMO_SECONDS, make)  # a plain ServiceInstance: no cache
+
+
 def _datacenter(si: Any, vcenter: Any, vm: Any, props: Props) -> Props:
     """The datacenter holding the VM, by its folder chain (or its host's, for a VM in a vApp)."""
-    by_id = {d["self"]._moId: d for d in datacenters(si)}
-    obj = properties(si, vm, ["parent"]).get("parent") or props.get("runtime.host")
-    for _ in range(64):  # folders nest, but not forever
-        if obj is None:
-            break
-        if obj._moId in by_id:
-            return by_id[obj._moId]
-        obj = properties(si, obj, ["parent"]).get("parent")
-    raise PermanentError(f"the datacenter of VM {vm._moId} at {where(vcenter)} cannot be found")
+    by_id = {d["self"]._moId: d for d in _memo(si, ("datacenters",), lambda: datacenters(si))}
+    start = props.get("parent") or props.get("runtime.host")
+    if start is None:
+        raise PermanentError(f"the datacenter of VM {vm._moId} at {where(vcenter)} cannot be found")
+
+    def walk() -> Props:
+        obj = start
+        for _ in range(64):  # folders nest, but not forever
+            if obj is None:
+                break
+            if obj._moId in by_id:
+                return by_id[obj._moId]
+            obj = properties(si, obj, ["parent"]).get("parent")
+        raise PermanentError(f"the datacenter of VM {vm._moId} at {where(vcenter)} cannot be found")
+
+    return _memo(si, ("datacenter-of", type(start).__name__, start._moId), walk)
 
 
 def _same(current: Any, wanted: Any) -> bool:
@@ -181,10 +201,15 @@ def _same(current: Any, wanted: Any) -> bool:
 
 def set_networks(si: Any, vcenter: Any, moref: str, nics: Sequence[RecoveryNic],
                  stop: threading.Event) -> tuple[NicChange, ...]:
-    vm, props, label = _read(si, vcenter, moref, "changed", marked=False)
+    vm, props, label = _read(si, vcenter, moref, "changed", marked=False, paths=_NET_PATHS)
     dc = _datacenter(si, vcenter, vm, props)
-    backings = [network_backing(si, vcenter, n.network, dc,
-                                field=f"network_mappings.recovery_network (for {n.source_network!r})") for n in nics]
+
+    def backing(nic: RecoveryNic) -> Any:
+        return _memo(si, ("network", dc["self"]._moId, nic.network), lambda: network_backing(
+            si, vcenter, nic.network, dc, field=f"network_mappings.recovery_network (for {nic.source_network!r})"))
+
+    # A cached backing is shared by VMs' specs: only read (serialized), never changed.
+    backings = [backing(n) for n in nics]
     cards = sorted((d for d in _devices(props) if isinstance(d, _dev.VirtualEthernetCard)), key=lambda d: d.key)
     changes, result = [], []
     for i, (nic, backing) in enumerate(zip(nics, backings)):

@@ -123,6 +123,18 @@ def properties(si: Any, obj: Any, paths: Sequence[str]) -> Props:
     return rows[0][1] if rows else {}
 
 
+def retrieve_many(si: Any, objs: Sequence[Any], obj_type: type, paths: Sequence[str]) -> list[tuple[Any, Props]]:
+    """``(object, {path: value})`` of the given objects (one type) in one read, paged as the server pages;
+    ``ManagedObjectNotFound`` when one of them does not exist."""
+    if not objs:
+        return []
+    spec = _PC.FilterSpec(
+        objectSet=[_PC.ObjectSpec(obj=o, skip=False) for o in objs],
+        propSet=[_PC.PropertySpec(type=obj_type, pathSet=list(paths), all=False)],
+    )
+    return _retrieve(si, spec)
+
+
 def stopped(signal: threading.Event | None, doing: str) -> HandlerError | None:
     """The error an attempt raises when ``signal`` is set, or None to go on.
 

@@ -13,6 +13,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -110,6 +111,48 @@ def translate(endpoint: VCenterEndpoint) -> Iterator[None]:
     except (TimeoutError, ConnectionError, ssl.SSLError, http.client.HTTPException, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         raise TransientError(f"{where(endpoint)} cannot be reached: {reason}") from exc
+
+
+class CachedServiceInstance(vim.ServiceInstance):  # type: ignore[misc,name-defined]
+    """A ``ServiceInstance`` whose ``content`` is fetched once per session, not on every use.
+
+    pyVmomi's ``si.content`` is a ``RetrieveServiceContent`` round trip each time it is read; the
+    ServiceContent (the managers' references, the root folder) does not change during a session,
+    and a new login (``VCenterSessions.run`` after ``NotAuthenticated``) makes a new instance.
+    ``memo`` keeps short-lived lookups for the session.
+    """
+
+    @property
+    def content(self) -> Any:
+        cached = self.__dict__.get("_zf_content")
+        if cached is None:
+            cached = vim.ServiceInstance.content.fget(self)  # type: ignore[attr-defined]
+            object.__setattr__(self, "_zf_content", cached)
+        return cached
+
+    def memo(self, key: Any, max_age: float, make: Callable[[], T]) -> T:
+        """``make()``'s answer for ``key``, kept ``max_age`` seconds. Threads asking for the same key
+        at once wait for one ``make()`` rather than each making its own; an error is not kept."""
+        with _MEMO_GUARD:
+            memo = self.__dict__.get("_zf_memo")
+            if memo is None:
+                memo = {}
+                object.__setattr__(self, "_zf_memo", memo)
+            locks = self.__dict__.get("_zf_locks")
+            if locks is None:
+                locks = {}
+                object.__setattr__(self, "_zf_locks", locks)
+            lock = locks.setdefault(key, threading.Lock())
+        with lock:
+            hit = memo.get(key)
+            if hit is not None and time.monotonic() - hit[0] <= max_age:
+                return hit[1]  # type: ignore[no-any-return]
+            value = make()
+            memo[key] = (time.monotonic(), value)
+            return value
+
+
+_MEMO_GUARD = threading.Lock()
 
 
 @dataclass
@@ -211,7 +254,7 @@ class VCenterSessions:
                 f"{where(endpoint)} did not answer as a vSphere API endpoint ({exc}): check "
                 "vcenters.host and vcenters.port, or wait for the vCenter to finish starting"
             ) from exc
-        si: Any = vim.ServiceInstance("ServiceInstance", stub)
+        si: Any = CachedServiceInstance("ServiceInstance", stub)
         try:
             si.content.sessionManager.Login(endpoint.username, password, None)
         except BaseException:

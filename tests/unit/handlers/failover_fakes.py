@@ -252,6 +252,14 @@ class FakeFailoverCompute(FakeCompute):
         vm = self._get(vcenter, moref)
         return PowerState(vm["state"], vm["changed_at"])
 
+    def power_states(self, vcenter: VCenterEndpoint, morefs: Sequence[str], stop: threading.Event) -> dict[str, str]:
+        if vcenter.id in self.unreachable:
+            raise TransientError(f"vCenter {vcenter.name} does not answer")
+        if vcenter.id in self.hang:
+            self.release.wait(10)
+        # One read for all; a moref with no VM is absent, as from vCenter.
+        return {str(m): str(self.fvms[(vcenter.id, str(m))]["state"]) for m in morefs if (vcenter.id, str(m)) in self.fvms}
+
     def attach_disks(self, vcenter: VCenterEndpoint, shell_moref: str, disks: Sequence[RecoveryDisk],
                      stop: threading.Event) -> AttachResult:
         vm = self._get(vcenter, shell_moref)

@@ -116,6 +116,28 @@ async def test_a_source_vm_started_again_before_its_power_on_keeps_its_whole_pri
     assert sorted(r["status"] for r in db.by_name("power_on") if r["protected_vm_id"] != "p1") == ["failed", "failed"]
 
 
+async def test_a_source_vm_gone_before_its_power_on_keeps_its_priority_off_and_reads_are_bulk() -> None:
+    world, db = World(), FakeDB()
+    real, single, bulk = world.replication.replicate, world.compute.power_state, world.compute.power_states
+    reads: list[str] = []
+
+    def remove_web(request: Any, progress: Any, cancel: Any) -> Any:
+        out = real(request, progress, cancel)
+        if world.replication.effects["send"] == 2:  # after the final one
+            del world.compute.fvms[(SRC, "vm-src-p3")]
+        return out
+
+    world.replication.replicate = remove_web  # type: ignore[method-assign]
+    world.compute.power_state = lambda *a: (reads.append("one"), single(*a))[1]  # type: ignore[method-assign]
+    world.compute.power_states = lambda *a: (reads.append("bulk"), bulk(*a))[1]  # type: ignore[method-assign]
+    with pytest.raises(PermanentError, match=r"web"):
+        await _run(world, payload("planned_migration"), db)
+    web = next(r for r in db.by_name("power_on") if r["protected_vm_id"] == "p3")
+    assert web["status"] == "failed" and "'web' (vm-src-p3) does not exist at site A" in str(web.get("error")), web
+    assert world.state(DR, "vm-dr-p3") == "poweredOff"
+    assert "one" not in reads and reads.count("bulk") >= 3  # validate (A, B), then one read per priority
+
+
 async def test_a_failback_is_a_planned_migration_in_reverse_on_the_original_vms() -> None:
     world, db = World(), FakeDB()
     await _run(world, payload("planned_migration"), db)  # forward first, then reprotect
