@@ -357,9 +357,14 @@ def build_failover_world(db: Database, source_host: ZFSHost, target_host: ZFSHos
                " select %s, s, r, null from unnest(%s::text[], %s::text[]) as m(s, r)",
                (GROUP, [*RECOVERY, *RECOVERY.values()], [*RECOVERY.values(), *RECOVERY]))
 
+        last = 0.0
         for i in range(points):
             for v in vms[:i]:  # each point differs from the one before: the first i disks changed
                 world.write_source(v, os.urandom(64 * 1024), offset=i * 64 * 1024 % disk_bytes)
+            # ZFS keeps a snapshot's creation to the second: two points in one second would tie
+            # on recovery_points.created_at, and "the newest" would be either of them.
+            time.sleep(max(0.0, 1.1 - (time.time() - last)))
+            last = time.time()
             job = world.replicate()
             assert job["status"] == "completed", job["error"]
             world.points.append(job["snapshot_name"])
