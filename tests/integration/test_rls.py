@@ -565,8 +565,12 @@ CHECKS = [
     # Issue 14: the failover kinds are an admin's; where a group stands is the engine's.
     Check("fail a group over", "insert into recovery_runs (protection_group_id, kind) values ('{group}', 'failover')",
           "group_admin"),
+    # The world's replication job is done first: a migration does not start beside one
+    # (recovery_runs_replication_in_flight).
     Check("migrate a group", "insert into recovery_runs (protection_group_id, kind)"
-                             " values ('{group}', 'planned_migration')", "group_admin"),
+                             " values ('{group}', 'planned_migration')", "group_admin",
+          setup="update replication_jobs set status = 'completed' where protection_group_id = '{group}'"
+                " and status in ('pending', 'running')"),
     Check("set a group's commit policy", "update protection_groups set commit_policy = 'commit',"
                                          " commit_timeout_minutes = 30 where id = '{group}'", "admin"),
     Check("set a group's state", "update protection_groups set state = 'failed_over' where id = '{group}'",
