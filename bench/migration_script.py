@@ -204,7 +204,13 @@ def script_round(m: MigrationWorld, delay_ms: int, tag: str) -> tuple[float, dic
                 else:
                     change = _dev.VirtualDeviceSpec(operation=_dev.VirtualDeviceSpec.Operation.add,
                                                     device=_dev.VirtualVmxnet3(key=-300, backing=backing))
-                WaitForTask(shells[site.shell_moref].ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[change])))
+                spec = vim.vm.ConfigSpec(deviceChange=[change])
+                try:
+                    WaitForTask(shells[site.shell_moref].ReconfigVM_Task(spec=spec))
+                except (http.client.RemoteDisconnected, ConnectionError):
+                    # vcsim 0.24 now and then drops a connection under concurrent reconfigurations;
+                    # the edit is the same again (Zerfaux's engine retries a transient failure too).
+                    WaitForTask(shells[site.shell_moref].ReconfigVM_Task(spec=spec))
 
             parallel(networks_on, m.sites, STEP_LIMIT)
             phase("set_networks")
